@@ -1,0 +1,29 @@
+# Two commands from a fresh clone: `make demo` (the whole pipeline on the built-in
+# corpus) and `make test`. Both create .venv when it is missing and install the pinned set.
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+
+.PHONY: demo test install params clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[test,tpu]"
+	rm -f $(VENV)/.installed-* && touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	JAX_PLATFORMS=cpu $(BIN)/unifer demo --workdir workdir/demo
+
+test: $(STAMP)
+	JAX_PLATFORMS=cpu $(BIN)/python -m pytest -q -n 2 --dist loadfile
+
+# Parameter counts of the model presets, built abstractly (nothing allocated).
+params: $(STAMP)
+	JAX_PLATFORMS=cpu $(BIN)/unifer params --preset tiny demo base 7b
+
+clean:
+	rm -rf $(VENV) workdir

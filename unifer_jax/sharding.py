@@ -1,0 +1,178 @@
+"""Mesh construction and logical-axis sharding (MaxText's mechanism, one rules table).
+
+Every parameter is created with *logical* axis names (``embed``, ``mlp``, ``heads``,
+``vocab``, ...). One table, ``config.sharding.rules``, maps each logical name to a mesh
+axis (or a tuple of mesh axes, or None = replicated). Changing parallelism is then a
+config edit: the model code never names a mesh axis.
+
+The mesh always has the three axes ``('data', 'fsdp', 'tensor')``; batches are split over
+``('data', 'fsdp')`` (FSDP shards parameters *and* data), weights over ``fsdp`` and
+``tensor`` according to the rules.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ('data', 'fsdp', 'tensor')
+BATCH_AXES = ('data', 'fsdp')
+
+# The default rules table. Logical names not listed are replicated. The first matching
+# mesh axis not already used by another dimension of the same array is taken, so
+# e.g. a [embed, embed] kernel is sharded on one dimension only.
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ('batch', ('data', 'fsdp')),
+    ('embed', 'fsdp'),
+    ('mlp', 'tensor'),
+    ('heads', 'tensor'),
+    ('kv_heads', 'tensor'),
+    ('vocab', 'tensor'),
+    ('patch', None),
+    ('layers', None),
+    ('norm', None),
+    ('queries', None),
+    ('classes', None),
+    ('kv', None),
+)
+
+
+def mesh_shape(axis_sizes: Mapping[str, int] | Sequence[int], num_devices: int) -> tuple[int, ...]:
+  """Resolves axis sizes (one may be -1 = fill) against the device count."""
+  if isinstance(axis_sizes, Mapping):
+    unknown = set(axis_sizes) - set(MESH_AXES)
+    if unknown:
+      raise ValueError(f'config.mesh has unknown axes {sorted(unknown)}; expected {MESH_AXES}')
+    sizes = [int(axis_sizes.get(a, 1)) for a in MESH_AXES]
+  else:
+    sizes = [int(s) for s in axis_sizes]
+  if sizes.count(-1) > 1:
+    raise ValueError(f'config.mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}')
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if num_devices % known:
+      raise ValueError(f'config.mesh {dict(zip(MESH_AXES, sizes))}: {num_devices} devices '
+                       f'are not divisible by the fixed axes (product {known})')
+    sizes[sizes.index(-1)] = num_devices // known
+  if math.prod(sizes) != num_devices:
+    raise ValueError(f'config.mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} '
+                     f'devices, but {num_devices} are available')
+  return tuple(sizes)
+
+
+def make_mesh(axis_sizes, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A ('data', 'fsdp', 'tensor') mesh with classic GSPMD (Auto) axes."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = mesh_shape(axis_sizes, len(devices))
+  auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  if devices == list(jax.devices()):
+    return jax.make_mesh(shape, MESH_AXES, axis_types=auto)
+  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
+
+
+def _rules_dict(rules: Iterable) -> dict[str, tuple[str, ...]]:
+  out = {}
+  for name, axes in rules:
+    if axes is None:
+      axes = ()
+    elif isinstance(axes, str):
+      axes = (axes,)
+    out[str(name)] = tuple(axes)
+  return out
+
+
+def logical_to_spec(logical_axes: Sequence[str | None] | None, rules: Iterable,
+                    mesh: Mesh | None = None) -> P:
+  """Maps one array's logical axis names to a PartitionSpec with the rules table.
+
+  A mesh axis is used at most once per array; axes of size 1 are dropped (they would
+  shard nothing and only clutter the spec).
+  """
+  if logical_axes is None:
+    return P()
+  table = _rules_dict(rules)
+  used: set[str] = set()
+  spec = []
+  for name in logical_axes:
+    axes = tuple(a for a in table.get(name, ()) if a not in used
+                 and (mesh is None or mesh.shape[a] > 1)) if name is not None else ()
+    used.update(axes)
+    spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+  while spec and spec[-1] is None:
+    spec.pop()
+  return P(*spec)
+
+
+def _logical_axes_of(variable: nnx.Variable):
+  meta = variable.get_metadata()
+  for key in ('out_sharding', 'sharding_names', 'sharding'):  # the name moved across flax versions
+    if meta.get(key) is not None:
+      return tuple(meta[key])
+  return None
+
+
+def logical_axes(state: nnx.State) -> nnx.State:
+  """The logical axis names of every variable in an nnx state (None where unnamed)."""
+  return jax.tree.map(_logical_axes_of, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def _fit_to_shape(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
+  """Drops mesh axes that do not divide the dimension they would shard."""
+  fitted = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    size = math.prod(mesh.shape[a] for a in names)
+    fitted.append(axes if names and dim % size == 0 else None)
+  return P(*fitted)
+
+
+def state_shardings(state: nnx.State, mesh: Mesh, rules: Iterable) -> Any:
+  """NamedShardings for every leaf of an (abstract or concrete) nnx state.
+
+  Variables without logical names are replicated. A rule that does not divide a
+  dimension (e.g. 3 heads over tensor=2) falls back to replication for that dimension,
+  so tiny test models run on any mesh; big presets are checked by compile-check.
+  """
+  rules = tuple(rules)
+
+  def one(variable):
+    if isinstance(variable, nnx.Variable):
+      value = variable.get_value() if hasattr(variable, 'get_value') else variable[...]
+      spec = logical_to_spec(_logical_axes_of(variable), rules, mesh)
+      spec = _fit_to_shape(spec, tuple(value.shape), mesh)
+      return variable.replace(NamedSharding(mesh, spec))
+    return NamedSharding(mesh, P())
+
+  return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
+  """Leading dimension split over the batch axes, the rest replicated."""
+  del ndim
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def shard_batch(batch: Any, mesh: Mesh) -> Any:
+  """Places a host-global batch on the mesh (single-process helper; multi-host input
+  uses ``jax.make_array_from_process_local_data`` in the input pipeline)."""
+  return jax.tree.map(lambda x: jax.device_put(x, batch_sharding(mesh, np.ndim(x))), batch)
+
+
+def shard_model_state(state: nnx.State, mesh: Mesh, rules: Iterable) -> nnx.State:
+  """Moves a concrete state onto the mesh with the shardings the rules give."""
+  shardings = state_shardings(state, mesh, rules)
+  return jax.tree.map(lambda x, s: jax.device_put(x, s), state, shardings)
+
+
+def param_count(state: Any) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state) if hasattr(x, 'shape'))
+
+
+def cast_floating(tree: Any, dtype) -> Any:
+  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
