@@ -1,0 +1,69 @@
+"""The `unifer` command. Each subcommand is a thin entry into the library.
+
+A subcommand that is not built yet says so and exits 2; it never fakes output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+NOT_BUILT = {
+    'demo': 'issue 7 (stages) and issue 8 (distillation/export)',
+    'prep': 'issue 3 (built-in corpus) and issue 6 (real-dataset builders)',
+    'train': 'issue 4 (the distributed trainer)',
+    'eval': 'issue 9 (evaluation)',
+    'sweep': 'issue 9 (evaluation sweeps)',
+    'convert': 'issue 5 (Hugging Face conversion)',
+    'export': 'issue 8 (student export)',
+    'predict': 'issue 9 (unifer predict)',
+    'compile-check': 'issue 4 (AOT compile-check)',
+}
+
+
+def _not_built(name: str) -> int:
+  print(f'unifer {name}: not built yet -- tracked in {NOT_BUILT[name]}.', file=sys.stderr)
+  return 2
+
+
+def _params(args) -> int:
+  from unifer_jax.models import inspect as model_inspect
+  names = args.preset or []
+  configs = []
+  if args.config:
+    from unifer_jax import config_lib
+    configs.append((args.config, config_lib.load(args.config, args.overrides).model))
+  configs += [(n, n) for n in names]
+  if not configs:
+    print('unifer params: give --preset NAME... or --config FILE[:arg]', file=sys.stderr)
+    return 2
+  for label, model in configs:
+    print(model_inspect.format_param_counts(label, model))
+  return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog='unifer', description=__doc__.splitlines()[0])
+  sub = p.add_subparsers(dest='command', required=True)
+  for name in NOT_BUILT:
+    s = sub.add_parser(name, help=f'(not built yet: {NOT_BUILT[name]})')
+    s.add_argument('rest', nargs=argparse.REMAINDER)
+  s = sub.add_parser('params', help='parameter counts of model presets / a config, built abstractly')
+  s.add_argument('--preset', nargs='*', help='tiny demo base 7b')
+  s.add_argument('--config', help='configs/X.py[:arg]')
+  s.add_argument('overrides', nargs='*', help='--config.key=value')
+  return p
+
+
+def main(argv=None) -> int:
+  argv = sys.argv[1:] if argv is None else argv
+  args, unknown = build_parser().parse_known_args(argv)
+  if args.command == 'params':
+    args.overrides = list(args.overrides) + unknown
+    return _params(args)
+  return _not_built(args.command)
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,109 @@
+"""Loading ml_collections configs the big_vision way, and the keys every config has.
+
+``--config configs/x.py:arg`` imports the file and calls ``get_config(arg)``;
+``--config.a.b=value`` overrides a key, parsed as a Python literal and checked against
+the type already there. ``base()`` holds the contract of DESIGN.md so that
+``--config.total_steps=50`` means the same thing in every stage.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import ml_collections
+
+from unifer_jax import sharding
+
+
+def base(model: str = 'tiny') -> ml_collections.ConfigDict:
+  """The keys every training config has (a contract: tools and tests rely on them)."""
+  c = ml_collections.ConfigDict()
+  c.stage = 'lm'
+  c.seed = 0
+  c.total_steps = 100
+  c.log_every_steps = 10
+  c.checkpoint = dict(every_steps=50, every_minutes=0.0, keep=2, keep_every=0, async_save=True)
+  c.input = dict(type='synthetic_random', batch_size=8, seq_len=32, data_dir='', workers=0)
+  c.model = model
+  c.init = dict(vision='', qformer='', llm='')
+  c.mesh = dict(data=-1, fsdp=1, tensor=1)
+  c.sharding = dict(rules=[list(r) for r in sharding.DEFAULT_RULES])
+  c.compute_dtype = ''  # '' = the model config's own; 'bfloat16' switches every tower
+  c.remat = ''  # '' = the model config's own; 'full' | 'dots' | ... for every tower
+  c.optimizer = dict(name='adamw', b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.01,
+                     clip_grad_norm=1.0, grad_accum_steps=1,
+                     decay_exclude=r'(bias|scale|embedding|query_tokens|temp)$',
+                     lr_multipliers={})
+  c.schedule = dict(name='cosine', peak_lr=1e-3, warmup_steps=10, end_lr_ratio=0.1)
+  c.freeze = ''  # regex over parameter paths; matching parameters get no updates
+  c.nan_policy = 'skip'  # 'skip' the step or 'stop' with the offending leaf named
+  c.evals = {}
+  return c
+
+
+def load(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """``path.py[:arg]`` -> config, then ``key=value`` overrides (``--config.`` optional)."""
+  path, _, arg = spec.partition(':')
+  file = Path(path)
+  if not file.is_file():
+    raise FileNotFoundError(f'--config {spec}: no file {file}')
+  name = f'_unifer_config_{abs(hash(str(file.resolve())))}'
+  module_spec = importlib.util.spec_from_file_location(name, file)
+  module = importlib.util.module_from_spec(module_spec)
+  sys.modules[name] = module
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, 'get_config'):
+    raise AttributeError(f'{file}: defines no get_config(arg)')
+  config = module.get_config(arg) if arg else module.get_config()
+  return apply_overrides(config, overrides, source=spec)
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str],
+                    source: str = 'config') -> ml_collections.ConfigDict:
+  for item in overrides:
+    key, sep, raw = item.removeprefix('--').removeprefix('config.').partition('=')
+    if not sep:
+      raise ValueError(f'override {item!r}: expected --config.key=value')
+    parts = key.split('.')
+    node = config
+    for p in parts[:-1]:
+      if p not in node:
+        raise KeyError(f'override {item!r}: {source} has no key {key!r} ({p!r} missing)')
+      node = node[p]
+    leaf = parts[-1]
+    if leaf not in node:
+      raise KeyError(f'override {item!r}: {source} has no key {key!r}; '
+                     f'keys there: {sorted(node.keys())}')
+    node[leaf] = _parse(raw, node[leaf], key)
+  return config
+
+
+def _parse(raw: str, current, key: str):
+  if isinstance(current, str):
+    return raw
+  try:
+    value = ast.literal_eval(raw)
+  except (ValueError, SyntaxError):
+    if current is None:
+      return raw
+    raise ValueError(f'--config.{key}={raw!r}: not a Python literal (expected '
+                     f'{type(current).__name__})') from None
+  if isinstance(current, bool) != isinstance(value, bool) and current is not None:
+    raise ValueError(f'--config.{key}={raw!r}: expected {type(current).__name__}')
+  if isinstance(current, float) and isinstance(value, int):
+    value = float(value)
+  if current is not None and not isinstance(value, type(current)) and not (
+      isinstance(current, (list, tuple)) and isinstance(value, (list, tuple))):
+    if not isinstance(current, (ml_collections.ConfigDict, dict)):
+      raise ValueError(f'--config.{key}={raw!r}: expected {type(current).__name__}, '
+                       f'got {type(value).__name__}')
+  return value
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+  return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)

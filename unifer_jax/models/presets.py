@@ -1,0 +1,101 @@
+"""Model presets: named UniFER sizes, each a full model ConfigDict.
+
+| preset | vision            | Q-Former                  | LLM                             | use |
+|--------|-------------------|---------------------------|---------------------------------|-----|
+| tiny   | 32 px, 2x32       | 2x32, 4 queries           | 2x32, vocab 128                 | unit tests |
+| demo   | 64 px /8, 6x192   | 4x192, 16 queries         | 6x256, GQA 4:2, vocab 2048      | `unifer demo` on CPU, minutes |
+| base   | ViT-B/16 224      | BERT-base, 32 queries     | ~1.2B Llama-3.2-1B shape        | first real runs |
+| 7b     | ViT-L/14 224      | BERT-base, 32 queries     | Llama-2-7B shape                | pod runs |
+
+`python -m unifer_jax.cli params --preset tiny demo base 7b` (or `make params`) prints
+their parameter counts, built abstractly with `jax.eval_shape` (nothing allocated).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+PRESETS = ('tiny', 'demo', 'base', '7b')
+
+
+def _vit(**kw):
+  c = ml_collections.ConfigDict(dict(
+      image_size=224, patch_size=16, num_channels=3, width=768, depth=12, heads=12,
+      mlp_dim=3072, variant='clip', pool='none', act='gelu', layer_norm_eps=1e-5,
+      qkv_bias=True, dtype='float32', param_dtype='float32', scan_layers=True, remat='none'))
+  c.update(kw)
+  return c
+
+
+def _qformer(**kw):
+  c = ml_collections.ConfigDict(dict(
+      hidden=768, depth=12, heads=12, mlp_dim=3072, num_queries=32, cross_attention_freq=2,
+      encoder_width=768, vocab_size=30522, max_position=512, type_vocab_size=0,
+      layer_norm_eps=1e-12, act='gelu', dtype='float32', param_dtype='float32',
+      scan_layers=True, remat='none'))
+  c.update(kw)
+  return c
+
+
+def _llm(**kw):
+  c = ml_collections.ConfigDict(dict(
+      vocab_size=32000, hidden=4096, depth=32, heads=32, kv_heads=32, head_dim=128,
+      mlp_dim=11008, rope_theta=10000.0, rms_eps=1e-5, qkv_bias=False,
+      tie_embeddings=False, max_seq_len=2048, dtype='float32', param_dtype='float32',
+      scan_layers=True, remat='none'))
+  c.update(kw)
+  return c
+
+
+def _unifer(vit, qformer, llm, embed_dim=256):
+  qformer.encoder_width = vit.width
+  return ml_collections.ConfigDict(dict(vit=vit, qformer=qformer, llm=llm, embed_dim=embed_dim,
+                                        vision_layernorm=True))
+
+
+def get(name: str) -> ml_collections.ConfigDict:
+  """The UniFER model config of a preset."""
+  if name == 'tiny':
+    return _unifer(
+        _vit(image_size=32, patch_size=8, width=32, depth=2, heads=2, mlp_dim=64),
+        _qformer(hidden=32, depth=2, heads=2, mlp_dim=64, num_queries=4, vocab_size=128,
+                 max_position=64),
+        _llm(vocab_size=128, hidden=32, depth=2, heads=4, kv_heads=2, head_dim=8, mlp_dim=64,
+             max_seq_len=64),
+        embed_dim=16)
+  if name == 'demo':
+    return _unifer(
+        _vit(image_size=64, patch_size=8, width=192, depth=6, heads=3, mlp_dim=768),
+        _qformer(hidden=192, depth=4, heads=3, mlp_dim=768, num_queries=16, vocab_size=2048,
+                 max_position=128),
+        _llm(vocab_size=2048, hidden=256, depth=6, heads=4, kv_heads=2, head_dim=64,
+             mlp_dim=768, max_seq_len=256, tie_embeddings=True),
+        embed_dim=128)
+  if name == 'base':
+    return set_compute_dtype(_unifer(
+        _vit(),
+        _qformer(),
+        _llm(vocab_size=128256, hidden=2048, depth=16, heads=32, kv_heads=8, head_dim=64,
+             mlp_dim=8192, rope_theta=500000.0, tie_embeddings=True, max_seq_len=4096),
+    ), 'bfloat16')
+  if name == '7b':
+    return set_compute_dtype(_unifer(
+        _vit(patch_size=14, width=1024, depth=24, heads=16, mlp_dim=4096),
+        _qformer(),
+        _llm(max_seq_len=4096),
+    ), 'bfloat16')
+  raise ValueError(f'unknown model preset {name!r}; expected one of {PRESETS}')
+
+
+def resolve(model) -> ml_collections.ConfigDict:
+  """``config.model`` may be a preset name or a full model config."""
+  if isinstance(model, str):
+    return get(model)
+  return model
+
+
+def set_compute_dtype(model_cfg: ml_collections.ConfigDict, dtype: str) -> ml_collections.ConfigDict:
+  """bf16 (or f32) compute for every tower; parameters stay in their param_dtype."""
+  for tower in ('vit', 'qformer', 'llm'):
+    model_cfg[tower].dtype = dtype
+  return model_cfg

@@ -1,0 +1,95 @@
+"""The composed UniFER model: image -> ViT -> Q-Former -> projection -> LLM prefix.
+
+Besides the generative path it holds the BLIP-2 stage-1 heads (ITC projections and
+temperature, ITM head); the Q-Former carries its own ITG head. Which parts train in a
+stage is config (``config.freeze``), not code.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from unifer_jax.models import layers
+from unifer_jax.models.llm import LLM
+from unifer_jax.models.qformer import QFormer
+from unifer_jax.models.vit import ViT
+
+
+class UniFER(nnx.Module):
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    v, q, l = cfg.vit, cfg.qformer, cfg.llm
+    if q.encoder_width != v.width:
+      raise ValueError(f'model.qformer.encoder_width={q.encoder_width} must equal '
+                       f'model.vit.width={v.width}')
+    common = dict(dtype=q.dtype, param_dtype=q.param_dtype, rngs=rngs)
+    self.vit = ViT(v, rngs=rngs)
+    # BLIP-2's ln_vision: the frozen ViT's tokens are normalised before the Q-Former.
+    self.vision_norm = layers.LayerNorm(v.width, eps=1e-5, **common) \
+        if cfg.get('vision_layernorm', True) else None
+    self.qformer = QFormer(q, rngs=rngs)
+    self.vision_proj = layers.Dense(q.hidden, cfg.embed_dim, axes=('embed', 'mlp'), **common)
+    self.text_proj = layers.Dense(q.hidden, cfg.embed_dim, axes=('embed', 'mlp'), **common)
+    self.itm_head = layers.Dense(q.hidden, 2, axes=('embed', 'classes'), **common)
+    # ITC temperature, learned in BLIP-2 (clipped to [0.001, 0.5] by the loss).
+    self.temp = nnx.Param(jnp.asarray(0.07, layers.dtype_of(q.param_dtype)), sharding_names=(),
+                          eager_sharding=False)
+    self.llm_proj = layers.Dense(q.hidden, l.hidden, axes=('embed', 'mlp'), dtype=l.dtype,
+                                 param_dtype=l.param_dtype, rngs=rngs)
+    self.llm = LLM(l, rngs=rngs)
+
+  # -- vision side -------------------------------------------------------------------
+
+  def image_tokens(self, images: jax.Array) -> jax.Array:
+    """NHWC images -> ViT tokens [B, N, Dv] (after ln_vision)."""
+    x = self.vit(images)
+    return self.vision_norm(x) if self.vision_norm is not None else x
+
+  def image_queries(self, images: jax.Array) -> jax.Array:
+    """The Q-Former's learned queries after attending to the image: [B, Q, Dq]."""
+    return self.qformer.encode_queries(self.image_tokens(images))
+
+  def prefix(self, images: jax.Array) -> jax.Array:
+    """LLM input embeddings of the image: [B, Q, D_llm]."""
+    return self.llm_proj(self.image_queries(images))
+
+  # -- generative path ---------------------------------------------------------------
+
+  def prefixed_inputs(self, images, input_ids, attention_mask=None):
+    """(inputs_embeds, attention_mask) of [image prefix; text] for the LLM."""
+    prefix = self.prefix(images)
+    text = self.llm.embed(input_ids)
+    embeds = jnp.concatenate([prefix.astype(text.dtype), text], axis=1)
+    if attention_mask is None:
+      attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+    mask = jnp.concatenate(
+        [jnp.ones(prefix.shape[:2], attention_mask.dtype), attention_mask], axis=1)
+    return embeds, mask
+
+  def __call__(self, images: jax.Array, input_ids: jax.Array,
+               attention_mask: jax.Array | None = None) -> jax.Array:
+    """LLM logits over [image prefix; text]: [B, Q + T, V]."""
+    embeds, mask = self.prefixed_inputs(images, input_ids, attention_mask)
+    return self.llm(inputs_embeds=embeds, attention_mask=mask)
+
+  # -- stage-1 heads -----------------------------------------------------------------
+
+  def image_embeddings(self, queries: jax.Array) -> jax.Array:
+    """ITC image side: per-query normalised embeddings [B, Q, E]."""
+    return _l2_normalize(self.vision_proj(queries))
+
+  def text_embedding(self, text_states: jax.Array) -> jax.Array:
+    """ITC text side: the [CLS] (first) token's normalised embedding [B, E]."""
+    return _l2_normalize(self.text_proj(text_states[:, 0]))
+
+  def itm_logits(self, match_queries: jax.Array) -> jax.Array:
+    """ITM: mean over queries of the 2-way head, as BLIP-2 does: [B, 2]."""
+    return self.itm_head(match_queries).astype(jnp.float32).mean(axis=1)
+
+
+def _l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+  x = x.astype(jnp.float32)
+  return x / jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
