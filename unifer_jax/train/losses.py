@@ -1,0 +1,61 @@
+"""Stage losses, one registry: ``LOSSES[config.stage](model, batch, rng) -> (loss, aux)``.
+
+Batches are dicts of arrays. Token batches use ``tokens`` [B, T] and ``loss_mask``
+[B, T] (1 where the token is a prediction target); the token at position i is predicted
+from everything before it. Logits are computed only at the positions that predict a
+text token (the image-prefix positions are never projected onto the vocabulary).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def token_nll(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> tuple[jax.Array, dict]:
+  """Mean next-token NLL over masked positions (f32), plus token count and accuracy."""
+  logits = logits.astype(jnp.float32)
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  mask = mask.astype(jnp.float32)
+  count = jnp.maximum(mask.sum(), 1.0)
+  acc = ((logits.argmax(-1) == targets) * mask).sum() / count
+  return (nll * mask).sum() / count, {'tokens': mask.sum(), 'token_acc': acc}
+
+
+def generate_loss(model, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
+  """BLIP-2 stage 2 (and instruction tuning): LM loss on text after the image prefix."""
+  del rng
+  tokens, mask = batch['tokens'], batch['loss_mask']
+  attn = batch.get('attention_mask', jnp.ones_like(tokens))
+  embeds, full_mask = model.prefixed_inputs(batch['image'], tokens, attn)
+  q = embeds.shape[1] - tokens.shape[1]
+  hidden = model.llm.hidden_states(inputs_embeds=embeds, attention_mask=full_mask)
+  # Position q-1+i predicts token i: only these T positions are projected to the vocab.
+  logits = model.llm.logits_from_hidden(hidden[:, q - 1:-1])
+  loss, aux = token_nll(logits, tokens, mask)
+  return loss, aux
+
+
+def lm_loss(model, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
+  """Stage 0: text-only next-token loss of the LLM."""
+  del rng
+  tokens, mask = batch['tokens'], batch['loss_mask']
+  attn = batch.get('attention_mask', jnp.ones_like(tokens))
+  hidden = model.llm.hidden_states(tokens, attention_mask=attn)
+  logits = model.llm.logits_from_hidden(hidden[:, :-1])
+  return token_nll(logits, tokens[:, 1:], mask[:, 1:])
+
+
+LOSSES: dict[str, Callable] = {
+    'lm': lm_loss,
+    'generate': generate_loss,
+}
+
+
+def get(stage: str) -> Callable:
+  if stage not in LOSSES:
+    raise KeyError(f'config.stage={stage!r}; stages with a loss: {sorted(LOSSES)}')
+  return LOSSES[stage]

@@ -1,0 +1,120 @@
+"""The train state, its shardings and its initialisation -- built in ONE place.
+
+The train loop and ``unifer compile-check`` both call :func:`build`, so the compile
+check lowers exactly the state, shardings and step that really run (MaxText's
+train_compile idea).
+
+State layout (a plain pytree, what orbax saves)::
+
+  {'step': int32[], 'params': {nested, as nnx.to_pure_dict}, 'opt_state': optax state
+   over the *trainable* params only}
+
+Frozen parameters (``config.freeze``) live in ``params`` but have no optimizer state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx, traverse_util
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from unifer_jax import sharding
+from unifer_jax.models import presets
+from unifer_jax.models.unifer import UniFER
+from unifer_jax.train import optim
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything the loop and the compile-check share."""
+  config: ml_collections.ConfigDict
+  model_cfg: ml_collections.ConfigDict
+  mesh: Mesh
+  graphdef: Any
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  abstract_state: Any          # ShapeDtypeStructs carrying their shardings
+  state_shardings: Any         # NamedShardings, same structure as the state
+  logical_axes: dict           # flat 'path' -> logical axis names of every parameter
+
+  def init_state(self, seed: int | None = None) -> Any:
+    """Concrete state, created directly in its shards (never whole on one host)."""
+    seed = self.config.seed if seed is None else seed
+    model_cfg, freeze, tx = self.model_cfg, self.config.freeze, self.tx
+
+    def init():
+      model = UniFER(model_cfg, rngs=nnx.Rngs(seed))
+      params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+      trainable, _ = optim.split_trainable(params, freeze)
+      return {'step': jnp.zeros((), jnp.int32), 'params': params,
+              'opt_state': tx.init(trainable)}
+
+    return jax.jit(init, out_shardings=self.state_shardings)()
+
+
+def model_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The resolved model config with the run-wide dtype / remat overrides applied."""
+  cfg = ml_collections.ConfigDict(presets.resolve(config.model).to_dict())
+  if config.get('compute_dtype'):
+    presets.set_compute_dtype(cfg, config.compute_dtype)
+  if config.get('remat'):
+    for tower in ('vit', 'qformer', 'llm'):
+      cfg[tower].remat = config.remat
+  return cfg
+
+
+def _named(tree_of_variables, fn) -> dict:
+  """Applies fn(variable) to every variable of an nnx.State -> nested pure dict."""
+  flat = {}
+  for path, var in nnx.to_flat_state(tree_of_variables):
+    flat[tuple(path)] = fn(var)
+  return traverse_util.unflatten_dict(flat)
+
+
+def build(config: ml_collections.ConfigDict, mesh: Mesh) -> Setup:
+  """Abstract model and optimizer state with their shardings; nothing is allocated."""
+  model_cfg = model_config(config)
+  abstract_model = nnx.eval_shape(lambda: UniFER(model_cfg, rngs=nnx.Rngs(0)))
+  graphdef, param_state = nnx.split(abstract_model, nnx.Param)
+  rules = [tuple(r) for r in config.sharding.rules]
+  shardings_state = sharding.state_shardings(param_state, mesh, rules)
+  param_shardings = _named(shardings_state, lambda v: v.get_value())
+  logical = optim.flat(_named(param_state, lambda v: sharding._logical_axes_of(v)))
+  abstract_params = nnx.to_pure_dict(param_state)
+
+  sched = optim.schedule(config.schedule, config.total_steps)
+  trainable, _ = optim.split_trainable(abstract_params, config.freeze)
+  if not jax.tree.leaves(trainable):
+    raise ValueError(f'config.freeze={config.freeze!r} freezes every parameter')
+  tx = optim.make_optimizer(config.optimizer, sched, trainable)
+  abstract_opt = jax.eval_shape(tx.init, trainable)
+  trainable_shardings, _ = optim.split_trainable(param_shardings, config.freeze)
+  replicated = NamedSharding(mesh, P())
+  opt_shardings = optax.tree_map_params(
+      tx, lambda _, s: s, abstract_opt, trainable_shardings,
+      transform_non_params=lambda _: replicated,
+      is_leaf=lambda x: isinstance(x, NamedSharding))
+
+  state_shardings = {'step': replicated, 'params': param_shardings, 'opt_state': opt_shardings}
+  abstract_state = {'step': jax.ShapeDtypeStruct((), jnp.int32), 'params': abstract_params,
+                    'opt_state': abstract_opt}
+  abstract_state = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
+      state_shardings)
+  return Setup(config=config, model_cfg=model_cfg, mesh=mesh, graphdef=graphdef, tx=tx,
+               schedule=sched, abstract_state=abstract_state,
+               state_shardings=state_shardings, logical_axes=logical)
+
+
+def bind(graphdef, params) -> nnx.Module:
+  """The module with these (possibly traced) parameters."""
+  return nnx.merge(graphdef, params)
+
+
+LossFn = Callable[[nnx.Module, dict, jax.Array], tuple[jax.Array, dict]]
