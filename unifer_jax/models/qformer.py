@@ -1,0 +1,319 @@
+"""BLIP-2 Q-Former (LAVIS ``Qformer.py`` recipe) with its BERT text side.
+
+One BERT-style post-LN encoder runs two kinds of positions through shared
+self-attention: ``num_queries`` learned query tokens (first) and text tokens (after).
+Query positions additionally cross-attend to the image tokens every
+``cross_attention_freq`` layers and use their own FFN (``query_mlp``); text positions
+use ``text_mlp``. Who sees whom is only the attention mask, which gives the three
+BLIP-2 stage-1 passes:
+
+| entry point        | positions       | mask                                                   |
+|--------------------|-----------------|--------------------------------------------------------|
+| ``encode_queries`` | queries         | queries see queries (ITC image side, LLM prefix)       |
+| ``encode_text``    | text            | bidirectional over valid text (ITC text side; BERT)    |
+| ``match``          | queries + text  | everyone sees every valid position (ITM)               |
+| ``caption_logits`` | queries + text  | queries see queries; text sees queries + earlier text (ITG) |
+
+One concatenated pass under the ITG mask equals LAVIS's two passes (queries first,
+then text attending to the cached query keys/values): the queries never see text, so
+their keys/values are the same. Text position ids start at 0 in every pass.
+
+Config switches (0 turns a part off):
+* ``cross_attention_freq=0`` and ``num_queries=0``: plain BERT (``Bert``, no query FFN);
+* ``num_queries=0`` with ``cross_attention_freq>0``: an HF ``Blip2QFormerModel`` (query
+  embeddings come from outside, ``model(query_embeds, image_tokens)``);
+* ``vocab_size=0``: no text side (no text embeddings, text FFN or LM head) -- the
+  Q-Former as shipped inside ``Blip2ForConditionalGeneration``.
+
+Layers are stacked in groups of ``cross_attention_freq`` (the first of each group has
+cross-attention) so ``scan_layers`` scans one traced group. Dropout is not modelled.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from unifer_jax.models import layers
+
+ACTIVATIONS = {
+    'gelu': lambda x: jax.nn.gelu(x, approximate=False),  # erf form (HF/BERT 'gelu')
+    'gelu_tanh': lambda x: jax.nn.gelu(x, approximate=True),  # HF 'gelu_new'
+    'relu': jax.nn.relu,
+}
+
+
+def default_config(**overrides) -> ml_collections.ConfigDict:
+  """BLIP-2's Q-Former: BERT-base, 32 queries, cross-attention every 2nd layer."""
+  cfg = ml_collections.ConfigDict(dict(
+      hidden=768, depth=12, heads=12, mlp_dim=3072, num_queries=32, cross_attention_freq=2,
+      encoder_width=1408, vocab_size=30522, max_position=512, type_vocab_size=0,
+      layer_norm_eps=1e-12, act='gelu', lm_head=True, pooler=False,
+      dtype='float32', param_dtype='float32', scan_layers=True, remat='none'))
+  unknown = sorted(set(overrides) - set(cfg))
+  if unknown:
+    raise ValueError(f'qformer.default_config: unknown keys {unknown}; expected {sorted(cfg)}')
+  cfg.update(overrides)
+  return cfg
+
+
+def has_lm_head(cfg) -> bool:
+  """The ITG head exists by default on a Q-Former with a text side (stage 1 trains it)."""
+  return bool(cfg.get('lm_head', cfg.vocab_size > 0 and cfg.cross_attention_freq > 0))
+
+
+def group_size(cfg) -> int:
+  """Layers per scanned group: one cross-attention layer and ``freq - 1`` plain ones."""
+  return max(int(cfg.cross_attention_freq), 1)
+
+
+def check_config(cfg) -> None:
+  if cfg.act not in ACTIVATIONS:
+    raise ValueError(f'qformer.act={cfg.act!r}; expected one of {tuple(ACTIVATIONS)}')
+  if cfg.hidden % cfg.heads:
+    raise ValueError(f'qformer.hidden={cfg.hidden} is not divisible by qformer.heads={cfg.heads}')
+  if cfg.cross_attention_freq < 0 or cfg.num_queries < 0 or cfg.vocab_size < 0:
+    raise ValueError('qformer.cross_attention_freq, num_queries and vocab_size must be >= 0')
+  if cfg.depth % group_size(cfg):
+    raise ValueError(f'qformer.depth={cfg.depth} must be a multiple of '
+                     f'qformer.cross_attention_freq={cfg.cross_attention_freq} (layers are '
+                     'scanned in groups that start with a cross-attention layer)')
+  if cfg.cross_attention_freq == 0:
+    if cfg.num_queries:
+      raise ValueError(f'qformer.num_queries={cfg.num_queries} needs cross_attention_freq > 0 '
+                       '(cross_attention_freq=0 is plain BERT, which has no queries)')
+    if not cfg.vocab_size:
+      raise ValueError('qformer: cross_attention_freq=0 (plain BERT) needs vocab_size > 0')
+  if has_lm_head(cfg) and not cfg.vocab_size:
+    raise ValueError('qformer.lm_head needs a text side (vocab_size > 0)')
+  if cfg.get('pooler', False) and not cfg.vocab_size:
+    raise ValueError('qformer.pooler (BERT pooler) needs a text side (vocab_size > 0)')
+
+
+class Attention(nnx.Module):
+  """BERT attention block: multi-head attention, output dense, post-LN residual."""
+
+  def __init__(self, cfg, kv_width: int, *, rngs: nnx.Rngs):
+    self.heads = cfg.heads
+    d = cfg.hidden
+    kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+    self.query = layers.Dense(d, d, axes=('embed', 'heads'), **kw)
+    self.key = layers.Dense(kv_width, d, axes=('embed', 'heads'), **kw)
+    self.value = layers.Dense(kv_width, d, axes=('embed', 'heads'), **kw)
+    self.out = layers.Dense(d, d, axes=('heads', 'embed'), **kw)
+    self.norm = layers.LayerNorm(d, eps=cfg.layer_norm_eps, **kw)
+
+  def __call__(self, x: jax.Array, kv: jax.Array, mask: jax.Array | None) -> jax.Array:
+    split = lambda t: t.reshape(*t.shape[:2], self.heads, -1)
+    y = layers.attention(split(self.query(x)), split(self.key(kv)), split(self.value(kv)),
+                         mask=mask)
+    return self.norm(self.out(y.reshape(x.shape)) + x)
+
+
+class MLP(nnx.Module):
+  """BERT FFN block (intermediate + output): dense, act, dense, post-LN residual."""
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+    self.act = ACTIVATIONS[cfg.act]
+    self.up = layers.Dense(cfg.hidden, cfg.mlp_dim, axes=('embed', 'mlp'), **kw)
+    self.down = layers.Dense(cfg.mlp_dim, cfg.hidden, axes=('mlp', 'embed'), **kw)
+    self.norm = layers.LayerNorm(cfg.hidden, eps=cfg.layer_norm_eps, **kw)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.norm(self.down(self.act(self.up(x))) + x)
+
+
+class Layer(nnx.Module):
+  """One Q-Former layer over ``[queries; text]``; the first ``num_query`` positions are
+  queries (cross-attention if this layer has it, then ``query_mlp``)."""
+
+  def __init__(self, cfg, cross: bool, *, rngs: nnx.Rngs):
+    self.attention = Attention(cfg, cfg.hidden, rngs=rngs)
+    self.cross_attention = Attention(cfg, cfg.encoder_width, rngs=rngs) if cross else None
+    self.query_mlp = MLP(cfg, rngs=rngs) if cfg.cross_attention_freq > 0 else None
+    self.text_mlp = MLP(cfg, rngs=rngs) if cfg.vocab_size > 0 else None
+
+  def __call__(self, x, mask, num_query: int, image=None, image_mask=None):
+    x = self.attention(x, x, mask)
+    parts = []
+    if num_query:
+      q = x[:, :num_query]
+      if self.cross_attention is not None:
+        q = self.cross_attention(q, image, image_mask)
+      parts.append(self.query_mlp(q))
+    if x.shape[1] > num_query:
+      parts.append(self.text_mlp(x[:, num_query:]))
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
+
+
+class Block(nnx.Module):
+  """``cross_attention_freq`` consecutive layers, the first with cross-attention: the
+  unit that ``scan_layers`` scans over."""
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    cross = cfg.cross_attention_freq > 0
+    self.layers = nnx.List([Layer(cfg, cross and i == 0, rngs=rngs)
+                            for i in range(group_size(cfg))])
+
+  def __call__(self, x, mask, num_query, image, image_mask):
+    for layer in self.layers:
+      x = layer(x, mask, num_query, image, image_mask)
+    return x
+
+
+class LMHead(nnx.Module):
+  """BERT's MLM/LM head: dense, act, LayerNorm, then the tied word-embedding decoder."""
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+    self.act = ACTIVATIONS[cfg.act]
+    self.dense = layers.Dense(cfg.hidden, cfg.hidden, axes=('embed', 'embed'), **kw)
+    self.norm = layers.LayerNorm(cfg.hidden, eps=cfg.layer_norm_eps, **kw)
+    self.bias = layers.param(rngs, layers.zeros, (cfg.vocab_size,), ('vocab',),
+                             layers.dtype_of(cfg.param_dtype))
+
+  def __call__(self, x: jax.Array, word_embed: layers.Embed) -> jax.Array:
+    h = self.norm(self.act(self.dense(x)))
+    return word_embed.attend(h) + self.bias[...].astype(h.dtype)
+
+
+class QFormer(nnx.Module):
+  """The BLIP-2 Q-Former; see the module docstring for the entry points and masks."""
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    check_config(cfg)
+    self.num_queries = int(cfg.num_queries)
+    self.max_position = int(cfg.max_position)
+    self.scan, self.remat = bool(cfg.scan_layers), cfg.remat
+    self.has_cross = cfg.cross_attention_freq > 0
+    self.dtype = layers.dtype_of(cfg.dtype)
+    d, pd = cfg.hidden, layers.dtype_of(cfg.param_dtype)
+    kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+    self.query_tokens = (layers.param(rngs, layers.default_kernel_init, (cfg.num_queries, d),
+                                      ('queries', 'embed'), pd) if cfg.num_queries else None)
+    text = cfg.vocab_size > 0
+    self.word_embed = layers.Embed(cfg.vocab_size, d, **kw) if text else None
+    self.pos_embed = (layers.param(rngs, layers.default_kernel_init, (cfg.max_position, d),
+                                   (None, 'embed'), pd) if text else None)
+    self.type_embed = (layers.param(rngs, layers.default_kernel_init, (cfg.type_vocab_size, d),
+                                    (None, 'embed'), pd)
+                       if text and cfg.type_vocab_size else None)
+    # LAVIS's embeddings LayerNorm / HF Blip2QFormerModel.layernorm: on queries and text.
+    self.embed_norm = layers.LayerNorm(d, eps=cfg.layer_norm_eps, **kw)
+    self.blocks = layers.make_stack(lambda r: Block(cfg, rngs=r),
+                                    cfg.depth // group_size(cfg), cfg.scan_layers, rngs)
+    self.lm_head = LMHead(cfg, rngs=rngs) if has_lm_head(cfg) else None
+    self.pooler = (layers.Dense(d, d, axes=('embed', 'embed'), **kw)
+                   if cfg.get('pooler', False) else None)
+
+  # -- pieces --------------------------------------------------------------------------
+
+  def _require(self, what: str, ok: bool, why: str):
+    if not ok:
+      raise ValueError(f'QFormer.{what}: {why}')
+
+  def _queries(self, batch: int) -> jax.Array:
+    self._require('queries', self.query_tokens is not None,
+                  'this Q-Former has no learned queries (num_queries=0, e.g. converted from a '
+                  'Blip2QFormerModel); call model(query_embeds, image_tokens) instead')
+    q = self.query_tokens[...].astype(self.dtype)
+    return jnp.broadcast_to(q[None], (batch, *q.shape))
+
+  def _text_embeddings(self, input_ids: jax.Array, token_type_ids=None) -> jax.Array:
+    """word + token type + position (BERT's order); LayerNorm comes later, jointly with
+    the queries."""
+    self._require('text', self.word_embed is not None,
+                  'this Q-Former has no text side (vocab_size=0)')
+    t = input_ids.shape[1]
+    if t > self.max_position:
+      raise ValueError(f'QFormer: text length {t} exceeds max_position={self.max_position}')
+    x = self.word_embed(input_ids)
+    if self.type_embed is not None:
+      types = jnp.zeros_like(input_ids) if token_type_ids is None else token_type_ids
+      x = x + jnp.take(self.type_embed[...], types, axis=0).astype(self.dtype)
+    return x + self.pos_embed[...][:t].astype(self.dtype)
+
+  def _encode(self, x, mask, num_query: int, image=None, image_mask=None) -> jax.Array:
+    """LayerNorm on the embedded sequence, then every layer."""
+    if num_query and self.has_cross and image is None:
+      raise ValueError('QFormer: image tokens (encoder_hidden_states) are required for '
+                       'query positions')
+    image = None if image is None else image.astype(self.dtype)
+    image_mask = None if image_mask is None else layers.padding_mask(image_mask)
+    x = self.embed_norm(x)
+    fn = lambda block, h, _: (block(h, mask, num_query, image, image_mask), None)
+    x, _ = layers.run_stack(self.blocks, x, fn, scan=self.scan, remat=self.remat)
+    return x
+
+  def _queries_and_text(self, image_embeds, input_ids, text_mask):
+    b = input_ids.shape[0]
+    x = jnp.concatenate([self._queries(b), self._text_embeddings(input_ids)], axis=1)
+    valid = jnp.concatenate([jnp.ones((b, self.num_queries), bool), text_mask.astype(bool)], 1)
+    return x, valid
+
+  # -- entry points --------------------------------------------------------------------
+
+  def __call__(self, query_embeds: jax.Array, encoder_hidden_states: jax.Array,
+               encoder_mask: jax.Array | None = None) -> jax.Array:
+    """HF ``Blip2QFormerModel(query_embeds, encoder_hidden_states=...)`` last hidden
+    state ``[B, Q, H]``: LayerNorm on the given query embeddings, then the layers."""
+    self._require('__call__', self.has_cross,
+                  'plain BERT (cross_attention_freq=0) has no query path; use encode_text')
+    return self._encode(query_embeds.astype(self.dtype), None, query_embeds.shape[1],
+                        encoder_hidden_states, encoder_mask)
+
+  def encode_queries(self, image_embeds: jax.Array, image_mask: jax.Array | None = None):
+    """The learned queries after attending to the image ``[B, Q, H]`` (ITC image side
+    and the LLM prefix)."""
+    return self(self._queries(image_embeds.shape[0]), image_embeds, image_mask)
+
+  def encode_text(self, input_ids: jax.Array, text_mask: jax.Array | None = None,
+                  token_type_ids: jax.Array | None = None) -> jax.Array:
+    """Text-only bidirectional pass ``[B, T, H]`` (ITC text side); equals HF
+    ``BertModel(input_ids, attention_mask).last_hidden_state``."""
+    mask = None if text_mask is None else layers.padding_mask(text_mask)
+    return self._encode(self._text_embeddings(input_ids, token_type_ids), mask, 0)
+
+  def match(self, image_embeds: jax.Array, input_ids: jax.Array, text_mask: jax.Array,
+            image_mask: jax.Array | None = None) -> jax.Array:
+    """ITM: queries + text, fully bidirectional; the query outputs ``[B, Q, H]``."""
+    x, valid = self._queries_and_text(image_embeds, input_ids, text_mask)
+    out = self._encode(x, layers.padding_mask(valid), self.num_queries, image_embeds,
+                       image_mask)
+    return out[:, :self.num_queries]
+
+  def caption_logits(self, image_embeds: jax.Array, input_ids: jax.Array,
+                     text_mask: jax.Array, image_mask: jax.Array | None = None) -> jax.Array:
+    """ITG (teacher forcing): logits ``[B, T, V]`` at the text positions under the causal
+    multimodal mask. Logit t predicts token t + 1; the stage loss shifts."""
+    self._require('caption_logits', self.lm_head is not None, 'this Q-Former has no lm_head')
+    x, valid = self._queries_and_text(image_embeds, input_ids, text_mask)
+    out = self._encode(x, multimodal_causal_mask(self.num_queries, valid), self.num_queries,
+                       image_embeds, image_mask)
+    return self.lm_head(out[:, self.num_queries:], self.word_embed)
+
+  def pool(self, hidden: jax.Array) -> jax.Array:
+    """BERT's pooler output (dense + tanh on the first token), when ``cfg.pooler``."""
+    self._require('pool', self.pooler is not None, 'built without a pooler (cfg.pooler=False)')
+    return jnp.tanh(self.pooler(hidden[:, 0]))
+
+
+def multimodal_causal_mask(num_query: int, valid: jax.Array) -> jax.Array:
+  """``[B, 1, L, L]`` ITG mask (LAVIS's UniLM-style mask): query rows see query columns
+  only; text row i sees every query and text columns <= i; padded columns are hidden."""
+  n = valid.shape[1]
+  row, col = jnp.arange(n)[:, None], jnp.arange(n)[None, :]
+  allowed = (col < num_query) | ((row >= num_query) & (col <= row))
+  return allowed[None, None] & layers.padding_mask(valid)
+
+
+class Bert(QFormer):
+  """A plain BERT (``cross_attention_freq=0``) called as HF ``BertModel``:
+  ``model(input_ids, attention_mask, token_type_ids=None)`` -> last hidden state."""
+
+  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+               token_type_ids: jax.Array | None = None) -> jax.Array:
+    return self.encode_text(input_ids, attention_mask, token_type_ids)
