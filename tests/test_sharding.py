@@ -22,6 +22,12 @@ def _config(mesh_shape):
   config.mesh = dict(zip(sharding.MESH_AXES, mesh_shape))
   config.schedule.warmup_steps = 0
   config.schedule.peak_lr = 1e-3
+  # Some gradients are zero in exact arithmetic and float noise in practice (attention
+  # key biases: softmax is shift-invariant). Adam's first step maps any |g| >> eps to
+  # +-lr, so with eps=1e-8 that noise alone moves a weight by up to 2*lr depending on the
+  # reduction order. eps=1e-6 keeps such leaves still while real gradients (>=1e-4 here)
+  # take the full Adam step -- the comparison then tests the sharding, not the noise.
+  config.optimizer.eps = 1e-6
   return config
 
 
@@ -62,9 +68,10 @@ def test_sharded_forward_and_step_match_single_device(reference, mesh_shape):
   assert abs(got['loss'] - reference['loss']) <= 1e-5
   # Same initial parameters (sharded init) and same parameters after one AdamW step.
   for name, tree in (('init', 'params_before'), ('after step', 'params')):
-    diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), got[tree], reference[tree])
-    worst = max(jax.tree.leaves(diffs))
-    assert worst <= 1e-5, f'{name}: max abs diff {worst}'
+    ref = optim.flat(reference[tree])
+    diffs = {p: float(np.max(np.abs(a - ref[p]))) for p, a in optim.flat(got[tree]).items()}
+    worst = max(diffs, key=diffs.get)
+    assert diffs[worst] <= 1e-5, f'{name}: max abs diff {diffs[worst]} at {worst}'
   # The step really moved the parameters.
   moved = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), got['params'], got['params_before'])
   assert max(jax.tree.leaves(moved)) > 1e-4

@@ -12,7 +12,6 @@ import sys
 NOT_BUILT = {
     'demo': 'issue 7 (stages) and issue 8 (distillation/export)',
     'prep': 'issue 3 (built-in corpus) and issue 6 (real-dataset builders)',
-    'train': 'issue 4 (the distributed trainer)',
     'eval': 'issue 9 (evaluation)',
     'sweep': 'issue 9 (evaluation sweeps)',
     'convert': 'issue 5 (Hugging Face conversion)',
@@ -43,12 +42,27 @@ def _params(args) -> int:
   return 0
 
 
+def _train(args, overrides) -> int:
+  from unifer_jax import config_lib, distributed
+  distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+  from unifer_jax.train import loop
+  config = config_lib.load(args.config, overrides)
+  loop.train(config, args.workdir)
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog='unifer', description=__doc__.splitlines()[0])
   sub = p.add_subparsers(dest='command', required=True)
   for name in NOT_BUILT:
     s = sub.add_parser(name, help=f'(not built yet: {NOT_BUILT[name]})')
     s.add_argument('rest', nargs=argparse.REMAINDER)
+  s = sub.add_parser('train', help='train a config (any stage); resumes from the workdir')
+  s.add_argument('--config', required=True, help='configs/X.py[:arg]; then --config.key=value ...')
+  s.add_argument('--workdir', required=True)
+  s.add_argument('--coordinator', help='host:port of process 0 (multi-process without a cluster)')
+  s.add_argument('--num_processes', type=int)
+  s.add_argument('--process_id', type=int)
   s = sub.add_parser('params', help='parameter counts of model presets / a config, built abstractly')
   s.add_argument('--preset', nargs='*', help='tiny demo base 7b')
   s.add_argument('--config', help='configs/X.py[:arg]')
@@ -59,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   args, unknown = build_parser().parse_known_args(argv)
+  if args.command == 'train':
+    bad = [u for u in unknown if not u.startswith('--config.')]
+    if bad:
+      print(f'unifer train: unknown arguments {bad}', file=sys.stderr)
+      return 2
+    return _train(args, unknown)
   if args.command == 'params':
     args.overrides = list(args.overrides) + unknown
     return _params(args)

@@ -45,7 +45,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 
 def mesh_shape(axis_sizes: Mapping[str, int] | Sequence[int], num_devices: int) -> tuple[int, ...]:
   """Resolves axis sizes (one may be -1 = fill) against the device count."""
-  if isinstance(axis_sizes, Mapping):
+  if hasattr(axis_sizes, "keys"):  # a dict or an ml_collections ConfigDict
     unknown = set(axis_sizes) - set(MESH_AXES)
     if unknown:
       raise ValueError(f'config.mesh has unknown axes {sorted(unknown)}; expected {MESH_AXES}')

@@ -35,7 +35,7 @@ def param(rngs: nnx.Rngs, init: Callable, shape: Sequence[int], axes: Sequence[s
           dtype: Dtype = jnp.float32) -> nnx.Param:
   """An nnx.Param initialised by ``init`` and annotated with logical axis names."""
   # Sharding is applied by unifer_jax.sharding from the rules table, never eagerly here.
-  return nnx.Param(init(rngs.params(), tuple(shape), dtype), sharding_names=tuple(axes),
+  return nnx.Param(init(rngs.params(), tuple(shape), dtype), out_sharding=tuple(axes),
                    eager_sharding=False)
 
 

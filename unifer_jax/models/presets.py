@@ -15,36 +15,25 @@ from __future__ import annotations
 
 import ml_collections
 
+from unifer_jax.models import llm, qformer, vit
+
 PRESETS = ('tiny', 'demo', 'base', '7b')
 
 
 def _vit(**kw):
-  c = ml_collections.ConfigDict(dict(
-      image_size=224, patch_size=16, num_channels=3, width=768, depth=12, heads=12,
-      mlp_dim=3072, variant='clip', pool='none', act='gelu', layer_norm_eps=1e-5,
-      qkv_bias=True, dtype='float32', param_dtype='float32', scan_layers=True, remat='none'))
-  c.update(kw)
-  return c
+  return vit.default_config(**kw)
 
 
 def _qformer(**kw):
-  c = ml_collections.ConfigDict(dict(
-      hidden=768, depth=12, heads=12, mlp_dim=3072, num_queries=32, cross_attention_freq=2,
-      encoder_width=768, vocab_size=30522, max_position=512, type_vocab_size=0,
-      layer_norm_eps=1e-12, act='gelu', dtype='float32', param_dtype='float32',
-      scan_layers=True, remat='none'))
-  c.update(kw)
-  return c
+  return qformer.default_config(**kw)
 
 
 def _llm(**kw):
-  c = ml_collections.ConfigDict(dict(
-      vocab_size=32000, hidden=4096, depth=32, heads=32, kv_heads=32, head_dim=128,
-      mlp_dim=11008, rope_theta=10000.0, rms_eps=1e-5, qkv_bias=False,
-      tie_embeddings=False, max_seq_len=2048, dtype='float32', param_dtype='float32',
-      scan_layers=True, remat='none'))
-  c.update(kw)
-  return c
+  # Llama-2-7B shape unless overridden.
+  base = dict(vocab_size=32000, hidden=4096, depth=32, heads=32, kv_heads=32, head_dim=128,
+              mlp_dim=11008, rope_theta=10000.0, rms_eps=1e-5, max_seq_len=2048)
+  base.update(kw)
+  return llm.default_config(**base)
 
 
 def _unifer(vit, qformer, llm, embed_dim=256):
@@ -76,7 +65,8 @@ def get(name: str) -> ml_collections.ConfigDict:
         _vit(),
         _qformer(),
         _llm(vocab_size=128256, hidden=2048, depth=16, heads=32, kv_heads=8, head_dim=64,
-             mlp_dim=8192, rope_theta=500000.0, tie_embeddings=True, max_seq_len=4096),
+             mlp_dim=8192, rope_theta=500000.0, rope_scaling='llama3', rope_factor=32.0,
+             tie_embeddings=True, max_seq_len=4096),
     ), 'bfloat16')
   if name == '7b':
     return set_compute_dtype(_unifer(

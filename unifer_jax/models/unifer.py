@@ -35,7 +35,7 @@ class UniFER(nnx.Module):
     self.text_proj = layers.Dense(q.hidden, cfg.embed_dim, axes=('embed', 'mlp'), **common)
     self.itm_head = layers.Dense(q.hidden, 2, axes=('embed', 'classes'), **common)
     # ITC temperature, learned in BLIP-2 (clipped to [0.001, 0.5] by the loss).
-    self.temp = nnx.Param(jnp.asarray(0.07, layers.dtype_of(q.param_dtype)), sharding_names=(),
+    self.temp = nnx.Param(jnp.asarray(0.07, layers.dtype_of(q.param_dtype)), out_sharding=(),
                           eager_sharding=False)
     self.llm_proj = layers.Dense(q.hidden, l.hidden, axes=('embed', 'mlp'), dtype=l.dtype,
                                  param_dtype=l.param_dtype, rngs=rngs)

@@ -73,7 +73,7 @@ def make_step(setup: Setup, loss_fn: LossFn) -> Callable:
         'params': optim.merge_params(keep(new_trainable, trainable), frozen),
         'opt_state': keep(new_opt, state['opt_state']),
     }
-    metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads),
+    metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads),
                'lr': setup.schedule(state['step']), 'finite': ok,
                'grad_leaf_finite': leaf_finite, **aux}
     return new_state, metrics

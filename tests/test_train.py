@@ -1,0 +1,216 @@
+"""The train loop: exact resume, kill -9, SIGTERM, corrupt checkpoints, NaN policy,
+and 2 processes x 4 devices equal to 1 process x 8 devices.
+
+Subprocess runs use the real `unifer train` command (and launch/local.py); a shared
+persistent compilation cache keeps their repeated compiles cheap.
+"""
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from unifer_jax import config_lib
+from unifer_jax.data import inputs as inputs_lib
+from unifer_jax.train import loop
+
+REPO = Path(__file__).resolve().parents[1]
+UNIFER = [sys.executable, '-m', 'unifer_jax.cli']
+STEPS = 16
+
+
+def _overrides(total=STEPS, every=3, **extra):
+  o = {'total_steps': total, 'checkpoint.every_steps': every, 'checkpoint.keep': 3,
+       'log_every_steps': 1, 'checkpoint.async_save': False}
+  o.update(extra)
+  return [f'--config.{k}={v}' for k, v in o.items()]
+
+
+def _config(**kw):
+  return config_lib.load('configs/smoke.py:tiny', _overrides(**kw))
+
+
+def _losses(workdir) -> dict[int, float]:
+  """step -> loss; a step logged twice (before a kill and after resume) must agree."""
+  out = {}
+  for line in (Path(workdir) / 'metrics.jsonl').read_text().splitlines():
+    rec = json.loads(line)
+    out[rec['step']] = rec['loss']
+  return out
+
+
+def _env(cache_dir, devices=8):
+  return dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO),
+              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+              JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+
+
+def _train_cmd(workdir, processes=1, **kw):
+  cmd = UNIFER + ['train', '--config', 'configs/smoke.py:tiny', '--workdir', str(workdir)] \
+      + _overrides(**kw)
+  if processes > 1:
+    cmd = [sys.executable, str(REPO / 'launch' / 'local.py'), '-n', str(processes), '--'] + cmd
+  return cmd
+
+
+def _run_until(cmd, env, workdir, step, sig):
+  """Starts cmd, sends `sig` once metrics.jsonl has logged `step`; returns the exit code."""
+  proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, start_new_session=True)
+  metrics = Path(workdir) / 'metrics.jsonl'
+  deadline = time.monotonic() + 300
+  while time.monotonic() < deadline and proc.poll() is None:
+    if metrics.exists() and any(json.loads(l)['step'] >= step
+                                for l in metrics.read_text().splitlines() if l.strip()):
+      os.killpg(proc.pid, sig)
+      break
+    time.sleep(0.05)
+  out = proc.communicate(timeout=300)[0].decode()
+  return proc.returncode, out
+
+
+@pytest.fixture(scope='module')
+def reference(tmp_path_factory):
+  """An uninterrupted in-process run on 1 process x 8 devices."""
+  workdir = tmp_path_factory.mktemp('reference')
+  loop.train(_config(), workdir)
+  return _losses(workdir)
+
+
+@pytest.fixture(scope='module')
+def cache_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp('jax_cache')
+
+
+def test_uninterrupted_run_writes_the_workdir_contract(reference, tmp_path):
+  assert sorted(reference) == list(range(1, STEPS + 1))
+  assert reference[STEPS] < reference[1]  # it learns the fixed random batches
+  workdir = tmp_path / 'w'
+  last = loop.train(_config(total=4, every=2), workdir)
+  rec = json.loads((workdir / 'metrics.jsonl').read_text().splitlines()[-1])
+  for key in ('step', 'loss', 'lr', 'grad_norm', 'step_time_s', 'img_per_s', 'tokens_per_s', 'mfu'):
+    assert key in rec, key
+  assert last['step'] == 4 and json.loads((workdir / 'config.json').read_text())['total_steps'] == 4
+  assert list((workdir / 'tensorboard').iterdir())
+  assert (workdir / 'checkpoints' / '4').is_dir()
+
+
+def test_resume_continues_exactly(reference, tmp_path):
+  loop.train(_config(total=7), tmp_path)
+  loop.train(_config(), tmp_path)  # resumes from step 6 (last checkpoint of the first run)
+  got = _losses(tmp_path)
+  for s in range(1, STEPS + 1):
+    assert got[s] == reference[s], s
+
+
+def test_kill9_single_process_resumes_exactly(reference, tmp_path, cache_dir):
+  env = _env(cache_dir)
+  kill_at = random.Random().randint(4, STEPS - 3)
+  code, out = _run_until(_train_cmd(tmp_path), env, tmp_path, kill_at, signal.SIGKILL)
+  assert code == -signal.SIGKILL, out
+  done = subprocess.run(_train_cmd(tmp_path), env=env, cwd=REPO, capture_output=True, text=True)
+  assert done.returncode == 0, done.stdout + done.stderr
+  assert 'resumed from checkpoint step' in done.stdout
+  got = _losses(tmp_path)
+  for s in range(1, STEPS + 1):
+    assert got[s] == reference[s], (kill_at, s)
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path, cache_dir):
+  env = _env(cache_dir)
+  code, out = _run_until(_train_cmd(tmp_path, every=100), env, tmp_path, 5, signal.SIGTERM)
+  assert code == 0, out
+  assert 'preempted (SIGTERM)' in out
+  saved = sorted(int(p.name) for p in (tmp_path / 'checkpoints').iterdir() if p.name.isdigit())
+  assert saved and saved[-1] >= 5 and saved[-1] < STEPS
+
+
+def test_two_processes_match_one_and_survive_kill9(reference, tmp_path, cache_dir):
+  env = _env(cache_dir)
+  # 2 processes x 4 devices, uninterrupted: same per-step losses as 1 x 8.
+  two = tmp_path / 'two'
+  done = subprocess.run(_train_cmd(two, processes=2), env=env, cwd=REPO, capture_output=True,
+                        text=True, timeout=600)
+  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+  got = _losses(two)
+  for s in range(1, STEPS + 1):
+    assert abs(got[s] - reference[s]) <= 1e-5, s
+  # kill -9 at a random step, run the same command again: resumes, same losses.
+  killed = tmp_path / 'killed'
+  kill_at = random.Random().randint(4, STEPS - 3)
+  code, out = _run_until(_train_cmd(killed, processes=2), env, killed, kill_at, signal.SIGKILL)
+  assert code != 0, out
+  done = subprocess.run(_train_cmd(killed, processes=2), env=env, cwd=REPO, capture_output=True,
+                        text=True, timeout=600)
+  assert done.returncode == 0, done.stdout[-3000:]
+  got = _losses(killed)
+  for s in range(1, STEPS + 1):
+    assert abs(got[s] - reference[s]) <= 1e-5, (kill_at, s)
+  # A checkpoint written by 1 process x 8 devices resumes under 2 processes x 4.
+  cross = tmp_path / 'cross'
+  loop.train(_config(total=6), cross)
+  done = subprocess.run(_train_cmd(cross, processes=2), env=env, cwd=REPO, capture_output=True,
+                        text=True, timeout=600)
+  assert done.returncode == 0, done.stdout[-3000:]
+  assert 'resumed from checkpoint step 6' in done.stdout
+  got = _losses(cross)
+  for s in range(7, STEPS + 1):
+    assert abs(got[s] - reference[s]) <= 1e-5, s
+
+
+def test_unreadable_newest_checkpoint_falls_back(reference, tmp_path, capsys):
+  loop.train(_config(total=9), tmp_path)  # checkpoints 3, 6, 9
+  newest = tmp_path / 'checkpoints' / '9'
+  for f in newest.rglob('*'):
+    if f.is_file() and f.stat().st_size > 0 and 'state' in str(f):
+      f.write_bytes(b'\0garbage')
+  loop.train(_config(), tmp_path)
+  out = capsys.readouterr().out
+  assert 'checkpoint 9 unreadable' in out and 'resumed from checkpoint step 6' in out
+  got = _losses(tmp_path)
+  for s in range(7, STEPS + 1):
+    assert got[s] == reference[s], s
+
+
+class _PoisonedInput(inputs_lib.RandomInput):
+  """Batch number 4 (the 5th step) carries a NaN image."""
+
+  def next_local_batch(self):
+    position = self.position
+    batch = super().next_local_batch()
+    if position == 4:
+      batch['image'][0, 0, 0, 0] = np.nan
+    return batch
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+  monkeypatch.setitem(inputs_lib.INPUTS, 'poisoned', _PoisonedInput)
+
+
+def test_nan_policy_skip_keeps_training_and_checkpoints_finite(poisoned, tmp_path, capsys):
+  config = _config(total=8, every=4, **{'input.type': 'poisoned'})
+  loop.train(config, tmp_path)
+  records = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  assert [r['skipped'] for r in records] == [0, 0, 0, 0, 1, 0, 0, 0]
+  assert all(np.isfinite(r['loss']) for i, r in enumerate(records) if i != 4)
+  assert 'first non-finite gradient leaf' in capsys.readouterr().out
+  assert (tmp_path / 'checkpoints' / '8').is_dir()
+
+
+def test_nan_policy_stop_names_the_leaf_and_writes_no_checkpoint(poisoned, tmp_path):
+  config = _config(total=8, every=1, **{'input.type': 'poisoned', 'nan_policy': 'stop'})
+  with pytest.raises(loop.NonFiniteLossError, match=r'step 5: .*first non-finite gradient leaf: \w+/'):
+    loop.train(config, tmp_path)
+  saved = sorted(int(p.name) for p in (tmp_path / 'checkpoints').iterdir() if p.name.isdigit())
+  assert saved == [1, 2, 3, 4]

@@ -1,0 +1,168 @@
+"""The one train loop, for every stage, on one CPU or a pod.
+
+Reads top to bottom: distributed -> workdir -> mesh -> input -> model state (init or
+resume) -> step -> checkpointing and preemption -> loop. ``unifer train`` calls
+:func:`train`.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from unifer_jax import config_lib, distributed, sharding
+from unifer_jax.data import inputs as inputs_lib
+from unifer_jax.train import checkpoint as ckpt_lib
+from unifer_jax.train import losses, metrics as metrics_lib
+from unifer_jax.train import state as state_lib, step as step_lib
+
+
+class NonFiniteLossError(RuntimeError):
+  pass
+
+
+def train(config, workdir: str | Path) -> dict:
+  """Trains ``config`` in ``workdir`` (resuming if it holds checkpoints).
+
+  Returns the last logged metrics (process 0's view).
+  """
+  # ------------------------------------------------------------------------------ #
+  # Distributed and workdir                                                         #
+  # ------------------------------------------------------------------------------ #
+  distributed.initialize()
+  main = distributed.is_main()
+  workdir = Path(workdir).absolute()
+  if main:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / 'config.json').write_text(config_lib.to_json(config))
+  writer = metrics_lib.MetricWriter(workdir, config.total_steps, enabled=main)
+
+  # ------------------------------------------------------------------------------ #
+  # Mesh                                                                            #
+  # ------------------------------------------------------------------------------ #
+  mesh = sharding.make_mesh(config.mesh)
+  if main:
+    print(f'mesh {dict(mesh.shape)} over {jax.device_count()} devices, '
+          f'{jax.process_count()} process(es)', flush=True)
+
+  # ------------------------------------------------------------------------------ #
+  # Model, optimizer and their shardings (shared with compile-check)               #
+  # ------------------------------------------------------------------------------ #
+  setup = state_lib.build(config, mesh)
+
+  # ------------------------------------------------------------------------------ #
+  # Input                                                                           #
+  # ------------------------------------------------------------------------------ #
+  data = inputs_lib.make_input(config, setup.model_cfg)
+
+  # ------------------------------------------------------------------------------ #
+  # Checkpoint: resume or initialise                                                #
+  # ------------------------------------------------------------------------------ #
+  checkpointer = ckpt_lib.Checkpointer(workdir / 'checkpoints', config.checkpoint)
+  restored = checkpointer.restore(setup.abstract_state)
+  if restored is None:
+    state = setup.init_state()
+    first_step = 0
+  else:
+    first_step, state, data_state = restored
+    data.set_state(data_state['input'])
+    if main:
+      print(f'resumed from checkpoint step {first_step} in {checkpointer.directory}', flush=True)
+  config_json = json.loads(config_lib.to_json(config))
+
+  # ------------------------------------------------------------------------------ #
+  # Step                                                                            #
+  # ------------------------------------------------------------------------------ #
+  loss_fn = losses.get(config.stage)
+  batch_spec = data.batch_spec()
+  train_step = step_lib.compile_step(setup, loss_fn, batch_spec)
+  compiled = train_step.lower(
+      setup.abstract_state,
+      {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch_spec.items()},
+      jax.ShapeDtypeStruct((), jax.random.key(0).dtype)).compile()
+  cost = compiled.cost_analysis() or {}
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops_per_device = float(cost.get('flops', 0.0))
+  peak = metrics_lib.device_peak_flops()
+  leaf_names = step_lib.trainable_leaf_names(setup)
+  rng = jax.random.key(config.seed)
+  images_per_batch = batch_spec['image'].shape[0] if 'image' in batch_spec else 0
+  tokens_per_batch = int(np.prod(batch_spec['tokens'].shape)) if 'tokens' in batch_spec else 0
+
+  # ------------------------------------------------------------------------------ #
+  # Preemption: SIGTERM saves a checkpoint and exits cleanly                        #
+  # ------------------------------------------------------------------------------ #
+  # One process: our own SIGTERM flag. Several: JAX's preemption service (started by
+  # jax.distributed) propagates the notice and picks a step every process reaches.
+  multi_process = jax.process_count() > 1
+  preempted = {'flag': False}
+  previous_handler = None if multi_process else signal.signal(
+      signal.SIGTERM, lambda *_: preempted.update(flag=True))
+
+  def should_stop(step: int) -> bool:
+    if multi_process:
+      return bool(multihost_utils.reached_preemption_sync_point(step))
+    return preempted['flag']
+
+  def save(step: int, force: bool = False):
+    checkpointer.save(step, state, {'input': data.get_state()}, config_json, force=force)
+
+  # ------------------------------------------------------------------------------ #
+  # Loop                                                                            #
+  # ------------------------------------------------------------------------------ #
+  pending: list[tuple[int, dict]] = []
+  last: dict = {}
+  interval_start = time.monotonic()
+  step = first_step
+  try:
+    while step < config.total_steps:
+      batch = inputs_lib.to_global(data.next_local_batch(), mesh)
+      state, step_metrics = compiled(state, batch, rng)
+      step += 1
+      pending.append((step, step_metrics))
+
+      if step % config.log_every_steps == 0 or step == config.total_steps:
+        fetched = jax.device_get(pending)
+        elapsed = time.monotonic() - interval_start
+        per_step = elapsed / len(fetched)
+        for s, m in fetched:
+          if not m['finite']:
+            bad = [leaf_names[i] for i, ok in enumerate(m['grad_leaf_finite']) if not ok]
+            msg = (f'step {s}: non-finite loss/gradients (loss={float(m["loss"])}); first '
+                   f'non-finite gradient leaf: {bad[0] if bad else "(loss only)"}')
+            if config.nan_policy == 'stop':
+              raise NonFiniteLossError(msg + '; the step was not applied, no checkpoint written')
+            if main:
+              print(f'WARNING: {msg}; step skipped (nan_policy=skip)', flush=True)
+          record = {k: float(v) for k, v in m.items() if np.ndim(v) == 0}
+          record['skipped'] = float(not m['finite'])
+          record.update(step_time_s=per_step, img_per_s=images_per_batch / per_step,
+                        tokens_per_s=tokens_per_batch / per_step)
+          if flops_per_device and peak == peak:
+            record['mfu'] = flops_per_device / per_step / peak
+          writer.write(s, record)
+          last = {'step': s, **record}
+        writer.progress(step, last)
+        pending.clear()
+        interval_start = time.monotonic()
+
+      if checkpointer.due(step) or step == config.total_steps:
+        save(step)
+      if should_stop(step):
+        save(step, force=True)
+        checkpointer.wait()
+        if main:
+          print(f'preempted (SIGTERM): saved step {step}, exiting', flush=True)
+        break
+  finally:
+    checkpointer.close()
+    writer.close()
+    if previous_handler is not None:
+      signal.signal(signal.SIGTERM, previous_handler)
+  return last
