@@ -23,6 +23,7 @@ import dataclasses
 import logging
 from typing import Callable, Iterator
 
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
@@ -94,10 +95,11 @@ def config_from_hf(hf_config: dict) -> ml_collections.ConfigDict:
                           f'hidden_size / num_attention_heads = {width // heads}')
   pooler = False
   if family == 'vit':
-    # ViTModel carries a dense+tanh pooler; ViTFor* heads (and add_pooling_layer=False,
-    # which params_to_hf records as "add_pooling_layer") do not.
+    # ViTModel carries a dense+tanh pooler; ViTFor* heads do not, nor do ViTModels we
+    # export without one (hf_config_from marks them "unifer_pooler": false; the key
+    # cannot be "add_pooling_layer", which would swallow that from_pretrained argument).
     archs = hf_config.get('architectures') or ['ViTModel']
-    pooler = bool(hf_config.get('add_pooling_layer', 'ViTModel' in archs))
+    pooler = bool(hf_config.get('unifer_pooler', 'ViTModel' in archs))
     if pooler and (c.get('pooler_output_size') or width) != width:
       raise ConversionError(f'config.json (vit): pooler_output_size={c["pooler_output_size"]} '
                             f'!= hidden_size={width} is not supported')
@@ -135,21 +137,18 @@ def hf_config_from(cfg) -> dict:
              num_attention_heads=cfg.heads, intermediate_size=cfg.mlp_dim,
              hidden_act=_ACT_TO_HF[cfg.act], layer_norm_eps=cfg.layer_norm_eps,
              image_size=cfg.image_size, patch_size=cfg.patch_size,
-             num_channels=cfg.num_channels, dtype=str(np.dtype(_np_dtype(cfg.param_dtype))))
+             num_channels=cfg.num_channels, dtype=jnp.dtype(cfg.param_dtype).name)
   if family == 'vit':
     out.update(qkv_bias=cfg.qkv_bias, hidden_dropout_prob=0.0,
                attention_probs_dropout_prob=0.0, pooler_act='tanh',
-               pooler_output_size=cfg.width, add_pooling_layer=bool(cfg.get('pooler', False)))
+               pooler_output_size=cfg.width)
+    if not cfg.get('pooler', False):  # HF loads it with from_pretrained(dir, add_pooling_layer=False)
+      out.update(unifer_pooler=False)
   else:
     out.update(attention_dropout=0.0)
   if family == 'siglip':
     out.update(vision_use_head=cfg.pool == 'map')
   return out
-
-
-def _np_dtype(name):
-  return {'float32': 'float32', 'f32': 'float32', 'bfloat16': 'bfloat16', 'bf16': 'bfloat16',
-          'float16': 'float16'}.get(str(name), str(name))
 
 
 def build(cfg, *, rngs: nnx.Rngs) -> vit.ViT:
@@ -348,6 +347,6 @@ def params_to_hf(params: dict, cfg) -> Iterator[tuple[str, np.ndarray]]:
     ours = []
     for sub in entry.ours:
       path, index = _our_path(cfg, sub, entry.layer)
-      array = np.asarray(_get(params, path))
-      ours.append(array if index is None else array[index])
+      array = _get(params, path)
+      ours.append(np.asarray(array if index is None else array[index]))  # one layer to host
     yield entry.hf, np.ascontiguousarray(entry.to_hf(*ours))

@@ -1,0 +1,223 @@
+"""HF ViT / CLIP / SigLIP vision checkpoints -> ViT parity, the to-HF round trip, errors.
+
+The references are tiny random transformers (torch) models built offline; every weight
+(norms included) is perturbed away from its init so a swapped or dropped tensor shows.
+"""
+
+import functools
+import json
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers as T
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+from unifer_jax import convert
+from unifer_jax.convert import hf_io, vision
+from unifer_jax.models import vit
+
+VISION = dict(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2,
+              num_attention_heads=4, intermediate_size=128)
+TEXT = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+            vocab_size=99, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+PIXELS = np.random.RandomState(0).randn(2, 32, 32, 3).astype(np.float32)  # NHWC
+
+
+def _perturb(model):
+  torch.manual_seed(1)
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(0.1 * torch.randn_like(p))
+  return model.eval()
+
+
+HF_MODELS = {
+    'vit': lambda: T.ViTModel(T.ViTConfig(**VISION)),
+    'vit_classifier': lambda: T.ViTForImageClassification(T.ViTConfig(**VISION, num_labels=3)),
+    'clip_vision_model': lambda: T.CLIPVisionModel(T.CLIPVisionConfig(**VISION)),
+    'clip': lambda: T.CLIPModel(T.CLIPConfig(vision_config=VISION, text_config=TEXT)),
+    'siglip_vision_model': lambda: T.SiglipVisionModel(T.SiglipVisionConfig(**VISION)),
+    'siglip_no_head': lambda: T.SiglipVisionModel(
+        T.SiglipVisionConfig(**VISION, vision_use_head=False)),
+    'siglip': lambda: T.SiglipModel(T.SiglipConfig(vision_config=VISION, text_config=TEXT)),
+}
+
+
+def vision_tower(name, model):
+  """The HF module whose outputs ours must match."""
+  return {'clip': lambda m: m.vision_model, 'siglip': lambda m: m.vision_model,
+          'vit_classifier': lambda m: m.vit}.get(name, lambda m: m)(model)
+
+
+@functools.cache
+def hf_checkpoint(name, tmp_root):
+  """(directory, last_hidden_state, pooler_output) of a saved tiny HF model."""
+  torch.manual_seed(0)
+  model = _perturb(HF_MODELS[name]())
+  out_dir = f'{tmp_root}/{name}'
+  model.save_pretrained(out_dir)
+  with torch.no_grad():
+    out = vision_tower(name, model)(pixel_values=torch.from_numpy(PIXELS.transpose(0, 3, 1, 2)))
+  pooled = None if out.pooler_output is None else out.pooler_output.numpy()
+  return out_dir, out.last_hidden_state.numpy(), pooled
+
+
+@pytest.fixture(scope='module')
+def tmp_root(tmp_path_factory):
+  return str(tmp_path_factory.mktemp('hf'))
+
+
+@functools.cache
+def _forward(graphdef):
+  @jax.jit
+  def forward(state, images):
+    m = nnx.merge(graphdef, state)
+    hidden = m(images)
+    return hidden, (None if m.cfg.pool == 'none' else m.pool(hidden))
+  return forward
+
+
+def run(model):
+  graphdef, state = nnx.split(model)
+  return jax.tree.map(np.asarray, _forward(graphdef)(state, PIXELS))
+
+
+@pytest.mark.parametrize('name,scan', [
+    ('vit', True), ('vit_classifier', False), ('clip_vision_model', True), ('clip', False),
+    ('siglip_vision_model', True), ('siglip_no_head', True), ('siglip', True)])
+def test_parity_with_hf(name, scan, tmp_root):
+  hf_dir, want_hidden, want_pooled = hf_checkpoint(name, tmp_root)
+  model = convert.load_hf(hf_dir, scan_layers=scan)
+  assert isinstance(model, vit.ViT)
+  hidden, pooled = run(model)
+  assert hidden.shape == want_hidden.shape
+  err = np.abs(hidden - want_hidden).max()
+  assert err <= 1e-4, (name, err)
+  if want_pooled is None and model.cfg.variant == 'siglip':  # no head: no pooled output
+    assert model.cfg.pool == 'none' and pooled is None
+  elif want_pooled is None:  # ViTFor... has no pooler; ours pools the cls token (as its head)
+    np.testing.assert_array_equal(pooled, hidden[:, 0])
+  else:  # ViTModel pooler / CLIP post_layernorm(cls) / SigLIP MAP head
+    assert np.abs(pooled - want_pooled).max() <= 1e-4, name
+  # The comparison is not vacuous: the outputs are far from zero.
+  assert np.abs(want_hidden).max() > 0.5
+
+
+def test_layouts_and_what_is_skipped(tmp_root, caplog):
+  caplog.set_level('INFO')
+  hf_dir, _, _ = hf_checkpoint('clip', tmp_root)
+  cfg = vision.config_from_hf(hf_io.read_hf_config(hf_dir))
+  assert (cfg.variant, cfg.pool, cfg.act, cfg.width, cfg.depth) == ('clip', 'cls', 'quick_gelu', 64, 2)
+  params = vision.params_from_hf(hf_io.TensorReader(hf_dir), cfg)
+  assert 'text tower is ignored' in caplog.text and "'vision_model.'" in caplog.text
+  reader = hf_io.TensorReader(hf_dir)
+  q = reader.get('vision_model.encoder.layers.1.self_attn.q_proj.weight')
+  np.testing.assert_array_equal(params['blocks']['attn']['query']['kernel'][1], q.T)
+  conv = reader.get('vision_model.embeddings.patch_embedding.weight')  # [D, C, kh, kw]
+  kernel = params['patch_embed']['kernel'].reshape(8, 8, 3, 64)  # [kh, kw, C, D]
+  np.testing.assert_array_equal(kernel[2, 5, 1], conv[:, 1, 2, 5])
+  assert 'bias' not in params['patch_embed']  # CLIP's conv has none
+  assert set(params) == {'patch_embed', 'cls_token', 'pos_embed', 'pre_norm', 'blocks', 'pool_norm'}
+  siglip = vision.config_from_hf(hf_io.read_hf_config(hf_checkpoint('siglip', tmp_root)[0]))
+  assert (siglip.variant, siglip.pool, siglip.act) == ('siglip', 'map', 'gelu_tanh')
+
+
+def test_bf16_checkpoint_stays_bf16(tmp_path):
+  torch.manual_seed(0)
+  _perturb(T.SiglipVisionModel(T.SiglipVisionConfig(**VISION))).to(torch.bfloat16) \
+      .save_pretrained(tmp_path)
+  cfg = vision.config_from_hf(hf_io.read_hf_config(tmp_path))
+  params = vision.params_from_hf(hf_io.TensorReader(tmp_path), cfg)
+  dtypes = {str(x.dtype) for x in jax.tree.leaves(params)}
+  assert dtypes == {'bfloat16'}
+
+
+def test_older_prefixed_clip_vision_checkpoint(tmp_root, tmp_path):
+  """CLIPVisionModel checkpoints from transformers 4 store ``vision_model.*``."""
+  hf_dir, want_hidden, want_pooled = hf_checkpoint('clip_vision_model', tmp_root)
+  tensors = load_file(f'{hf_dir}/model.safetensors')
+  save_file({'vision_model.' + k: v for k, v in tensors.items()},
+            str(tmp_path / 'model.safetensors'), metadata={'format': 'pt'})
+  (tmp_path / 'config.json').write_text(open(f'{hf_dir}/config.json').read())
+  hidden, pooled = run(convert.load_hf(tmp_path))
+  assert np.abs(hidden - want_hidden).max() <= 1e-4
+  assert np.abs(pooled - want_pooled).max() <= 1e-4
+
+
+@pytest.mark.parametrize('name,hf_class', [
+    ('vit', T.ViTModel), ('clip', T.CLIPVisionModel), ('siglip', T.SiglipVisionModel)])
+def test_round_trip_to_hf(name, hf_class, tmp_root, tmp_path):
+  hf_dir, want_hidden, want_pooled = hf_checkpoint(name, tmp_root)
+  cfg = vision.config_from_hf(hf_io.read_hf_config(hf_dir))
+  params = vision.params_from_hf(hf_io.TensorReader(hf_dir), cfg)
+  hf_io.write_hf_dir(tmp_path, vision.hf_config_from(cfg), vision.params_to_hf(params, cfg))
+  # 'clip' / 'siglip' composites come back as the vision model alone.
+  written = json.loads((tmp_path / 'config.json').read_text())
+  assert written['model_type'] == {'vit': 'vit', 'clip': 'clip_vision_model',
+                                   'siglip': 'siglip_vision_model'}[name]
+  model, info = hf_class.from_pretrained(tmp_path, output_loading_info=True)
+  assert not info['missing_keys'] and not info['unexpected_keys'], info
+  assert not info['mismatched_keys'], info
+  with torch.no_grad():
+    out = model.eval()(pixel_values=torch.from_numpy(PIXELS.transpose(0, 3, 1, 2)))
+  np.testing.assert_array_equal(out.last_hidden_state.numpy(), want_hidden)
+  np.testing.assert_array_equal(out.pooler_output.numpy(), want_pooled)
+  # ... and reading the written directory back gives the same parameters.
+  again = vision.params_from_hf(hf_io.TensorReader(tmp_path),
+                                vision.config_from_hf(hf_io.read_hf_config(tmp_path)))
+  jax.tree.map(np.testing.assert_array_equal, again, params)
+
+
+def test_our_own_model_to_hf_without_pooler(tmp_path):
+  """A ViT trained here (no HF pooler) exports to a ViTModel with add_pooling_layer=False."""
+  cfg = vit.default_config(image_size=32, patch_size=8, width=64, depth=2, heads=4,
+                           mlp_dim=128, variant='vit', pool='cls', act='gelu_tanh',
+                           layer_norm_eps=1e-6, scan_layers=False)
+  ours = vit.ViT(cfg, rngs=nnx.Rngs(3))
+  params = convert.params_of(ours)
+  hf_io.write_hf_dir(tmp_path, vision.hf_config_from(cfg), vision.params_to_hf(params, cfg))
+  model, info = T.ViTModel.from_pretrained(tmp_path, add_pooling_layer=False,
+                                           output_loading_info=True)
+  assert not info['missing_keys'] and not info['unexpected_keys'], info
+  with torch.no_grad():
+    out = model.eval()(pixel_values=torch.from_numpy(PIXELS.transpose(0, 3, 1, 2)))
+  hidden, _ = run(ours)
+  assert np.abs(hidden - out.last_hidden_state.numpy()).max() <= 1e-4
+  back = vision.config_from_hf(hf_io.read_hf_config(tmp_path))
+  assert not back.pooler and back.act == 'gelu_tanh' and back.layer_norm_eps == 1e-6
+  with pytest.raises(hf_io.ConversionError, match="pool='map'"):
+    vision.hf_config_from(vit.default_config(variant='clip', pool='map'))
+
+
+def test_bad_checkpoint_reports_every_problem_by_name(tmp_root, tmp_path):
+  hf_dir, _, _ = hf_checkpoint('siglip_vision_model', tmp_root)
+  tensors = load_file(f'{hf_dir}/model.safetensors')
+  del tensors['encoder.layers.1.mlp.fc1.weight']
+  del tensors['head.probe']
+  tensors['encoder.layers.0.extra.weight'] = np.zeros(3, np.float32)
+  tensors['encoder.layers.0.self_attn.k_proj.weight'] = np.zeros((64, 32), np.float32)
+  save_file(tensors, str(tmp_path / 'model.safetensors'), metadata={'format': 'pt'})
+  (tmp_path / 'config.json').write_text(open(f'{hf_dir}/config.json').read())
+  with pytest.raises(hf_io.ConversionError) as e:
+    convert.load_hf(tmp_path)
+  msg = str(e.value)
+  assert 'missing (2): encoder.layers.1.mlp.fc1.weight, head.probe' in msg
+  assert 'unexpected (1): encoder.layers.0.extra.weight' in msg
+  assert ('shape mismatch encoder.layers.0.self_attn.k_proj.weight: expected (64, 64), '
+          'found (64, 32)') in msg
+  assert str(tmp_path) in msg
+
+
+def test_bad_configs_are_named():
+  with pytest.raises(hf_io.ConversionError, match="hidden_act='relu'"):
+    vision.config_from_hf(dict(model_type='vit', hidden_act='relu'))
+  with pytest.raises(hf_io.ConversionError, match='vision_config'):
+    vision.config_from_hf(dict(model_type='clip'))
+  with pytest.raises(hf_io.ConversionError, match=r'image_size=\[32, 48\]'):
+    vision.config_from_hf(dict(model_type='siglip_vision_model', image_size=[32, 48]))
+  # Keys an old config.json leaves out take HF's defaults.
+  cfg = vision.config_from_hf(dict(model_type='clip', vision_config=dict(hidden_size=64)))
+  assert (cfg.width, cfg.patch_size, cfg.image_size, cfg.act) == (64, 32, 224, 'quick_gelu')
