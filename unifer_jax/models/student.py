@@ -18,16 +18,13 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from unifer_jax.data import labels
 from unifer_jax.models import layers
 from unifer_jax.models.vit import ViT, default_config as vit_config
 
-# Head order of the logits; the data pipeline's label ids must follow these lists.
-BASIC_EXPRESSIONS = ('neutral', 'happiness', 'sadness', 'surprise', 'fear', 'disgust',
-                     'anger', 'contempt')
-COMPOUND_EXPRESSIONS = (  # RAF-DB compound classes 1..11, in the dataset's order
-    'happily surprised', 'happily disgusted', 'sadly fearful', 'sadly angry',
-    'sadly surprised', 'sadly disgusted', 'fearfully angry', 'fearfully surprised',
-    'angrily surprised', 'angrily disgusted', 'disgustedly surprised')
+# The logits follow the project's canonical label order (records store these indices).
+BASIC_EXPRESSIONS = labels.BASIC
+COMPOUND_EXPRESSIONS = labels.COMPOUND  # RAF-DB compound classes 1..11
 
 
 def default_config(**overrides) -> ml_collections.ConfigDict:
