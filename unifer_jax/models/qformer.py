@@ -50,7 +50,7 @@ def default_config(**overrides) -> ml_collections.ConfigDict:
   cfg = ml_collections.ConfigDict(dict(
       hidden=768, depth=12, heads=12, mlp_dim=3072, num_queries=32, cross_attention_freq=2,
       encoder_width=1408, vocab_size=30522, max_position=512, type_vocab_size=0,
-      layer_norm_eps=1e-12, act='gelu', lm_head=True, pooler=False,
+      layer_norm_eps=1e-12, act='gelu', lm_head=None, pooler=False,
       dtype='float32', param_dtype='float32', scan_layers=True, remat='none'))
   unknown = sorted(set(overrides) - set(cfg))
   if unknown:
@@ -60,8 +60,10 @@ def default_config(**overrides) -> ml_collections.ConfigDict:
 
 
 def has_lm_head(cfg) -> bool:
-  """The ITG head exists by default on a Q-Former with a text side (stage 1 trains it)."""
-  return bool(cfg.get('lm_head', cfg.vocab_size > 0 and cfg.cross_attention_freq > 0))
+  """``cfg.lm_head`` (None/absent = auto: a Q-Former with a text side has the ITG head,
+  since stage 1 trains captioning; a plain BERT has none)."""
+  flag = cfg.get('lm_head', None)
+  return bool(cfg.vocab_size > 0 and cfg.cross_attention_freq > 0 if flag is None else flag)
 
 
 def group_size(cfg) -> int:
@@ -260,15 +262,18 @@ class QFormer(nnx.Module):
                encoder_mask: jax.Array | None = None) -> jax.Array:
     """HF ``Blip2QFormerModel(query_embeds, encoder_hidden_states=...)`` last hidden
     state ``[B, Q, H]``: LayerNorm on the given query embeddings, then the layers."""
-    self._require('__call__', self.has_cross,
+    return self._query_pass(query_embeds, encoder_hidden_states, encoder_mask)
+
+  def _query_pass(self, query_embeds, image, image_mask):
+    self._require('query pass', self.has_cross,
                   'plain BERT (cross_attention_freq=0) has no query path; use encode_text')
-    return self._encode(query_embeds.astype(self.dtype), None, query_embeds.shape[1],
-                        encoder_hidden_states, encoder_mask)
+    return self._encode(query_embeds.astype(self.dtype), None, query_embeds.shape[1], image,
+                        image_mask)
 
   def encode_queries(self, image_embeds: jax.Array, image_mask: jax.Array | None = None):
     """The learned queries after attending to the image ``[B, Q, H]`` (ITC image side
     and the LLM prefix)."""
-    return self(self._queries(image_embeds.shape[0]), image_embeds, image_mask)
+    return self._query_pass(self._queries(image_embeds.shape[0]), image_embeds, image_mask)
 
   def encode_text(self, input_ids: jax.Array, text_mask: jax.Array | None = None,
                   token_type_ids: jax.Array | None = None) -> jax.Array:
