@@ -1,5 +1,12 @@
 """Decoder LLM: KV-cache decoding == full forward, greedy generate == repeated argmax,
-scan == unscanned, padding invariance, tied embeddings, bf16, remat gradients."""
+scan == unscanned, padding invariance, tied embeddings, bf16, remat gradients.
+
+Compiles dominate the run time, so every test uses a few shapes (3 rows, a 6-token
+prompt, 5 new tokens) and module-level functions jitted with the graphdef static:
+models with equal configs share one compile.
+"""
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +18,8 @@ from unifer_jax import sharding
 from unifer_jax.models import llm
 
 VOCAB = 97
+PROMPT, NEW = 6, 5
+PADS = (0, 2, 4)  # left padding per row
 
 
 def make(scan=True, kv_heads=2, seed=0, **kw):
@@ -20,124 +29,127 @@ def make(scan=True, kv_heads=2, seed=0, **kw):
                            mlp_dim=64, scan_layers=scan, **kw)
   model = nnx.eval_shape(lambda: llm.LLM(cfg, rngs=nnx.Rngs(0)))
   rng = np.random.default_rng(seed)
-  state = nnx.state(model, nnx.Param)
+
   def draw(path, p):
     is_norm = 'scale' in str(path)  # RMSNorm scales around 1, everything else around 0
     return jnp.asarray(0.15 * rng.standard_normal(p.shape) + is_norm, p.dtype)
 
-  nnx.update(model, jax.tree_util.tree_map_with_path(draw, state))
+  nnx.update(model, jax.tree_util.tree_map_with_path(draw, nnx.state(model, nnx.Param)))
   return model
 
 
 def tokens(b, t, seed=0):
-  return jnp.asarray(np.random.default_rng(seed).integers(1, VOCAB, (b, t)), jnp.int32)
+  return np.random.default_rng(seed).integers(1, VOCAB, (b, t)).astype(np.int32)
 
 
-def left_padded(ids, pads):
-  """Shifts row i right by pads[i] (pad id 0) and returns (ids, mask)."""
+def left_padded(ids, pads=PADS):
+  """Shifts row i right by pads[i] (pad id 0); returns (ids, mask)."""
   b, t = ids.shape
-  mask = np.ones((b, t), bool)
-  out = np.zeros((b, t), np.int32)
+  out, mask = np.zeros((b, t), np.int32), np.ones((b, t), bool)
   for i, p in enumerate(pads):
-    out[i, p:] = np.asarray(ids[i, :t - p])
+    out[i, p:] = ids[i, :t - p]
     mask[i, :p] = False
-  return jnp.asarray(out), jnp.asarray(mask)
+  return out, mask
 
 
-def jitted(model, fn):
-  """``fn(model, *args)`` compiled once over the model's state."""
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _run(graphdef, fn, state, *args):
+  return fn(nnx.merge(graphdef, state), *args)
+
+
+def call(fn, model, *args):
+  """``fn(model, *args)`` jitted; ``fn`` must be a module-level function (the cache key)."""
   graphdef, state = nnx.split(model)
-  compiled = jax.jit(lambda state, *args: fn(nnx.merge(graphdef, state), *args))
-  return lambda *args: jax.tree.map(np.asarray, compiled(state, *args))
+  return jax.tree.map(np.asarray, _run(graphdef, fn, state, *args))
 
 
-def forward(model):
-  return jitted(model, lambda m, ids, mask: m(ids, attention_mask=mask))
+def _logits(m, ids, mask):
+  return m(ids, attention_mask=mask)
 
 
-def unstack_layers(params, depth):
-  """Pure dict of a scanned model -> the same params for the unscanned model."""
-  layer = params['layers']
-  return {**params, 'layers': {i: jax.tree.map(lambda a: a[i], layer) for i in range(depth)}}
+def _prefill(m, cache, ids, mask):
+  return m.prefill(cache, ids, attention_mask=mask)
+
+
+def _decode(m, cache, token):
+  return m.decode_step(cache, token)
+
+
+def _generate(m, ids, mask, eos_id, pad_id):
+  return llm.generate(m, ids, attention_mask=mask, max_new_tokens=NEW, eos_id=eos_id,
+                      pad_id=pad_id)
+
+
+def _generate_from_embeds(m, ids, mask):
+  # The multimodal model feeds embeddings (image prefix + text) instead of ids.
+  return llm.generate(m, inputs_embeds=m.embed(ids), attention_mask=mask, max_new_tokens=NEW)
+
+
+def greedy_reference(model, ids, mask):
+  """Greedy tokens by repeated full forwards over a fixed [B, PROMPT + NEW] buffer (one
+  compile): causal attention makes the not-yet-generated (masked) tail irrelevant."""
+  b, t = ids.shape
+  buf = np.concatenate([ids, np.zeros((b, NEW), np.int32)], 1)
+  valid = np.concatenate([mask, np.zeros((b, NEW), bool)], 1)
+  for i in range(NEW):
+    buf[:, t + i] = call(_logits, model, buf, valid)[:, t + i - 1].argmax(-1)
+    valid[:, t + i] = True
+  return buf[:, t:]
 
 
 @pytest.mark.parametrize('scan,kv_heads', [(True, 2), (False, 2), (True, 1), (False, 1)])
 def test_kv_cache_matches_full_forward_with_left_padding(scan, kv_heads):
   model = make(scan, kv_heads)
-  ids, mask = left_padded(tokens(3, 9), pads=[0, 2, 5])
-  full = forward(model)(ids, mask)
-  valid = np.asarray(mask)
+  ids, mask = left_padded(tokens(3, PROMPT + NEW))
+  full = call(_logits, model, ids, mask)
 
-  cache = model.init_cache(3, 12)
-  logits, cache = jax.jit(lambda c, i, a: model.prefill(c, i, attention_mask=a))(
-      cache, ids[:, :6], mask[:, :6])
-  np.testing.assert_array_less(np.abs(np.asarray(logits) - full[:, :6])[valid[:, :6]], 1e-5)
-  step = jax.jit(model.decode_step)
-  for t in range(6, 9):
-    logits, cache = step(cache, ids[:, t])
-    np.testing.assert_array_less(np.abs(np.asarray(logits) - full[:, t]), 1e-5)
-  assert int(cache['index']) == 9
-  np.testing.assert_array_equal(np.asarray(cache['pos']), [9, 7, 4])
-  assert cache['k'].shape == (2, 3, 12, kv_heads, 8)
+  cache = model.init_cache(3, PROMPT + NEW + 2)
+  logits, cache = call(_prefill, model, cache, ids[:, :PROMPT], mask[:, :PROMPT])
+  assert np.abs(logits - full[:, :PROMPT])[mask[:, :PROMPT]].max() <= 1e-5
+  for t in range(PROMPT, PROMPT + NEW):
+    logits, cache = call(_decode, model, cache, ids[:, t])
+    assert np.abs(logits - full[:, t]).max() <= 1e-5
+  assert cache['index'] == PROMPT + NEW
+  np.testing.assert_array_equal(cache['pos'], PROMPT + NEW - np.asarray(PADS))
+  np.testing.assert_array_equal(cache['valid'][:, :PROMPT + NEW], mask)
+  assert cache['k'].shape == (2, 3, PROMPT + NEW + 2, kv_heads, 8)
 
 
 def test_left_padding_does_not_change_logits():
-  model = make()
-  ids = tokens(1, 7)
-  padded, mask = left_padded(jnp.concatenate([ids, ids]), pads=[0, 3])
-  out = forward(model)(padded, mask)
-  ref = forward(model)(ids[:, :4], jnp.ones((1, 4), bool))
-  np.testing.assert_allclose(out[1, 3:], ref[0], atol=1e-5)
-  # And the unpadded row is unaffected by the other row's padding.
-  np.testing.assert_allclose(out[0], forward(model)(ids, jnp.ones((1, 7), bool))[0], atol=1e-5)
+  ids = tokens(3, PROMPT + NEW)
+  ids[1] = ids[0]
+  padded, mask = left_padded(ids)
+  out = call(_logits, make(), padded, mask)
+  # Row 1 is row 0 shifted right by 2 pads: same tokens, same positions, same logits.
+  np.testing.assert_allclose(out[1, 2:], out[0, :-2], atol=1e-5)
 
 
-def greedy_reference(model, ids, mask, n):
-  """Greedy tokens by repeated full forwards over a fixed-size buffer (one compile):
-  causal attention makes the not-yet-generated (masked) tail irrelevant."""
-  fwd = forward(model)
-  b, t = ids.shape
-  buf = np.concatenate([np.asarray(ids), np.zeros((b, n), np.int32)], 1)
-  valid = np.concatenate([np.asarray(mask), np.zeros((b, n), bool)], 1)
-  for i in range(n):
-    buf[:, t + i] = fwd(buf, valid)[:, t + i - 1].argmax(-1)
-    valid[:, t + i] = True
-  return buf[:, t:]
+def test_greedy_generate_matches_repeated_full_forward():
+  model = make(True, kv_heads=1)
+  ids, mask = left_padded(tokens(3, PROMPT, seed=3))
+  ref = greedy_reference(model, ids, mask)
+  np.testing.assert_array_equal(call(_generate, model, ids, mask, -1, 0), ref)
 
-
-def generator(model, **static):
-  return jitted(model, lambda m, ids, mask: llm.generate(m, ids, attention_mask=mask, **static))
-
-
-@pytest.mark.parametrize('scan', [True, False])
-def test_greedy_generate_matches_repeated_full_forward(scan):
-  model = make(scan, kv_heads=1)
-  ids, mask = left_padded(tokens(3, 6, seed=3), pads=[0, 1, 4])
-  ref = greedy_reference(model, ids, mask, 6)
-  np.testing.assert_array_equal(generator(model, max_new_tokens=6)(ids, mask), ref)
-
-  # eos: the eos itself is emitted, everything after it is pad_id; other rows go on.
+  # eos (same compile, eos_id traced): the eos itself is emitted, everything after it is
+  # pad_id; other rows go on.
   eos = int(ref[0, 1])
   expected = ref.copy()
   for row in expected:
     hits = np.flatnonzero(row == eos)
     if hits.size:
       row[hits[0] + 1:] = -1
-  out = generator(model, max_new_tokens=6, eos_id=eos, pad_id=-1)(ids, mask)
+  out = call(_generate, model, ids, mask, eos, -1)
   np.testing.assert_array_equal(out, expected)
   assert out[0, 1] == eos and np.all(out[0, 2:] == -1)
 
 
 def test_generate_right_padding_from_embeddings_equals_left_padding():
   model = make()
-  ids = tokens(2, 5, seed=4)
-  right_mask = jnp.asarray([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], bool)
-  left_ids, left_mask = left_padded(ids, pads=[0, 2])
-  ref = greedy_reference(model, left_ids, left_mask, 4)
-  # The multimodal model feeds embeddings (image prefix + text) instead of ids.
-  out = jitted(model, lambda m, ids, mask: llm.generate(
-      m, inputs_embeds=m.embed(ids), attention_mask=mask, max_new_tokens=4))(ids, right_mask)
-  np.testing.assert_array_equal(out, ref)
+  ids = tokens(3, PROMPT, seed=4)
+  right_mask = np.arange(PROMPT)[None] < (PROMPT - np.asarray(PADS))[:, None]
+  left_ids, left_mask = left_padded(ids)  # the same valid tokens, padded on the left
+  ref = greedy_reference(model, left_ids, left_mask)
+  np.testing.assert_array_equal(call(_generate_from_embeds, model, ids, right_mask), ref)
 
 
 def test_sampling_respects_top_k_and_top_p():
@@ -156,47 +168,55 @@ def test_sampling_respects_top_k_and_top_p():
     llm.generate(make(), tokens(1, 2), max_new_tokens=1, temperature=1.0)
 
 
+def unstack_layers(params, depth):
+  """Pure dict of a scanned model -> the same params for the unscanned model."""
+  layer = params['layers']
+  return {**params, 'layers': {i: jax.tree.map(lambda a: a[i], layer) for i in range(depth)}}
+
+
 def test_scan_and_unscanned_agree_on_identical_params():
   scanned, unscanned = make(True), make(False)
   params = nnx.to_pure_dict(nnx.state(scanned, nnx.Param))
-  nnx.replace_by_pure_dict(state := nnx.state(unscanned, nnx.Param), unstack_layers(params, 2))
+  state = nnx.state(unscanned, nnx.Param)
+  nnx.replace_by_pure_dict(state, unstack_layers(params, 2))
   nnx.update(unscanned, state)
-  ids, mask = left_padded(tokens(2, 7), pads=[0, 2])
-  np.testing.assert_allclose(forward(unscanned)(ids, mask), forward(scanned)(ids, mask),
-                             atol=1e-6)
+  ids, mask = left_padded(tokens(3, PROMPT + NEW))
+  np.testing.assert_allclose(call(_logits, unscanned, ids, mask),
+                             call(_logits, scanned, ids, mask), atol=1e-6)
+
+
+def _logits_and_hidden(m, ids):
+  return m(ids), m.hidden_states(ids)
 
 
 def test_tied_embeddings_use_the_embedding_matrix():
   model = make(tie_embeddings=True)
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   assert 'lm_head' not in params
-  ids = tokens(2, 5)
-  logits, h = jitted(model, lambda m, ids: (m(ids), m.hidden_states(ids)))(ids)
+  logits, h = call(_logits_and_hidden, model, tokens(3, PROMPT))
   np.testing.assert_allclose(logits, h @ params['token_embed']['embedding'].T, atol=1e-5)
 
 
 def test_bf16_compute_stays_close_to_f32():
-  f32 = make()
-  bf16 = make(dtype='bfloat16')
-  ids, mask = left_padded(tokens(2, 8), pads=[0, 3])
-  ref = forward(f32)(ids, mask)
-  out, h = jitted(bf16, lambda m, ids, mask: (m(ids, attention_mask=mask),
-                                              m.hidden_states(ids, attention_mask=mask)))(ids, mask)
-  assert out.dtype == np.float32 and h.dtype == jnp.bfloat16  # logits always f32
-  err = np.abs(out - ref)[np.asarray(mask)].max() / np.abs(ref).max()
+  f32, bf16 = make(), make(dtype='bfloat16')
+  ids, mask = left_padded(tokens(3, PROMPT + NEW))
+  ref = call(_logits, f32, ids, mask)
+  out = call(_logits, bf16, ids, mask)
+  assert out.dtype == np.float32  # logits always f32
+  assert jax.eval_shape(lambda: bf16.hidden_states(ids)).dtype == jnp.bfloat16
+  err = np.abs(out - ref)[mask].max() / np.abs(ref).max()
   assert err < 0.03, err
   # Cached decoding in bf16 (bf16 cache) picks the same tokens as the bf16 forward.
-  np.testing.assert_array_equal(generator(bf16, max_new_tokens=3)(ids, mask),
-                                greedy_reference(bf16, ids, mask, 3))
+  prompt, prompt_mask = ids[:, :PROMPT], mask[:, :PROMPT]
+  np.testing.assert_array_equal(call(_generate, bf16, prompt, prompt_mask, -1, 0),
+                                greedy_reference(bf16, prompt, prompt_mask))
 
 
-@pytest.mark.parametrize('scan', [True, False])
-def test_remat_gives_the_same_gradients(scan):
+def test_remat_gives_the_same_gradients():
   ids = tokens(2, 6)
 
   def grads(remat):
-    model = make(scan, remat=remat)
-    graphdef, state = nnx.split(model)
+    graphdef, state = nnx.split(make(remat=remat))
 
     def loss(state):
       logits = nnx.merge(graphdef, state)(ids[:, :-1])
@@ -217,8 +237,7 @@ def flatten(tree, prefix=''):
 def test_every_param_has_logical_axes():
   for scan, tie, bias in [(True, False, True), (False, True, False)]:
     model = make(scan, tie_embeddings=tie, qkv_bias=bias)
-    axes = nnx.to_pure_dict(sharding.logical_axes(nnx.state(model, nnx.Param)))
-    flat = flatten(axes)
+    flat = flatten(nnx.to_pure_dict(sharding.logical_axes(nnx.state(model, nnx.Param))))
     lead = ('layers',) if scan else ()
     pre = 'layers' if scan else 'layers/0'
     assert flat['token_embed/embedding'] == ('vocab', 'embed')
