@@ -6,7 +6,7 @@ batches of the right shapes. Drives the trainer tests and the compile-check.
   unifer compile-check --config configs/smoke.py:7b --topology v5p-128
 
 Expected (tiny, 1 CPU): 50 steps in well under a minute; the loss falls from ~4.9
-(ln 128) as the model memorises the fixed random batches.
+(ln 128) as the model memorises the 2 random batches it cycles through.
 Args: the model preset (tiny | demo | base | 7b), default tiny.
 """
 
@@ -21,8 +21,10 @@ def get_config(arg: str = 'tiny'):
   c.input.batch_size = {'tiny': 8, 'demo': 16}.get(c.model, 256)
   c.input.seq_len = {'tiny': 16, 'demo': 32}.get(c.model, 256)
   c.input.image_size = model.vit.image_size
+  c.input.pool = 2
   c.total_steps = 20
   c.log_every_steps = 1
+  c.schedule = dict(name='cosine', peak_lr=3e-3, warmup_steps=2, end_lr_ratio=0.1)
   if c.model in ('base', '7b'):
     # Pod-scale defaults: FSDP over everything, bf16 compute, remat every layer.
     c.mesh = dict(data=1, fsdp=-1, tensor=1)

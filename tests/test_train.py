@@ -88,8 +88,8 @@ def reference(tmp_path_factory):
 
 
 @pytest.fixture(scope='module')
-def cache_dir(tmp_path_factory):
-  return tmp_path_factory.mktemp('jax_cache')
+def cache_dir():
+  return os.environ['JAX_COMPILATION_CACHE_DIR']  # shared with this process (conftest)
 
 
 def test_uninterrupted_run_writes_the_workdir_contract(reference, tmp_path):

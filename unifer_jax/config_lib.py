@@ -28,7 +28,8 @@ def base(model: str = 'tiny') -> ml_collections.ConfigDict:
   c.total_steps = 100
   c.log_every_steps = 10
   c.checkpoint = dict(every_steps=50, every_minutes=0.0, keep=2, keep_every=0, async_save=True)
-  c.input = dict(type='synthetic_random', batch_size=8, seq_len=32, data_dir='', workers=0)
+  c.input = dict(type='synthetic_random', batch_size=8, seq_len=32, data_dir='', workers=0,
+                 pool=0)
   c.model = model
   c.init = dict(vision='', qformer='', llm='')
   c.mesh = dict(data=-1, fsdp=1, tensor=1)

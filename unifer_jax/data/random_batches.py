@@ -2,6 +2,8 @@
 
 Each global batch is a pure function of (seed, step), so a resumed run sees exactly
 the batches an uninterrupted one would, and every process builds only its own rows.
+``config.input.pool = k`` cycles through k fixed batches (a smoke run can then show the
+loss falling as the model memorises them); 0 draws a fresh batch every step.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ def global_batch(config, model_cfg, step: int, rows: slice | None = None) -> dic
   spec = batch_spec(config, model_cfg)
   b = spec['tokens'][0][0]
   rows = rows or slice(0, b)
+  pool = int(config.input.get('pool', 0))
+  step = step % pool if pool else step
   out = {k: [] for k in spec}
   for r in range(rows.start, rows.stop):
     # Per-row generators: the rows a process makes do not depend on the process count.
