@@ -138,7 +138,7 @@ def test_itg_query_states_equal_the_queries_only_pass(model):
 
   @nnx.jit
   def itg_query_states(m):
-    x, valid = m._queries_and_text(image, ids, mask)
+    x, valid = m._queries_and_text(ids, mask)
     return m._encode(x, qf.multimodal_causal_mask(Q, valid), Q, image, None)[:, :Q]
 
   np.testing.assert_allclose(itg_query_states(model), run(model, image, name='encode_queries'),

@@ -27,10 +27,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterator
 
-import jax
 import ml_collections
 import numpy as np
-from flax import nnx
+from flax import nnx, traverse_util
 
 from unifer_jax.convert.hf_io import ConversionError, TensorReader, check_keys, read_hf_config
 from unifer_jax.models import qformer as qf
@@ -254,35 +253,16 @@ def _leaves(cfg, style: str, prefix: str = '', *, text_into_query: bool = False)
 
 
 def _abstract_params(cfg) -> dict:
+  """Path tuple -> ShapeDtypeStruct of every parameter of ``build(cfg)``."""
   model = nnx.eval_shape(lambda: build(cfg, rngs=nnx.Rngs(0)))
-  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
-
-
-def _get(tree, path):
-  for k in path:
-    tree = tree[k]
-  return tree
-
-
-def _set(tree: dict, path, value):
-  for k in path[:-1]:
-    tree = tree.setdefault(k, {})
-  tree[path[-1]] = value
-
-
-def _paths(tree, prefix=()):
-  if isinstance(tree, dict):
-    for k, v in tree.items():
-      yield from _paths(v, (*prefix, k))
-  else:
-    yield prefix
+  return traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
 
 def _expected(leaves, shapes) -> dict[str, tuple]:
   """HF name -> HF shape, from our (abstract) parameter shapes."""
   out = {}
   for leaf in leaves:
-    shape = tuple(_get(shapes, leaf.path).shape)
+    shape = tuple(shapes[leaf.path].shape)
     shape = shape[1:] if _scanned(leaf) else shape  # one HF tensor per scanned group
     for name in leaf.hf:
       out[name] = _hf_shape(leaf.kind, shape)
@@ -352,17 +332,14 @@ def params_from_hf(reader: TensorReader, cfg) -> dict:
   shapes = _abstract_params(cfg)
   leaves, keep = _layout(reader, cfg)
   covered = {leaf.path for leaf in leaves}
-  uncovered = [p for p in _paths(shapes) if p not in covered]
+  uncovered = [p for p in shapes if p not in covered]
   if uncovered:  # a config the HF layout cannot fill (e.g. an lm_head on a BertModel)
     raise ConversionError(f'{reader.dir}: the config has parameters no HF tensor fills: '
                           + ', '.join('/'.join(map(str, p)) for p in uncovered))
   real = _found(reader, keep)
   check_keys(_expected(leaves, shapes), {k: reader.shape(v) for k, v in real.items()},
              f'{reader.dir} (Q-Former/BERT)')
-  params: dict = {}
-  for path, value in _read(reader, leaves, real):
-    _set(params, path, value)
-  return params
+  return traverse_util.unflatten_dict(dict(_read(reader, leaves, real)))
 
 
 def projection_from_hf(reader: TensorReader, cfg) -> dict:
@@ -380,8 +357,9 @@ def projection_from_hf(reader: TensorReader, cfg) -> dict:
 # -- to HF -----------------------------------------------------------------------------
 
 def _write(params: dict, leaves) -> Iterator[tuple[str, np.ndarray]]:
+  flat = traverse_util.flatten_dict(params)
   for leaf in leaves:
-    value = np.asarray(_get(params, leaf.path))
+    value = np.asarray(flat[leaf.path])
     parts = list(value) if _scanned(leaf) else [value]
     for name, part in zip(leaf.hf, parts):
       yield name, _to_hf(leaf.kind, part)
@@ -461,23 +439,21 @@ def init_qformer_from_bert(bert_dir, qformer_cfg, rngs: nnx.Rngs) -> tuple[dict,
              {k: reader.shape(v) for k, v in real.items()}, f'{bert_dir} (BERT for Q-Former)')
 
   model = qf.QFormer(q, rngs=rngs)
-  params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  params = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
   del model
-  dtype = np.asarray(params['embed_norm']['scale']).dtype
-  fresh = {'/'.join(map(str, p)) for p in _paths(params)}
-  loaded = {}
-  for path, value in _read(reader, leaves, real, dtype):
-    loaded[path] = value
-  if not q.type_vocab_size and ('type_embed',) in loaded:
-    loaded[('pos_embed',)] = loaded[('pos_embed',)] + loaded.pop(('type_embed',))[0]
-  for path, value in loaded.items():
-    target = _get(params, path)
+  params = {k: np.asarray(v) for k, v in params.items()}
+  fresh = {'/'.join(map(str, p)) for p in params}
+  folded_type = None
+  for path, value in _read(reader, leaves, real, params[('embed_norm', 'scale')].dtype):
+    if path == ('type_embed',) and not q.type_vocab_size:
+      folded_type = value[0]
+      continue
     name = '/'.join(map(str, path))
-    if value.shape != target.shape:  # vocabulary rows added after BERT's
-      target = target.copy()
-      target[:value.shape[0]] = value
-      value = target
-      fresh.add(f'{name}[{bert.vocab_size}:]')
-    _set(params, path, value)
     fresh.discard(name)
-  return params, sorted(fresh)
+    if value.shape != params[path].shape:  # vocabulary rows added after BERT's stay fresh
+      value = np.concatenate([value, params[path][value.shape[0]:]])
+      fresh.add(f'{name}[{bert.vocab_size}:]')
+    params[path] = value
+  if folded_type is not None:
+    params[('pos_embed',)] = params[('pos_embed',)] + folded_type
+  return traverse_util.unflatten_dict(params), sorted(fresh)

@@ -250,7 +250,8 @@ class QFormer(nnx.Module):
     x, _ = layers.run_stack(self.blocks, x, fn, scan=self.scan, remat=self.remat)
     return x
 
-  def _queries_and_text(self, image_embeds, input_ids, text_mask):
+  def _queries_and_text(self, input_ids, text_mask):
+    """[queries; text] embeddings before the LayerNorm, and their key validity."""
     b = input_ids.shape[0]
     x = jnp.concatenate([self._queries(b), self._text_embeddings(input_ids)], axis=1)
     valid = jnp.concatenate([jnp.ones((b, self.num_queries), bool), text_mask.astype(bool)], 1)
@@ -285,7 +286,7 @@ class QFormer(nnx.Module):
   def match(self, image_embeds: jax.Array, input_ids: jax.Array, text_mask: jax.Array,
             image_mask: jax.Array | None = None) -> jax.Array:
     """ITM: queries + text, fully bidirectional; the query outputs ``[B, Q, H]``."""
-    x, valid = self._queries_and_text(image_embeds, input_ids, text_mask)
+    x, valid = self._queries_and_text(input_ids, text_mask)
     out = self._encode(x, layers.padding_mask(valid), self.num_queries, image_embeds,
                        image_mask)
     return out[:, :self.num_queries]
@@ -295,7 +296,7 @@ class QFormer(nnx.Module):
     """ITG (teacher forcing): logits ``[B, T, V]`` at the text positions under the causal
     multimodal mask. Logit t predicts token t + 1; the stage loss shifts."""
     self._require('caption_logits', self.lm_head is not None, 'this Q-Former has no lm_head')
-    x, valid = self._queries_and_text(image_embeds, input_ids, text_mask)
+    x, valid = self._queries_and_text(input_ids, text_mask)
     out = self._encode(x, multimodal_causal_mask(self.num_queries, valid), self.num_queries,
                        image_embeds, image_mask)
     return self.lm_head(out[:, self.num_queries:], self.word_embed)
