@@ -222,7 +222,7 @@ def params_from_hf(reader, cfg) -> dict:
   for k in ignored:
     del found[k]
   where = getattr(reader, 'dir', 'checkpoint')
-  check_keys(expected_hf_shapes(cfg), found, f'{_model_type_of(cfg)} checkpoint {where}')
+  check_keys(expected_hf_shapes(cfg), found, f'Llama/Qwen2 checkpoint {where}')
 
   params: dict = {}
   for name, path, _ in _global_tensors(cfg):

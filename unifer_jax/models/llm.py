@@ -238,9 +238,12 @@ class LLM(nnx.Module):
              attention_mask=None) -> tuple[jax.Array, Cache]:
     """Appends ``T`` tokens to the cache at slots ``[index, index + T)``; returns their
     final hidden states ``[B, T, D]`` and the new cache. Padding tokens (mask 0) are
-    written but never attended to, so left, right and mid padding all work."""
+    written but never attended to, so left, right and mid padding all work. The caller
+    keeps ``index + T <= S`` (``index`` is traced, so it cannot be checked here)."""
     x, valid_new = self._inputs(input_ids, inputs_embeds, attention_mask)
     t, index = x.shape[1], cache['index']
+    if t > cache['valid'].shape[1]:
+      raise ValueError(f'{t} tokens do not fit a cache of {cache["valid"].shape[1]} slots')
     positions = positions_from_mask(valid_new, cache['pos'])
     valid = jax.lax.dynamic_update_slice(cache['valid'], valid_new, (0, index))
     mask = layers.causal_mask(t, valid.shape[1], offset=index) & layers.padding_mask(valid)
@@ -290,9 +293,10 @@ def generate(model: LLM, input_ids=None, *, inputs_embeds=None, attention_mask=N
   """Generated tokens ``[B, max_new_tokens]`` after a (left- or right-padded) prompt.
 
   Prefill, then a ``jax.lax.while_loop`` of decode steps that stops early once every row
-  has produced ``eos_id``; tokens after a row's eos are ``pad_id``. Jittable: wrap it in
-  ``jax.jit`` over ``nnx.split(model)`` state (``max_new_tokens``, ``temperature``,
-  ``top_k``, ``top_p``, ``eos_id`` static).
+  has produced ``eos_id``; tokens after a row's eos are ``pad_id``. Jittable: call it
+  inside ``jax.jit`` on ``nnx.merge(graphdef, state)``; ``max_new_tokens``,
+  ``temperature``, ``top_k`` and ``top_p`` must be Python values, ``eos_id``/``pad_id``
+  may be traced (a never-matching ``eos_id`` such as -1 disables stopping).
   """
   if temperature and rng is None:
     raise ValueError('sampling (temperature > 0) needs rng')
