@@ -198,10 +198,10 @@ class LLM(nnx.Module):
   def _run_layers(self, x, positions, mask, cache_kv=None, index=None):
     # Recomputed per call (a few flops at trace time): a numpy array as module attribute
     # would land in the graphdef.
-    inv_freq, has_cache = rope_inv_freq(self.cfg, self.head_dim), cache_kv is not None
+    inv_freq = rope_inv_freq(self.cfg, self.head_dim)
 
-    def layer_fn(layer, h, kv):
-      return layer(h, positions, mask, inv_freq, kv if has_cache else None, index)
+    def layer_fn(layer, h, kv):  # kv: this layer's (k, v) cache slices, or None
+      return layer(h, positions, mask, inv_freq, kv, index)
 
     return layers.run_stack(self.layers, x, layer_fn, scan=self.scan,
                             remat=self.cfg.get('remat', 'none'), xs=cache_kv)
