@@ -3,10 +3,7 @@ Blip2QFormerModel, the Q-Former inside Blip2ForConditionalGeneration), round tri
 through from_pretrained, error messages, BLIP-2 initialisation from BERT, and real
 all-MiniLM-L6-v2 weights."""
 
-import json
-
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
