@@ -1,0 +1,84 @@
+"""Stage losses on tiny hand-computed cases: ITC, ITM hard-negative sampling, ITG masks,
+answer-only LM loss."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from unifer_jax.train import align_losses as al
+from unifer_jax.train import losses
+
+
+def _log_softmax(x, axis=-1):
+  x = np.asarray(x, np.float64)
+  m = x.max(axis=axis, keepdims=True)
+  return x - m - np.log(np.exp(x - m).sum(axis=axis, keepdims=True))
+
+
+def test_similarity_takes_the_best_query():
+  image = jnp.array([[[1., 0.], [0., 1.]], [[0.6, 0.8], [-1., 0.]]])  # [B=2, Q=2, E=2]
+  text = jnp.array([[1., 0.], [0., 1.]])
+  sim = al.similarity(image, text, temp=0.5)
+  np.testing.assert_allclose(sim, [[2.0, 2.0], [1.2, 1.6]], atol=1e-6)
+
+
+def test_itc_matches_hand_computation_without_smoothing():
+  sim = jnp.array([[2.0, 0.5], [1.0, 3.0]])
+  pos = jnp.eye(2, dtype=bool)
+  got = al.itc_loss(sim, pos, label_smoothing=0.0)
+  i2t = -(_log_softmax(sim, 1)[0, 0] + _log_softmax(sim, 1)[1, 1]) / 2
+  t2i = -(_log_softmax(sim, 0)[0, 0] + _log_softmax(sim, 0)[1, 1]) / 2
+  np.testing.assert_allclose(got, (i2t + t2i) / 2, rtol=1e-6)
+
+
+def test_itc_spreads_targets_over_equal_texts():
+  sim = jnp.array([[1.0, 1.0, -2.0], [1.0, 1.0, -2.0], [0.0, 0.0, 4.0]])
+  ids = jnp.array([[5, 7, 0], [5, 7, 9], [5, 8, 0]])
+  mask = jnp.array([[1, 1, 0], [1, 1, 0], [1, 1, 0]])  # row 1's 9 is padding
+  pos = al.same_text(ids, mask)
+  np.testing.assert_array_equal(pos, [[1, 1, 0], [1, 1, 0], [0, 0, 1]])
+  got = al.itc_loss(sim, pos, label_smoothing=0.0)
+  ls_r, ls_c = _log_softmax(sim, 1), _log_softmax(sim, 0)
+  t = np.array([[.5, .5, 0], [.5, .5, 0], [0, 0, 1]])
+  expect = (-(t * ls_r).sum(1).mean() - (t * ls_c).sum(0).mean()) / 2
+  np.testing.assert_allclose(got, expect, rtol=1e-6)
+
+
+def test_hard_negatives_never_pick_a_positive_and_prefer_similar():
+  b = 4
+  sim = jnp.array([[5., 9., 0., 0.], [0., 5., 0., 0.], [0., 0., 5., 0.], [8., 0., 0., 5.]])
+  pos = jnp.eye(b, dtype=bool).at[1, 2].set(True).at[2, 1].set(True)
+  picks_t, picks_i = [], []
+  for seed in range(200):
+    ni, nt = al.sample_hard_negatives(sim, pos, jax.random.key(seed))
+    picks_t.append(np.asarray(nt))
+    picks_i.append(np.asarray(ni))
+  picks_t, picks_i = np.stack(picks_t), np.stack(picks_i)
+  for row in range(b):
+    assert not np.any(np.asarray(pos)[row, picks_t[:, row]]), row
+    assert not np.any(np.asarray(pos).T[row, picks_i[:, row]]), row
+  # Image 0's text negatives: text 1 has sim 9 vs 0 -> chosen almost always.
+  assert (picks_t[:, 0] == 1).mean() > 0.95
+  # Text 0's image negatives: image 3 has sim 8 (column 0) -> chosen almost always.
+  assert (picks_i[:, 0] == 3).mean() > 0.95
+
+
+def test_itg_loss_skips_the_dec_token_and_padding():
+  v = 4
+  logits = jnp.log(jnp.array([[[.1, .2, .3, .4], [.25, .25, .25, .25], [.7, .1, .1, .1],
+                               [.1, .1, .1, .7]]]))  # [1, T=4, V]
+  itg_ids = jnp.array([[3, 2, 1, 0]])
+  mask = jnp.array([[1, 1, 1, 0]])  # the last token is padding
+  got = al.itg_loss(logits, itg_ids, mask, label_smoothing=0.0)
+  # Targets: position 0 predicts id 2 (p=.3), position 1 predicts id 1 (p=.25).
+  np.testing.assert_allclose(got, -(np.log(.3) + np.log(.25)) / 2, rtol=1e-5)
+  del v
+
+
+def test_answer_only_lm_loss_counts_masked_tokens_only():
+  logits = jnp.log(jnp.array([[[.5, .5], [.9, .1], [.2, .8]]]))
+  targets = jnp.array([[0, 1, 1]])
+  mask = jnp.array([[0., 1., 1.]])  # the prompt token is not a target
+  loss, aux = losses.token_nll(logits, targets, mask)
+  np.testing.assert_allclose(loss, -(np.log(.1) + np.log(.8)) / 2, rtol=1e-5)
+  assert float(aux['tokens']) == 2 and float(aux['token_acc']) == 0.5

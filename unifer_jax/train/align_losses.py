@@ -1,0 +1,109 @@
+"""BLIP-2 stage 1: image-text contrastive (ITC), matching (ITM) and grounded
+generation (ITG) losses on the Q-Former.
+
+The batch is the *global* batch (jit over the mesh): the [B, B] similarity matrix
+spans every device's samples and XLA inserts the all-gathers LAVIS writes by hand.
+
+Batch keys (see unifer_jax/data/pipeline.py): ``image`` [B,H,W,3], ``text_ids`` [B,T]
+(CLS-like first token), ``text_mask`` [B,T], ``itg_ids`` [B,T] (DEC-like first token).
+Pairs whose texts are identical are all positives of each other (the synthetic corpus
+repeats captions; counting them as negatives would teach the model to separate equal
+texts).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+TEMP_RANGE = (0.001, 0.5)
+
+
+def same_text(text_ids: jax.Array, text_mask: jax.Array) -> jax.Array:
+  """[B, B] bool: texts i and j are token-for-token equal (padding ignored)."""
+  ids = jnp.where(text_mask > 0, text_ids, -1)
+  return jnp.all(ids[:, None, :] == ids[None, :, :], axis=-1)
+
+
+def similarity(image_feats: jax.Array, text_feat: jax.Array, temp: jax.Array) -> jax.Array:
+  """sim[i, t] = max over queries of image_feats[i, q] . text_feat[t] / temp  ([B, B])."""
+  per_query = jnp.einsum('iqe,te->itq', image_feats, text_feat)
+  return per_query.max(axis=-1) / temp
+
+
+def itc_loss(sim_i2t: jax.Array, positives: jax.Array, label_smoothing: float = 0.1):
+  """Symmetric InfoNCE with soft targets spread over all positives, label smoothing."""
+  b = sim_i2t.shape[0]
+  targets = positives.astype(jnp.float32)
+  targets = targets / targets.sum(axis=1, keepdims=True)
+  targets = targets * (1.0 - label_smoothing) + label_smoothing / b
+  i2t = optax.softmax_cross_entropy(sim_i2t, targets).mean()
+  t2i = optax.softmax_cross_entropy(sim_i2t.T, targets.T).mean()
+  return (i2t + t2i) / 2
+
+
+def sample_hard_negatives(sim_i2t: jax.Array, positives: jax.Array, rng: jax.Array):
+  """Per text an image, per image a text, drawn with probability softmax(sim) among
+  the non-positives (BLIP-2's hard-negative mining). Returns (neg_image_for_text,
+  neg_text_for_image), each [B] int32 indices."""
+  sim = jax.lax.stop_gradient(sim_i2t.astype(jnp.float32))
+  blocked = jnp.where(positives, -jnp.inf, 0.0)
+  # A row with no negative at all (every text in the batch equal) samples uniformly.
+  blocked = jnp.where(jnp.all(positives, axis=1, keepdims=True), 0.0, blocked)
+  k1, k2 = jax.random.split(rng)
+  neg_text = jax.random.categorical(k1, sim + blocked, axis=1)
+  blocked_t = jnp.where(jnp.all(positives.T, axis=1, keepdims=True), 0.0,
+                        jnp.where(positives.T, -jnp.inf, 0.0))
+  neg_image = jax.random.categorical(k2, sim.T + blocked_t, axis=1)
+  return neg_image.astype(jnp.int32), neg_text.astype(jnp.int32)
+
+
+def itm_logits_and_labels(model, image_tokens, text_ids, text_mask, neg_image, neg_text):
+  """3B pairs: (i, t_i) positive, (neg_image[t], t) and (i, neg_text[i]) negatives."""
+  images = jnp.concatenate([image_tokens, image_tokens[neg_image], image_tokens], axis=0)
+  ids = jnp.concatenate([text_ids, text_ids, text_ids[neg_text]], axis=0)
+  mask = jnp.concatenate([text_mask, text_mask, text_mask[neg_text]], axis=0)
+  logits = model.itm_logits(model.qformer.match(images, ids, mask))
+  b = text_ids.shape[0]
+  labels = jnp.concatenate([jnp.ones((b,), jnp.int32), jnp.zeros((2 * b,), jnp.int32)])
+  return logits, labels
+
+
+def itg_loss(logits: jax.Array, itg_ids: jax.Array, text_mask: jax.Array,
+             label_smoothing: float = 0.1) -> jax.Array:
+  """Next-token loss on the caption under the causal multimodal mask; the DEC-like
+  first token is context only."""
+  logits = logits[:, :-1].astype(jnp.float32)
+  targets = itg_ids[:, 1:]
+  mask = text_mask[:, 1:].astype(jnp.float32)
+  vocab = logits.shape[-1]
+  soft = optax.smooth_labels(jax.nn.one_hot(targets, vocab), label_smoothing)
+  nll = optax.softmax_cross_entropy(logits, soft)
+  return (nll * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+
+
+def align_loss(model, batch: dict, rng: jax.Array, weights=(1.0, 1.0, 1.0)):
+  image_tokens = model.image_tokens(batch['image'])
+  text_ids, text_mask = batch['text_ids'], batch['text_mask']
+  # ITC: uni-modal passes (queries see the image, text sees only text).
+  image_feats = model.image_embeddings(model.qformer.encode_queries(image_tokens))
+  text_feat = model.text_embedding(model.qformer.encode_text(text_ids, text_mask))
+  temp = jnp.clip(model.temp[...], *TEMP_RANGE)
+  sim = similarity(image_feats, text_feat, temp)
+  positives = same_text(text_ids, text_mask)
+  itc = itc_loss(sim, positives)
+  # ITM with hard negatives mined from the similarity matrix.
+  neg_image, neg_text = sample_hard_negatives(sim, positives, rng)
+  itm_logits, itm_labels = itm_logits_and_labels(model, image_tokens, text_ids, text_mask,
+                                                 neg_image, neg_text)
+  itm = optax.softmax_cross_entropy_with_integer_labels(itm_logits, itm_labels).mean()
+  # ITG: captioning through the Q-Former with the multimodal causal mask.
+  itg = itg_loss(model.qformer.caption_logits(image_tokens, batch['itg_ids'], text_mask),
+                 batch['itg_ids'], text_mask)
+  loss = weights[0] * itc + weights[1] * itm + weights[2] * itg
+  b = sim.shape[0]
+  i2t_acc = (sim.argmax(axis=1) == jnp.arange(b)) | positives[jnp.arange(b), sim.argmax(axis=1)]
+  itm_acc = (itm_logits.argmax(-1) == itm_labels).mean()
+  return loss, {'itc': itc, 'itm': itm, 'itg': itg, 'temp': temp,
+                'itc_acc': i2t_acc.mean(), 'itm_acc': itm_acc}
