@@ -49,11 +49,17 @@ class Dense(nnx.Module):
     pd = dtype_of(param_dtype)
     self.kernel = param(rngs, kernel_init, (in_features, out_features), axes, pd)
     self.bias = param(rngs, zeros, (out_features,), axes[-1:], pd) if use_bias else None
+    self.lora_a = nnx.data(None)  # adapters, set by models.lora.apply
+    self.lora_b = nnx.data(None)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    x = x.astype(self.dtype)
+    y = jnp.dot(x, self.kernel[...].astype(self.dtype))
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
+    if self.lora_a is not None:
+      low = jnp.dot(x, self.lora_a[...].astype(self.dtype))
+      y = y + jnp.dot(low, self.lora_b[...].astype(self.dtype)) * self.lora_scale
     return y
 
 

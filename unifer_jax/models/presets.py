@@ -38,8 +38,10 @@ def _llm(**kw):
 
 def _unifer(vit, qformer, llm, embed_dim=256):
   qformer.encoder_width = vit.width
+  # LoRA on the LLM (rank 0 = off; the instruct stage turns it on by config).
+  adapters = dict(rank=0, alpha=16.0, targets=r'attn/(q|k|v|o)$|mlp/(gate|up|down)$')
   return ml_collections.ConfigDict(dict(vit=vit, qformer=qformer, llm=llm, embed_dim=embed_dim,
-                                        vision_layernorm=True))
+                                        vision_layernorm=True, lora=adapters))
 
 
 def get(name: str) -> ml_collections.ConfigDict:

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from unifer_jax.models import layers
+from unifer_jax.models import layers, lora
 from unifer_jax.models.llm import LLM
 from unifer_jax.models.qformer import QFormer
 from unifer_jax.models.vit import ViT
@@ -40,6 +40,8 @@ class UniFER(nnx.Module):
     self.llm_proj = layers.Dense(q.hidden, l.hidden, axes=('embed', 'mlp'), dtype=l.dtype,
                                  param_dtype=l.param_dtype, rngs=rngs)
     self.llm = LLM(l, rngs=rngs)
+    if cfg.get('lora') and cfg.lora.rank:
+      lora.apply(self.llm, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, rngs=rngs)
 
   # -- vision side -------------------------------------------------------------------
 
