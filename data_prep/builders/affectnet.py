@@ -121,14 +121,13 @@ class AffectNet(common.Source):
         continue
       units[split] = []
       for cls in sorted(os.listdir(root)):
-        where = self.rel(os.path.join(root, cls))
         code = common.parse_int(cls[len('class'):]) if cls.startswith('class') else None
-        index = self._code(None if code is None else code - 1, where, tally)
-        if index is None:
-          continue
         for name in sorted(os.listdir(os.path.join(root, cls))):
-          if common.is_image_file(name):
-            path = os.path.join(root, cls, name)
+          if not common.is_image_file(name):
+            continue
+          path = os.path.join(root, cls, name)
+          index = self._code(None if code is None else code - 1, self.rel(path), tally)
+          if index is not None:
             units[split].append((path, index, (float('nan'),) * 2, None, None,
                                  f'{folder}/{cls}/{name}', self.rel(path)))
     return units

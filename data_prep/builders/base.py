@@ -83,7 +83,7 @@ class SourceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     if self.source is None:
       raise ValueError(f'{self.name}: generating needs src= (the dataset folder as it ships)')
     units = {s: list(u) for s, u in self.source.scan(self.tally).items()}
-    units = {s: u for s, u in units.items() if u}
+    units = {s: u for s, u in units.items() if u and self._yields_a_record(s, u)}
     if not units:
       self.report = common.Report.from_tally(self.name, self.final_dir, self.tally,
                                              self.max_skip_fraction)
@@ -94,6 +94,21 @@ class SourceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
           u, self.source, s, os.fspath(self.data_path / _TALLY_FILE.format(split=s)))
               for s, u in units.items()}
     return {s: self._generate_examples(s, u) for s, u in units.items()}
+
+  def _yields_a_record(self, split, units) -> bool:
+    """Whether some unit of `split` makes a record (tfds refuses to write an empty
+    split). Probes units here until one does -- normally just the first, whose
+    outcomes are dropped since generation runs it again; when none does, every
+    unit's outcome is tallied and the split is left out."""
+    probe = common.Tally()
+    for unit in units:
+      outcomes = self.source.run(unit)
+      if any(isinstance(o, common.Ok) for o in outcomes):
+        return True
+      for o in outcomes:
+        probe.add(o, split)
+    self.tally.merge(probe)
+    return False
 
   def _generate_examples(self, split, units):  # pylint: disable=arguments-differ
     if self._pool is not None:

@@ -99,20 +99,19 @@ class RafdbBasic(common.Source):
   def process(self, unit):
     name, (field, index), where = unit
     stem = name[:-len('.jpg')]
+    folder, file = ('aligned', f'{stem}_aligned.jpg') if self.images == 'aligned' else ('original', name)
+    img, data = common.open_image(os.path.join(self.root, 'Image', folder, file), where)
     manual, problem = self._attributes(stem)
-    if problem:   # the image stays; the run reports the lost attributes
-      yield common.Warned(*problem)
     if self.images == 'aligned':
-      img, data = common.open_image(
-          os.path.join(self.root, 'Image', 'aligned', f'{stem}_aligned.jpg'), where)
       image = common.keep_or_encode(img, data)
-    else:
-      img, _ = common.open_image(os.path.join(self.root, 'Image', 'original', name), where)
+    else:   # align on the manual eye landmarks (detector if the file is missing)
       face = faces.face_crop(common.rgb_array(img), size=self.face_size, margin=self.face_margin,
                              landmarks=None if manual is None else manual['landmarks'])
       if face is None:
         raise common.Skip(common.NO_FACE, where)
       image = common.encode(face)
+    if problem:   # the image stays; the run reports the lost attributes
+      yield common.Warned(*problem)
     attrs = {k: manual[k] for k in ('gender', 'race', 'age_group')} if manual else {}
     dist = np.zeros(len(labels.BASIC), np.float32)
     if field == 'expression':
