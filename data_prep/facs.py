@@ -23,6 +23,7 @@ Choices and deviations:
 """
 
 import dataclasses
+import re
 
 import numpy as np
 
@@ -178,7 +179,13 @@ _PHRASES = {
 }
 _UNILATERAL = {12: ('one lip corner {deg}pulled up', 'a {deg}lopsided half-smile'),
                14: ('a {deg}dimple on one side', 'one mouth corner {deg}tightened')}
-_DEGREE = (('slightly ', 'a little ', 'faintly '), ('', 'clearly '), ('strongly ', 'very '))
+# AU pairs that read better as one phrase (checked before the single-AU phrases).
+_COMBOS = {
+    (1, 2): ('{deg}raised brows', 'brows {deg}lifted high', '{deg}raised, arched brows'),
+    (5, 7): ('{deg}glaring eyes', 'eyes {deg}wide yet tense'),
+    (25, 26): ('the mouth {deg}dropped open', 'a {deg}gaping mouth', 'the jaw {deg}dropped, lips apart'),
+}
+_DEGREE = (('slightly ', 'faintly ', 'mildly '), ('', 'clearly '), ('strongly ', 'markedly '))
 _NEUTRAL = ('relaxed brows, eyes and mouth', 'no visible muscle action',
             'a calm, expressionless look', 'a resting face')
 _OCCLUSION = {'mask': ('wearing a face mask', 'with a mask over the nose and mouth'),
@@ -203,6 +210,11 @@ def caption(expr: Expression, rng: np.random.Generator, hidden=(), occluder='non
   """A varied description of the visible AUs (+ occlusion), sometimes naming the expression."""
   visible = [au for au in expr.aus if au not in hidden]
   parts = []
+  for pair, phrases in _COMBOS.items():
+    if all(au in visible for au in pair):
+      visible = [au for au in visible if au not in pair]
+      amp = np.mean([expr.aus[au] for au in pair])
+      parts.append(str(rng.choice(phrases)).format(deg=_degree(rng, amp)))
   for au in visible:
     table = _UNILATERAL if au in expr.unilateral else _PHRASES
     parts.append(str(rng.choice(table[au])).format(deg=_degree(rng, expr.aus[au])))
@@ -217,6 +229,7 @@ def caption(expr: Expression, rng: np.random.Generator, hidden=(), occluder='non
   text = template.format(aus=_join(parts), adj=adj)
   if extras:
     text += ', ' + ', '.join(extras)
+  text = re.sub(r'\ba ([aeiou])', r'an \1', text)
   return text[0].upper() + text[1:] + '.'
 
 

@@ -264,7 +264,7 @@ def _draw_brows(cv: _Canvas, a: _AUs):
   color = mix(lk.hair_color, (25, 18, 15), 0.45)
   wrinkle = mix(lk.skin, (20, 10, 10), 0.6)
   by = lk.brow_y
-  inner_y = by + 0.04 - 0.2 * a(1) + 0.11 * a(4) + 0.05 * a(9)          # AU1 up, AU4/AU9 down
+  inner_y = by + 0.04 - 0.24 * a(1) + 0.11 * a(4) + 0.05 * a(9)          # AU1 up, AU4/AU9 down
   mid_y = by - 0.04 - 0.09 * a(1) - 0.13 * a(2) + 0.07 * a(4) + 0.02 * a(9)
   outer_y = by - 0.01 * a(1) - 0.15 * a(2) + 0.03 * a(4)                # AU2 up
   inner_x = 0.13 - 0.065 * a(4) - 0.02 * a(9)                           # AU4 draws together

@@ -119,7 +119,8 @@ class SyntheticFaces(tfds.core.GeneratorBasedBuilder):
         super()._download_and_prepare(dl_manager, download_config)
     else:
       super()._download_and_prepare(dl_manager, download_config)
-    self.info.metadata['counts'] = dict(self.tally)
+    order = (*SPLITS, 'basic', 'compound', 'occluded')
+    self.info.metadata['counts'] = {k: self.tally[k] for k in order}
 
   def _split_generators(self, dl_manager):
     del dl_manager
@@ -157,15 +158,20 @@ def prepare(out_dir, size: int = 20000, seed: int = 0, image_size: int = 112,
                            workers=workers)
   path = dataset_dir(out_dir)
   old = _existing_metadata(path)
-  if old is not None and old.get('params') != builder.params:
-    shutil.rmtree(path)
-    old = None
-  if old is None:
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        download_mode=tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS))
-    counts = dict(builder.tally)
-  else:
+  if old is not None and old.get('params') == builder.params:
     counts = dict(old['counts'])
+  else:
+    if os.path.exists(path):  # another size/seed, or not ours to trust: rebuild
+      shutil.rmtree(path)
+    builder.download_and_prepare()
+    counts = dict(builder.info.metadata['counts'])
+  # tfds makes an empty downloads/extracted; remove it only if empty (data_dir may be shared).
+  downloads = os.path.join(os.fspath(out_dir), 'downloads')
+  for d in (os.path.join(downloads, 'extracted'), downloads):
+    try:
+      os.rmdir(d)
+    except OSError:
+      pass
   if samples:
     write_samples(os.path.join(os.fspath(out_dir), 'samples.png'), seed=seed,
                   image_size=image_size)
