@@ -1,0 +1,52 @@
+"""`unifer prep DATASET --src DIR --out DIR`: one entry for the built-in corpus and every
+real-dataset builder (data_prep.registry)."""
+
+from __future__ import annotations
+
+import sys
+
+SYNTHETIC = 'synthetic_faces'
+
+
+def add_parser(sub) -> None:
+  s = sub.add_parser('prep', help='prepare a dataset as TFDS ArrayRecord (built-in corpus or a '
+                     'real dataset from its shipped layout)')
+  s.add_argument('dataset', help=f'{SYNTHETIC} or a real dataset name (rafdb, affectnet, ...)')
+  s.add_argument('--src', help="the dataset's root folder as it ships (real datasets)")
+  s.add_argument('--out', required=True, help='output data_dir')
+  s.add_argument('--workers', type=int, default=2)
+  s.add_argument('--runner', help='Apache Beam runner (DirectRunner, DataflowRunner, FlinkRunner, '
+                 'SparkRunner); default: no Beam')
+  s.add_argument('--max_skip_fraction', type=float, default=0.01)
+  s.add_argument('--config', help='builder config (e.g. affectnet 7 / 8, ferplus label mode)')
+  s.add_argument('--size', type=int, default=20000, help=f'{SYNTHETIC}: number of faces')
+  s.add_argument('--seed', type=int, default=0, help=f'{SYNTHETIC}: seed')
+  s.add_argument('--image_size', type=int, default=112, help=f'{SYNTHETIC}: pixels')
+
+
+def run(args, beam_args=()) -> int:
+  if args.dataset == SYNTHETIC:
+    from data_prep import synthetic_faces
+    counts = synthetic_faces.prepare(args.out, size=args.size, seed=args.seed,
+                                     image_size=args.image_size, workers=args.workers)
+    print(f'{SYNTHETIC}: wrote {counts} under {args.out} (+ samples.png)')
+    return 0
+  from data_prep import registry
+  if args.dataset not in registry.BUILDERS:
+    print(f'unifer prep: unknown dataset {args.dataset!r}; known: '
+          f'{", ".join([SYNTHETIC, *sorted(registry.BUILDERS)])}', file=sys.stderr)
+    return 2
+  if not args.src:
+    print(f'unifer prep {args.dataset}: --src DIR (the dataset as it ships) is required',
+          file=sys.stderr)
+    return 2
+  kwargs = {'config': args.config} if args.config else {}
+  try:
+    report = registry.prepare(args.dataset, args.src, args.out, workers=args.workers,
+                              runner=args.runner, max_skip_fraction=args.max_skip_fraction,
+                              beam_args=list(beam_args), **kwargs)
+  except registry.SkipFractionExceeded as e:
+    print(str(e), file=sys.stderr)
+    return 1
+  print(report)
+  return 0
