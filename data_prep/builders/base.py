@@ -97,16 +97,18 @@ class SourceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _yields_a_record(self, split, units) -> bool:
     """Whether some unit of `split` makes a record (tfds refuses to write an empty
-    split). Probes units here until one does -- normally just the first, whose
-    outcomes are dropped since generation runs it again; when none does, every
-    unit's outcome is tallied and the split is left out."""
+    split). Runs units here until the first record -- normally the first unit's
+    first outcome; those outcomes are dropped, generation makes them again. When no
+    unit makes one, every outcome is tallied and the split is left out."""
     probe = common.Tally()
     for unit in units:
-      outcomes = self.source.run(unit)
-      if any(isinstance(o, common.Ok) for o in outcomes):
-        return True
-      for o in outcomes:
-        probe.add(o, split)
+      try:
+        for o in self.source.process(unit):   # lazily: stop at the first record
+          if isinstance(o, common.Ok):
+            return True
+          probe.add(o, split)
+      except common.Skip as e:
+        probe.add(e.outcome, split)
     self.tally.merge(probe)
     return False
 
