@@ -198,7 +198,11 @@ _TEMPLATES_NAMED = ('a {adj} face with {aus}', 'a {adj} expression: {aus}',
 
 def _degree(rng, amp):
   tier = 0 if amp < 0.4 else (1 if amp < 0.8 else 2)
-  return str(rng.choice(_DEGREE[tier]))
+  return _pick(rng, _DEGREE[tier])
+
+
+def _pick(rng, options):
+  return options[rng.integers(len(options))]  # rng.choice converts to an array: 10x slower
 
 
 def _join(parts):
@@ -214,18 +218,18 @@ def caption(expr: Expression, rng: np.random.Generator, hidden=(), occluder='non
     if all(au in visible for au in pair):
       visible = [au for au in visible if au not in pair]
       amp = np.mean([expr.aus[au] for au in pair])
-      parts.append(str(rng.choice(phrases)).format(deg=_degree(rng, amp)))
+      parts.append(_pick(rng, phrases).format(deg=_degree(rng, amp)))
   for au in visible:
     table = _UNILATERAL if au in expr.unilateral else _PHRASES
-    parts.append(str(rng.choice(table[au])).format(deg=_degree(rng, expr.aus[au])))
+    parts.append(_pick(rng, table[au]).format(deg=_degree(rng, expr.aus[au])))
   if not parts:
-    parts = [str(rng.choice(_NEUTRAL)) if not expr.aus else 'relaxed visible features']
-  extras = [str(rng.choice(_OCCLUSION[occluder]))] if occluder in _OCCLUSION else []
+    parts = [_pick(rng, _NEUTRAL) if not expr.aus else 'relaxed visible features']
+  extras = [_pick(rng, _OCCLUSION[occluder])] if occluder in _OCCLUSION else []
   if glasses:
-    extras.append(str(rng.choice(('wearing glasses', 'with glasses'))))
+    extras.append(_pick(rng, ('wearing glasses', 'with glasses')))
   adj = ADJECTIVE.get(expr.name, expr.name)
   named = rng.random() < 0.5
-  template = str(rng.choice(_TEMPLATES_NAMED if named else _TEMPLATES_PLAIN))
+  template = _pick(rng, _TEMPLATES_NAMED if named else _TEMPLATES_PLAIN)
   text = template.format(aus=_join(parts), adj=adj)
   if extras:
     text += ', ' + ', '.join(extras)

@@ -28,6 +28,8 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw
 
+from unifer_jax.data import labels
+
 SKIN_TONES = ((250, 222, 198), (241, 196, 166), (224, 172, 138), (198, 140, 100),
               (160, 105, 70), (120, 78, 52), (88, 58, 40))
 HAIR_COLORS = ((28, 24, 22), (62, 42, 30), (104, 72, 46), (196, 164, 112),
@@ -184,8 +186,15 @@ class _AUs:
   """Amplitude lookup: a(au) or a(au, side) for unilateral AUs."""
 
   def __init__(self, aus, unilateral):
-    self.aus = {int(k): min(1.0, max(0.0, float(v))) for k, v in dict(aus).items()}
+    self.aus = {int(k): float(v) for k, v in dict(aus).items()}
     self.unilateral = dict(unilateral or {})
+    for au, v in self.aus.items():
+      if au not in labels.AUS or not 0 <= v <= 1:
+        raise ValueError(f'render: AU{au}={v}; expected an AU in {list(labels.AUS)} '
+                         'with amplitude in [0, 1]')
+    for au, side in self.unilateral.items():
+      if side not in (-1, 1):
+        raise ValueError(f'render: unilateral AU{au} side={side!r}; expected -1 or +1')
 
   def __call__(self, au, side=None):
     v = self.aus.get(au, 0.0)
@@ -209,7 +218,7 @@ def _outline(look: Look, jaw_drop: float):
   return np.stack([x, y], -1)
 
 
-def _draw_head(cv: _Canvas, a: _AUs, jaw_drop: float):
+def _draw_head(cv: _Canvas, jaw_drop: float):
   lk = cv.look
   shadow = mix(lk.skin, (0, 0, 0), 0.25)
   cv.poly([(-0.42, 0.5), (0.42, 0.5), (0.5, 2.2), (-0.5, 2.2)], shadow, flat=True)
@@ -299,14 +308,15 @@ def _draw_nose(cv: _Canvas, a: _AUs):
     cv.poly(_ellipse(s * 0.06, 0.255 - lift, 0.033, 0.016, 10), mix(lk.skin, (30, 10, 10), 0.7), dz=0.22)
   cv.line(_bezier((-0.05, 0.27 - lift), (0, 0.285 - lift), (0.05, 0.27 - lift), 5), mix(lk.skin, dark, 0.5), 0.014, dz=0.25)
   # AU9: wrinkles across the nose bridge.
-  for k in range(3):
+  for k in range(3 if a(9) > 0 else 0):
     y = lk.eye_y + 0.03 + 0.05 * k
     cv.line(_bezier((-0.09, y + 0.02), (0, y - 0.005), (0.09, y + 0.02), 5),
             mix(lk.skin, dark, 0.9 * a(9)), 0.016, dz=0.15)
 
 
 def _mouth_geometry(lk: Look, a: _AUs):
-  """Lip contours (upper outer, upper inner, lower inner, lower outer), each [n, 2]."""
+  """Lip contours (upper outer, upper inner, lower inner, lower outer), each [n, 2],
+  and the two mouth corners."""
   my = 0.55
   corners = []
   for s in (-1, 1):
@@ -323,18 +333,17 @@ def _mouth_geometry(lk: Look, a: _AUs):
                    - 0.075 * (a(12, -1) + a(12, 1)))  # AU23/24 thin the red
   up_h = 0.06 * lk.lip * thin * bulk ** 0.6 * (1 - 0.3 * np.exp(-(t / 0.15) ** 2))
   lo_h = 0.075 * lk.lip * thin * bulk ** 0.5
-  jaw = 0.2 * a(26) + 0.03 * a(25)                                        # AU26 jaw drop
   up_in = cy - (0.055 * a(10) + 0.045 * a(25)) * bulk ** 0.8              # AU10 lifts, AU25 parts
   lo_in = cy + (0.06 * a(25) + 0.2 * a(26)) * bulk ** 0.8 - 0.04 * a(17) * bulk  # AU17 pushes up
   up_in = np.minimum(up_in, lo_in)
   lo_out = lo_in + lo_h * (1 + 0.3 * a(17))
   return (np.stack([cx, up_in - up_h], -1), np.stack([cx, up_in], -1),
-          np.stack([cx, lo_in], -1), np.stack([cx, lo_out], -1), corners, jaw)
+          np.stack([cx, lo_in], -1), np.stack([cx, lo_out], -1), corners)
 
 
 def _draw_mouth(cv: _Canvas, a: _AUs):
   lk = cv.look
-  up_out, up_in, lo_in, lo_out, corners, jaw = _mouth_geometry(lk, a)
+  up_out, up_in, lo_in, lo_out, corners = _mouth_geometry(lk, a)
   dark = mix(lk.skin, (20, 10, 10), 0.6)
   lip = mix(mix(lk.skin, (0, 0, 0), 0.15), (175, 60, 70), 0.35)
   # Nasolabial folds: AU10 / AU12 / AU6 / AU9 deepen them.
@@ -362,10 +371,9 @@ def _draw_mouth(cv: _Canvas, a: _AUs):
   if a(17) > 0:
     for x, y in ((-0.07, 0.1), (0.05, 0.12), (0.0, 0.17), (-0.04, 0.2), (0.08, 0.19)):
       cv.poly(_ellipse(x, chin_y + y, 0.017, 0.012, 6), mix(lk.skin, dark, 0.55 * a(17)))
-  return jaw
 
 
-def _draw_hair_and_occluders(cv: _Canvas, a: _AUs, jaw_drop: float):
+def _draw_hair_and_occluders(cv: _Canvas, jaw_drop: float):
   lk = cv.look
   if lk.hair != 'none':
     top = _outline(lk, 0) * [1.04, 1.04]
@@ -417,14 +425,17 @@ def render(aus, look: Look = Look(), *, unilateral=None, size: int = 112,
   the subject's left; -1 = image left).
   """
   a = _AUs(aus, unilateral)
+  if look.hair not in ('none', 'short', 'long') or look.occluder not in OCCLUDER_HIDES:
+    raise ValueError(f'render: Look(hair={look.hair!r}, occluder={look.occluder!r}); expected '
+                     f"hair in none|short|long and occluder in {'|'.join(OCCLUDER_HIDES)}")
   cv = _Canvas(look, size * supersample)
-  jaw_drop = 0.2 * a(26) + 0.03 * a(25)
-  _draw_head(cv, a, jaw_drop)
+  jaw_drop = 0.2 * a(26) + 0.03 * a(25)  # AU26 (and a little AU25) lower the chin
+  _draw_head(cv, jaw_drop)
   _draw_eyes(cv, a)
   _draw_nose(cv, a)
   _draw_mouth(cv, a)
   _draw_brows(cv, a)
-  _draw_hair_and_occluders(cv, a, jaw_drop)
+  _draw_hair_and_occluders(cv, jaw_drop)
   img = cv.flush()
   img = img.reduce(supersample) if supersample > 1 else img
   x = np.asarray(img, np.float32)

@@ -71,8 +71,7 @@ def make_record(index: int, *, seed: int, split: str, image_size: int = 112,
   valence, arousal = facs.valence_arousal(expr, rng)
   hidden = render.OCCLUDER_HIDES[look.occluder]
   image = render.render(expr.aus, look, unilateral=expr.unilateral, size=image_size)
-  nuisance = json.loads(look.to_json())
-  nuisance['hidden_aus'] = [au for au in expr.aus if au in hidden]
+  nuisance = dict(look.__dict__, hidden_aus=[au for au in expr.aus if au in hidden])
   return schema.empty_record(
       image=png_bytes(image), id=f'{split}/{index:07d}', source=NAME,
       expression=expr.basic, compound=expr.compound, intensity=expr.intensity,

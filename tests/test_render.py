@@ -205,3 +205,14 @@ def test_sampled_looks_stay_in_range():
   kinds = {lk.occluder for lk in looks}
   assert kinds == {'none', 'mask', 'hand'}
   assert any(lk.glasses for lk in looks) and any(lk.noise > 0 for lk in looks)
+
+
+def test_bad_input_is_named():
+  with pytest.raises(ValueError, match='AU3'):
+    render.render({3: 0.5})
+  with pytest.raises(ValueError, match=r'AU12=1\.5'):
+    render.render({12: 1.5})
+  with pytest.raises(ValueError, match='occluder'):
+    render.render({}, dataclasses.replace(LOOK, occluder='scarf'))
+  with pytest.raises(ValueError, match='side'):
+    render.render({12: 0.5}, unilateral={12: 'left'})
