@@ -106,6 +106,14 @@ def mix(a, b, t):
   return tuple(int(x + (y - x) * t + 0.5) for x, y in zip(a, b))
 
 
+def _ink(lk: Look, t: float):
+  """Skin darkened t of the way to near-black (lines, folds, wrinkles); boosted on
+  dark skin so the lines that carry the AUs stay visible."""
+  r, g, b = lk.skin
+  boost = 1 + 0.6 * max(0.0, (170 - (0.3 * r + 0.59 * g + 0.11 * b)) / 110)
+  return mix(lk.skin, (20, 10, 10), t * boost)
+
+
 @functools.lru_cache(maxsize=None)
 def _bezier_basis(n):
   t = np.linspace(0, 1, n)[:, None]
@@ -235,7 +243,7 @@ def _draw_head(cv: _Canvas, jaw_drop: float):
 
 def _draw_eyes(cv: _Canvas, a: _AUs):
   lk = cv.look
-  line = mix(lk.skin, (20, 10, 10), 0.75)
+  line = _ink(lk, 0.75)
   for s in (-1, 1):
     ex, ey, w = s * 0.35, lk.eye_y, 0.18 * lk.eye_size
     up = 0.078 * lk.eye_size + 0.08 * a(5) - 0.03 * a(7) - 0.012 * a(6)   # AU5 / AU7 / AU6
@@ -254,24 +262,23 @@ def _draw_eyes(cv: _Canvas, a: _AUs):
     cv.poly(np.concatenate([upper, upper[::-1] - [0, 0.16]]), lk.skin)
     cv.poly(np.concatenate([lower, lower[::-1] + [0, 0.12]]), lk.skin)
     cv.line(upper, line, 0.028)
-    cv.line(lower, mix(lk.skin, line, 0.35 + 0.5 * max(a(7), a(6))), 0.014)
+    cv.line(lower, _ink(lk, 0.75 * (0.35 + 0.5 * max(a(7), a(6)))), 0.014)
     if a(5) < 0.4:  # the lid crease vanishes when the upper lid retracts
-      cv.line(upper[2:-2] - [0, 0.045 + 0.02 * lk.eye_size], mix(lk.skin, line, 0.35), 0.012)
+      cv.line(upper[2:-2] - [0, 0.045 + 0.02 * lk.eye_size], _ink(lk, 0.26), 0.012)
     # AU6: cheeks up (infraorbital furrow rises) and crow's feet at the outer corners.
     fy = ey + 0.17 - 0.06 * a(6) - 0.02 * a(12)
     cv.line(_bezier((ex - s * 0.1, fy - 0.02), (ex + s * 0.05, fy + 0.02),
-                    (ex + s * 0.2, fy - 0.05)), mix(lk.skin, line, 0.1 + 0.45 * a(6)), 0.02)
+                    (ex + s * 0.2, fy - 0.05)), _ink(lk, 0.75 * (0.1 + 0.45 * a(6))), 0.02)
     if a(6) > 0:
       ox = ex + s * (w + 0.035)
       for ang in (-0.45, 0.0, 0.45):
         d = np.array([s * math.cos(ang), math.sin(ang)])
-        cv.line([(ox, ey), (ox + 0.1 * d[0], ey + 0.1 * d[1])], mix(lk.skin, line, 0.6 * a(6)), 0.016)
+        cv.line([(ox, ey), (ox + 0.1 * d[0], ey + 0.1 * d[1])], _ink(lk, 0.45 * a(6)), 0.016)
 
 
 def _draw_brows(cv: _Canvas, a: _AUs):
   lk = cv.look
   color = mix(lk.hair_color, (25, 18, 15), 0.45)
-  wrinkle = mix(lk.skin, (20, 10, 10), 0.6)
   by = lk.brow_y
   inner_y = by + 0.04 - 0.24 * a(1) + 0.11 * a(4) + 0.05 * a(9)          # AU1 up, AU4/AU9 down
   mid_y = by - 0.04 - 0.09 * a(1) - 0.13 * a(2) + 0.07 * a(4) + 0.02 * a(9)
@@ -284,7 +291,7 @@ def _draw_brows(cv: _Canvas, a: _AUs):
   # AU4: vertical wrinkles between the brows.
   if a(4) > 0:
     for x in (-0.045, 0.045):
-      cv.line([(x, inner_y - 0.05), (x * 1.2, inner_y + 0.09)], mix(lk.skin, wrinkle, 0.75 * a(4)), 0.018)
+      cv.line([(x, inner_y - 0.05), (x * 1.2, inner_y + 0.09)], _ink(lk, 0.45 * a(4)), 0.018)
   # AU1 (centre) / AU2 (sides): horizontal forehead wrinkles above the raised brows.
   for k, dy in enumerate((0.11, 0.18, 0.25)):
     y = mid_y - dy
@@ -293,25 +300,24 @@ def _draw_brows(cv: _Canvas, a: _AUs):
       if amp > 0.05:
         seg = _bezier((xs[0], y + 0.012 * abs(xs[0])), ((xs[0] + xs[1]) / 2, y - 0.012),
                       (xs[1], y + 0.012 * abs(xs[1])), 5)
-        cv.line(seg, mix(lk.skin, wrinkle, min(1.0, amp) * (0.6 - 0.12 * k)), 0.016)
+        cv.line(seg, _ink(lk, 0.6 * min(1.0, amp) * (0.6 - 0.12 * k)), 0.016)
 
 
 def _draw_nose(cv: _Canvas, a: _AUs):
   lk = cv.look
-  dark = mix(lk.skin, (20, 10, 10), 0.45)
   lift = 0.045 * a(9) + 0.02 * a(10)                                     # AU9 / AU10: nostrils up
   for s in (-1, 1):
     cv.line(_bezier((s * 0.075, lk.eye_y + 0.02), (s * 0.085, 0.06), (s * 0.1, 0.16 - lift)),
-            mix(lk.skin, dark, 0.3), 0.018, dz=0.12)
+            _ink(lk, 0.14), 0.018, dz=0.12)
     cv.line(_ellipse(s * 0.125, 0.215 - lift, 0.055, 0.05, 7, -0.5 * math.pi if s > 0 else 0.5 * math.pi,
-                     0.6 * math.pi if s > 0 else 1.4 * math.pi), dark, 0.022, dz=0.18)
-    cv.poly(_ellipse(s * 0.06, 0.255 - lift, 0.033, 0.016, 10), mix(lk.skin, (30, 10, 10), 0.7), dz=0.22)
-  cv.line(_bezier((-0.05, 0.27 - lift), (0, 0.285 - lift), (0.05, 0.27 - lift), 5), mix(lk.skin, dark, 0.5), 0.014, dz=0.25)
+                     0.6 * math.pi if s > 0 else 1.4 * math.pi), _ink(lk, 0.45), 0.022, dz=0.18)
+    cv.poly(_ellipse(s * 0.06, 0.255 - lift, 0.033, 0.016, 10), _ink(lk, 0.7), dz=0.22)
+  cv.line(_bezier((-0.05, 0.27 - lift), (0, 0.285 - lift), (0.05, 0.27 - lift), 5), _ink(lk, 0.22), 0.014, dz=0.25)
   # AU9: wrinkles across the nose bridge.
   for k in range(3 if a(9) > 0 else 0):
     y = lk.eye_y + 0.03 + 0.05 * k
     cv.line(_bezier((-0.09, y + 0.02), (0, y - 0.005), (0.09, y + 0.02), 5),
-            mix(lk.skin, dark, 0.9 * a(9)), 0.016, dz=0.15)
+            _ink(lk, 0.4 * a(9)), 0.016, dz=0.15)
 
 
 def _mouth_geometry(lk: Look, a: _AUs):
@@ -344,17 +350,16 @@ def _mouth_geometry(lk: Look, a: _AUs):
 def _draw_mouth(cv: _Canvas, a: _AUs):
   lk = cv.look
   up_out, up_in, lo_in, lo_out, corners = _mouth_geometry(lk, a)
-  dark = mix(lk.skin, (20, 10, 10), 0.6)
   lip = mix(mix(lk.skin, (0, 0, 0), 0.15), (175, 60, 70), 0.35)
   # Nasolabial folds: AU10 / AU12 / AU6 / AU9 deepen them.
   for k, s in enumerate((-1, 1)):
     cx, cy = corners[k]
     depth = min(1.0, 0.12 + 0.5 * a(10) + 0.4 * a(12, s) + 0.3 * a(6) + 0.3 * a(9))
     cv.line(_bezier((s * 0.2, 0.2 - 0.03 * a(9)), (s * 0.3, 0.38), (cx + s * 0.07, cy + 0.06)),
-            mix(lk.skin, dark, 0.6 * depth), 0.024)
+            _ink(lk, 0.36 * depth), 0.024)
     if a(14, s) > 0:  # AU14 dimple beside the corner
       cv.line(_bezier((cx + s * 0.05, cy - 0.04), (cx + s * 0.065, cy), (cx + s * 0.05, cy + 0.04), 5),
-              mix(lk.skin, dark, 0.85 * a(14, s)), 0.02)
+              _ink(lk, 0.5 * a(14, s)), 0.02)
   if float(np.max(lo_in[:, 1] - up_in[:, 1])) > 0.008:
     cv.poly(np.concatenate([up_in, lo_in[::-1]]), (55, 22, 28))
     teeth_lo = np.minimum(up_in[:, 1] + 0.05, lo_in[:, 1])
@@ -363,14 +368,14 @@ def _draw_mouth(cv: _Canvas, a: _AUs):
   cv.poly(np.concatenate([lo_in, lo_out[::-1]]), mix(lip, (255, 255, 255), 0.06))
   cv.line(up_in, mix(lip, (20, 5, 5), 0.6), 0.016)
   if a(24) > 0:  # AU24: pressed lips bulge the skin above and below
-    cv.line(up_out[4:-4] - [0, 0.03], mix(lk.skin, dark, 0.5 * a(24)), 0.014)
+    cv.line(up_out[4:-4] - [0, 0.03], _ink(lk, 0.3 * a(24)), 0.014)
   # AU17: chin boss up, the mentolabial furrow rises and the chin puckers.
   chin_y = float(lo_out[8, 1]) + 0.1 - 0.03 * a(17)
   cv.line(_bezier((-0.14, chin_y + 0.01), (0, chin_y - 0.02), (0.14, chin_y + 0.01), 7),
-          mix(lk.skin, dark, 0.25 + 0.55 * a(17)), 0.022)
+          _ink(lk, 0.6 * (0.25 + 0.55 * a(17))), 0.022)
   if a(17) > 0:
     for x, y in ((-0.07, 0.1), (0.05, 0.12), (0.0, 0.17), (-0.04, 0.2), (0.08, 0.19)):
-      cv.poly(_ellipse(x, chin_y + y, 0.017, 0.012, 6), mix(lk.skin, dark, 0.55 * a(17)))
+      cv.poly(_ellipse(x, chin_y + y, 0.017, 0.012, 6), _ink(lk, 0.33 * a(17)))
 
 
 def _draw_hair_and_occluders(cv: _Canvas, jaw_drop: float):
