@@ -1,0 +1,432 @@
+"""FER instructions made from record fields at pipeline time, and their answer parser.
+
+Every dataset gets instructions this way (nothing is stored): a task is offered for a
+record only if the record holds the field it needs (schema sentinels -1 / NaN / ''
+mean absent). ``TASKS`` is append-only: batches carry ``task`` as an index into it.
+
+| task | needs | answer (inside ``<answer></answer>``) | parse_answer returns |
+|---|---|---|---|
+| describe | caption | the caption | the answer text |
+| basic | expression | a BASIC name, e.g. 'happiness' | index into labels.BASIC |
+| compound | compound | a COMPOUND name, e.g. 'happily surprised' | index into labels.COMPOUND |
+| intensity | intensity | '0.62 (marked)': 2 decimals + FACS-style word | float in [0, 1] |
+| valence_arousal | valence, arousal | 'valence 0.41, arousal -0.12' | (valence, arousal) |
+| rationale | rationale | the record's rationale, e.g. 'AU6 cheek raiser (C), ...' | sorted tuple of AU numbers |
+| uncertainty | label_dist or compound | 'happiness 0.50, surprise 0.50' | ((BASIC index, p), ...) |
+| open_vocab | expression or compound | the chosen candidate as written in the prompt | canonical label name |
+| age_group | age_group | '20-39' | index into labels.AGE_GROUPS |
+| gender | gender | 'female' | index into labels.GENDERS |
+
+Targets are UniFER-CoT style: ``<think>{rationale}</think><answer>{label}</answer>`` for
+the COT_TASKS when the record has a rationale, else ``<answer>{answer}</answer>``; the
+prompt then asks for that format.
+
+``uncertainty`` (defined honestly): the two largest entries of the record's soft label
+over BASIC -- ``label_dist`` when present (FERPlus-style votes; one-hot for the
+synthetic corpus's basic faces, whose answer is then e.g. 'anger 1.00'), else 0.5 / 0.5
+over a compound's two components. Entries with zero mass are left out, so a one-hot
+label gives one entry. It is annotator (or construction) uncertainty, not model
+confidence; the synthetic corpus has no annotator disagreement.
+
+``open_vocab`` is FERBench-style: a random subset (3..all) of the labels of the record's
+kind (basic or compound), always holding the true one, in shuffled order, written in one
+vocabulary per prompt (canonical nouns, adjectives as FERPlus uses, or synonyms such as
+'joyful'); the answer is the true label as the prompt wrote it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+
+from unifer_jax.data import labels
+
+TASKS = ('describe', 'basic', 'compound', 'intensity', 'valence_arousal', 'rationale',
+         'uncertainty', 'open_vocab', 'age_group', 'gender')
+TASK_INDEX = {t: i for i, t in enumerate(TASKS)}
+COT_TASKS = ('basic', 'compound', 'intensity', 'uncertainty', 'open_vocab')
+
+# Surface forms per BASIC label: [0] noun (canonical), [1] adjective (FERPlus / SFEW
+# style), then synonyms. Used for open-vocabulary prompts and answer parsing.
+SYNONYMS = {
+    'neutral': ('neutral', 'neutral', 'calm', 'expressionless', 'blank'),
+    'happiness': ('happiness', 'happy', 'joyful', 'joy', 'pleased'),
+    'sadness': ('sadness', 'sad', 'sorrowful', 'unhappy', 'sorrow'),
+    'surprise': ('surprise', 'surprised', 'astonished', 'amazed', 'astonishment'),
+    'fear': ('fear', 'fearful', 'afraid', 'scared', 'frightened'),
+    'disgust': ('disgust', 'disgusted', 'revulsion', 'repulsed'),
+    'anger': ('anger', 'angry', 'furious', 'mad'),
+    'contempt': ('contempt', 'contemptuous', 'scornful', 'disdainful', 'disdain'),
+}
+_ADVERB_BASIC = {'happily': 'happiness', 'sadly': 'sadness', 'fearfully': 'fear',
+                 'angrily': 'anger', 'disgustedly': 'disgust'}
+
+# Intensity words by fifths of [0, 1] (FACS A..E: trace, slight, marked, severe,
+# maximum); exactly 0 (a neutral face) is 'none'.
+INTENSITY_WORDS = ('trace', 'slight', 'marked', 'severe', 'maximum')
+
+_COT_HINTS = (
+    'Reason about the facial action units between <think></think> tags, then give the '
+    'final answer between <answer></answer> tags.',
+    'Think in <think></think> and answer in <answer></answer>.',
+    'Explain which facial movements you see in <think></think>, then answer in '
+    '<answer></answer>.',
+)
+_ANSWER_HINTS = (
+    'Give the answer between <answer></answer> tags.',
+    'Answer in <answer></answer>.',
+)
+
+_PROMPTS = {
+    'describe': (
+        'Describe this face.',
+        'Describe the facial expression in this image.',
+        'What does this person\'s face look like?',
+    ),
+    'basic': (
+        'Which basic facial expression does this face show? Choose from: {labels}.',
+        'Classify the facial expression in this image as one of: {labels}.',
+        'What emotion is this person expressing? The options are {labels}.',
+    ),
+    'compound': (
+        'Which compound expression does this face show? Choose from: {labels}.',
+        'This face blends two emotions. Which compound expression is it: {labels}?',
+        'Name the mix of emotions on this face, one of: {labels}.',
+    ),
+    'intensity': (
+        'How intense is the facial expression, from 0 (none) to 1 (maximum)?',
+        'Rate the strength of this expression on a scale from 0 to 1.',
+        'How strongly is the expression shown? Give a number between 0 and 1 and a word.',
+    ),
+    'valence_arousal': (
+        'Estimate the valence and arousal of this face, each between -1 and 1.',
+        'Where does this expression lie on the circumplex? Give valence and arousal in '
+        '[-1, 1].',
+        'How pleasant (valence) and how activated (arousal) does this person look, from '
+        '-1 to 1?',
+    ),
+    'rationale': (
+        'Which facial action units are active in this face?',
+        'List the FACS action units you can see, with their intensities.',
+        'Describe the facial muscle movements using FACS action units.',
+    ),
+    'uncertainty': (
+        'Which two expressions best describe this face, and how much of each? Choose from: '
+        '{labels}.',
+        'Give the two most likely expressions among {labels}, with a probability for each.',
+    ),
+    'open_vocab': (
+        'You are an expert in facial expression recognition. Which expression is most '
+        'prominent in this face? Select one of the candidate labels: {labels}.',
+        'Pick the label that best fits this facial expression: {labels}.',
+        'Look at the face and choose one of: [{labels}].',
+        'Which of these words describes the expression best? {labels}.',
+    ),
+    'age_group': (
+        'Which age group does this person belong to: {labels}?',
+        'Estimate the person\'s age group. Options: {labels}.',
+    ),
+    'gender': (
+        'What is the perceived gender of this person: {labels}?',
+        'Is this person male or female? Answer {labels}.',
+    ),
+}
+
+
+# ---- record fields -----------------------------------------------------------------
+
+def _text(record, key) -> str:
+  v = record.get(key, '')
+  return v.decode('utf-8') if isinstance(v, (bytes, np.bytes_)) else str(v)
+
+
+def _int(record, key) -> int:
+  return int(record.get(key, -1))
+
+
+def _float(record, key) -> float:
+  return float(record.get(key, math.nan))
+
+
+def _soft_label(record) -> np.ndarray | None:
+  dist = record.get('label_dist')
+  if dist is not None:
+    dist = np.asarray(dist, np.float64)
+    if np.all(np.isfinite(dist)) and dist.sum() > 0:
+      return dist / dist.sum()
+  c = _int(record, 'compound')
+  if c >= 0:
+    out = np.zeros(len(labels.BASIC))
+    for name in labels.COMPOUND_COMPONENTS[labels.COMPOUND[c]]:
+      out[labels.BASIC.index(name)] += 0.5
+    return out
+  return None
+
+
+def available_tasks(record) -> list[str]:
+  """The tasks whose needed fields this record holds, in TASKS order."""
+  has = {
+      'describe': bool(_text(record, 'caption')),
+      'basic': _int(record, 'expression') >= 0,
+      'compound': _int(record, 'compound') >= 0,
+      'intensity': math.isfinite(_float(record, 'intensity')),
+      'valence_arousal': (math.isfinite(_float(record, 'valence'))
+                          and math.isfinite(_float(record, 'arousal'))),
+      'rationale': bool(_text(record, 'rationale')),
+      'uncertainty': _soft_label(record) is not None,
+      'open_vocab': _int(record, 'expression') >= 0 or _int(record, 'compound') >= 0,
+      'age_group': _int(record, 'age_group') >= 0,
+      'gender': _int(record, 'gender') >= 0,
+  }
+  return [t for t in TASKS if has[t]]
+
+
+def sample_task(record, tasks, weights, rng: np.random.Generator) -> str:
+  """One of `tasks` this record supports, drawn with `weights` renormalised over them."""
+  ok = set(available_tasks(record))
+  pool = [(t, w) for t, w in zip(tasks, weights) if t in ok and w > 0]
+  if not pool:
+    raise ValueError(
+        f'record {_text(record, "id")!r} ({_text(record, "source")}) supports none of '
+        f'config.input.tasks={list(tasks)}; it supports {sorted(ok)}')
+  p = np.array([w for _, w in pool], np.float64)
+  return pool[rng.choice(len(pool), p=p / p.sum())][0]
+
+
+# ---- answers -----------------------------------------------------------------------
+
+def intensity_word(value: float) -> str:
+  if value <= 0:
+    return 'none'
+  return INTENSITY_WORDS[min(4, int(value * 5))]
+
+
+def _answer_body(record, task, rng) -> tuple[str, list | None]:
+  """(answer text, open-vocab candidates or None)."""
+  if task == 'describe':
+    return _text(record, 'caption'), None
+  if task == 'basic':
+    return labels.BASIC[_int(record, 'expression')], None
+  if task == 'compound':
+    return labels.COMPOUND[_int(record, 'compound')], None
+  if task == 'intensity':
+    v = round(min(1.0, max(0.0, _float(record, 'intensity'))), 2)   # word of the shown value
+    return f'{v:.2f} ({intensity_word(v)})', None
+  if task == 'valence_arousal':
+    return f'valence {_float(record, "valence"):.2f}, arousal {_float(record, "arousal"):.2f}', None
+  if task == 'rationale':
+    return _text(record, 'rationale'), None
+  if task == 'uncertainty':
+    dist = _soft_label(record)
+    order = sorted(range(len(dist)), key=lambda i: (-dist[i], i))[:2]
+    return ', '.join(f'{labels.BASIC[i]} {dist[i]:.2f}' for i in order if dist[i] > 0), None
+  if task == 'open_vocab':
+    return _open_vocab(record, rng)
+  if task == 'age_group':
+    return labels.AGE_GROUPS[_int(record, 'age_group')], None
+  if task == 'gender':
+    return labels.GENDERS[_int(record, 'gender')], None
+  raise ValueError(f'unknown task {task!r}; expected one of {TASKS}')
+
+
+def _compound_forms(name: str) -> tuple[str, ...]:
+  a, b = (SYNONYMS[c][1] for c in labels.COMPOUND_COMPONENTS[name])
+  return (name, f'{a} and {b}', f'both {a} and {b}', f'{b} and {a}', name.replace(' ', '-'))
+
+
+def surface_forms(name: str) -> tuple[str, ...]:
+  """Every way a BASIC or COMPOUND label may be written (canonical first)."""
+  if name in SYNONYMS:
+    return tuple(dict.fromkeys(SYNONYMS[name]))
+  if name in labels.COMPOUND_COMPONENTS:
+    return _compound_forms(name)
+  raise ValueError(f'unknown label {name!r}; expected a BASIC or COMPOUND name')
+
+
+def written_form(name: str, style: int, rng: np.random.Generator) -> str:
+  """`name` written in a vocabulary style: 0 canonical, 1 adjective ('happy';
+  'happy and surprised'), 2 a synonym ('joyful'; 'both happy and surprised')."""
+  if name in SYNONYMS:
+    forms = SYNONYMS[name]
+    return forms[style] if style < 2 else str(rng.choice(forms[2:]))
+  return _compound_forms(name)[min(style, 2)]
+
+
+def _open_vocab(record, rng) -> tuple[str, list]:
+  if _int(record, 'expression') >= 0:
+    vocab, true = labels.BASIC, labels.BASIC[_int(record, 'expression')]
+  else:
+    vocab, true = labels.COMPOUND, labels.COMPOUND[_int(record, 'compound')]
+  others = [n for n in vocab if n != true]
+  k = int(rng.integers(2, len(others) + 1))       # 3 .. all candidates
+  names = [true] + [others[i] for i in rng.choice(len(others), k, replace=False)]
+  names = [names[i] for i in rng.permutation(len(names))]
+  style = int(rng.integers(3))
+  written = {n: written_form(n, style, rng) for n in names}
+  return written[true], [written[n] for n in names]
+
+
+def make_example(record, task: str, rng: np.random.Generator) -> tuple[str, str]:
+  """(user prompt, target response) for `record` and `task`.
+
+  The prompt is the user's message only; pipelines wrap it in the tokenizer's chat
+  template. Raises ValueError if the record lacks the task's field.
+  """
+  if task not in TASKS:
+    raise ValueError(f'unknown task {task!r}; expected one of {TASKS}')
+  if task not in available_tasks(record):
+    raise ValueError(f'record {_text(record, "id")!r} has no field for task {task!r}')
+  body, cands = _answer_body(record, task, rng)
+  vocab = {'basic': labels.BASIC, 'compound': labels.COMPOUND, 'uncertainty': labels.BASIC,
+           'age_group': labels.AGE_GROUPS, 'gender': labels.GENDERS}.get(task)
+  shown = cands if cands is not None else vocab
+  prompt = str(rng.choice(_PROMPTS[task]))
+  if shown is not None:
+    listed = ', '.join(shown) if task != 'age_group' else ', '.join(shown[:-1]) + ' or ' + shown[-1]
+    prompt = prompt.format(labels=listed)
+  rationale = _text(record, 'rationale')
+  if task in COT_TASKS and rationale:
+    return (f'{prompt} {rng.choice(_COT_HINTS)}',
+            f'<think>{rationale}</think><answer>{body}</answer>')
+  return f'{prompt} {rng.choice(_ANSWER_HINTS)}', f'<answer>{body}</answer>'
+
+
+def template_texts() -> list[str]:
+  """Every prompt phrasing and hint with every label word filled in (tokenizer corpus)."""
+  out = list(_COT_HINTS) + list(_ANSWER_HINTS) + list(INTENSITY_WORDS) + ['none']
+  lists = [', '.join(v) for v in (labels.BASIC, labels.COMPOUND, labels.AGE_GROUPS, labels.GENDERS)]
+  for forms in [surface_forms(n) for n in labels.BASIC + labels.COMPOUND]:
+    lists.append(', '.join(forms))
+  for task, prompts in _PROMPTS.items():
+    for p in prompts:
+      out += [p.format(labels=l) for l in lists] if '{labels}' in p else [p]
+  out += [f'AU{au} {name}' for au, name in labels.AUS.items()]
+  return out
+
+
+# ---- parsing -----------------------------------------------------------------------
+
+_ANSWER = re.compile(r'<answer>(.*?)(?:</answer>|$)', re.IGNORECASE | re.DOTALL)
+_THINK = re.compile(r'<think>.*?(?:</think>|$)', re.IGNORECASE | re.DOTALL)
+_NUMBER = re.compile(r'[-+]?(?:\d+\.\d*|\.\d+|\d+)')
+# 'valence: -0.4', 'valence is 0.4' -- but not across a comma into the next value.
+_LABELLED = r'{}[^\d+\-.,;]{{0,20}}?([-+]?(?:\d+\.\d*|\.\d+|\d+))'
+
+
+def answer_span(text: str) -> str:
+  """The last <answer>...</answer> span (an unclosed one runs to the end), else the text
+  with any <think> part removed; stripped."""
+  spans = _ANSWER.findall(text)
+  if spans:
+    return spans[-1].strip()
+  return _THINK.sub(' ', text).strip()
+
+
+def _norm(s: str) -> str:
+  return re.sub(r'[\s_\-]+', ' ', re.sub(r'[^\w\s\-+.]', ' ', s.lower())).strip()
+
+
+def _match_label(span: str, forms: dict) -> str | None:
+  """forms: surface form -> label. Exact match, else the earliest whole-word match
+  (the longer form at a tie, so 'sadly surprised' beats 'sad')."""
+  s = _norm(span)
+  if s in forms:
+    return forms[s]
+  best = None
+  for form, name in forms.items():
+    m = re.search(r'(?<!\w)' + re.escape(form) + r'(?!\w)', s)
+    if m and (best is None or (m.start(), -len(form)) < best[0]):
+      best = ((m.start(), -len(form)), name)
+  return best[1] if best else None
+
+
+def _forms(names) -> dict:
+  out = {}
+  for n in names:
+    for f in surface_forms(n):
+      out.setdefault(_norm(f), n)
+  return out
+
+
+def _parse_float(span: str) -> float | None:
+  m = _NUMBER.search(span)
+  return float(m.group()) if m else None
+
+
+def parse_answer(task: str, text: str, candidates=None):
+  """The value a response gives for `task` (see the module table), or None.
+
+  `candidates` (open_vocab): the label strings the prompt offered; the answer is matched
+  against them and their synonyms only.
+  """
+  span = answer_span(text)
+  if task == 'describe':
+    return span or None
+  if task in ('basic', 'compound'):
+    vocab = labels.BASIC if task == 'basic' else labels.COMPOUND
+    name = _match_label(span, _forms(vocab))
+    return None if name is None else vocab.index(name)
+  if task == 'open_vocab':
+    known = _forms(labels.BASIC + labels.COMPOUND)
+    if candidates is None:
+      return _match_label(span, known)
+    # Each offered string, then the synonyms of the label it names; an unknown
+    # candidate (e.g. 'other') stands for itself.
+    allowed = {_norm(c): _match_label(c, known) or _norm(c) for c in candidates}
+    for name in set(allowed.values()):
+      if name in SYNONYMS or name in labels.COMPOUND_COMPONENTS:
+        for form in _forms([name]):
+          allowed.setdefault(form, name)
+    return _match_label(span, allowed)
+  if task == 'intensity':
+    v = _parse_float(span)
+    if v is not None and re.search(r'\d\s*%', span):
+      v /= 100
+    if v is None:
+      words = {w: (i + 0.5) / 5 for i, w in enumerate(INTENSITY_WORDS)} | {'none': 0.0}
+      hit = _match_label(span, {w: w for w in words})
+      return None if hit is None else words[hit]
+    return min(1.0, max(0.0, v))
+  if task == 'valence_arousal':
+    low = span.lower()
+    v = re.search(_LABELLED.format('valence'), low)
+    a = re.search(_LABELLED.format('arousal'), low)
+    if v and a:
+      return float(v.group(1)), float(a.group(1))
+    nums = _NUMBER.findall(low)
+    return (float(nums[0]), float(nums[1])) if len(nums) >= 2 else None
+  if task == 'rationale':
+    aus = {int(n) for n in re.findall(r'\bAU\s*(\d+)', span, re.IGNORECASE)}
+    by_name = {name: au for au, name in labels.AUS.items()}
+    low = _norm(span)
+    aus |= {au for name, au in by_name.items() if re.search(r'\b' + name + r'\b', low)}
+    aus &= set(labels.AUS)
+    if aus:
+      return tuple(sorted(aus))
+    return () if re.search(r'\bno (action units|muscle)', low) else None
+  if task == 'uncertainty':
+    forms = _forms(labels.BASIC)
+    out = []
+    for piece in re.split(r'[,;]|\band\b', span):
+      name = _match_label(piece, forms)
+      p = _parse_float(piece)
+      if name is not None and p is not None:
+        out.append((labels.BASIC.index(name), p))
+    return tuple(out[:2]) or None
+  if task == 'age_group':
+    for i, g in enumerate(labels.AGE_GROUPS):
+      if re.search(r'(?<![\d-])' + re.escape(g) + r'(?![\d-])', span):
+        return i
+    v = _parse_float(span)
+    if v is None or v < 0:
+      return None
+    bounds = (4, 20, 40, 70)   # lower edges of groups 1..4
+    return int(sum(v >= b for b in bounds))
+  if task == 'gender':
+    forms = {'male': 'male', 'man': 'male', 'female': 'female', 'woman': 'female',
+             'unsure': 'unsure', 'unclear': 'unsure', 'unknown': 'unsure'}
+    name = _match_label(span, forms)
+    return None if name is None else labels.GENDERS.index(name)
+  raise ValueError(f'unknown task {task!r}; expected one of {TASKS}')
