@@ -14,7 +14,6 @@ NOT_BUILT = {
     'prep': 'issue 3 (built-in corpus) and issue 6 (real-dataset builders)',
     'eval': 'issue 9 (evaluation)',
     'sweep': 'issue 9 (evaluation sweeps)',
-    'convert': 'issue 5 (Hugging Face conversion)',
     'export': 'issue 8 (student export)',
     'predict': 'issue 9 (unifer predict)',
     'compile-check': 'issue 4 (AOT compile-check)',
@@ -51,6 +50,30 @@ def _train(args, overrides) -> int:
   return 0
 
 
+def _add_convert(sub) -> None:
+  s = sub.add_parser('convert', help='Hugging Face <-> unifer tower checkpoints; parity check')
+  conv = s.add_subparsers(dest='convert_command', required=True)
+  dtypes = ('bfloat16', 'float32', 'float16')
+  c = conv.add_parser('from-hf', help='HF model dir -> DIR/config.json + DIR/params (orbax)')
+  c.add_argument('--src', required=True, help='HF model directory (config.json + safetensors)')
+  c.add_argument('--out', required=True, help='new directory for the converted tower')
+  c.add_argument('--dtype', choices=dtypes, help='cast the weights (default: keep their dtype)')
+  c = conv.add_parser('to-hf', help='converted tower -> HF dir that from_pretrained loads')
+  c.add_argument('--src', required=True, help='converted tower directory (or an HF directory)')
+  c.add_argument('--out', required=True, help='new HF model directory')
+  c.add_argument('--dtype', choices=dtypes, help='cast the weights (default: keep their dtype)')
+  c.add_argument('--max-shard-size', default='2GB', help='safetensors shard size (default 2GB)')
+  c = conv.add_parser('check', help='HF PyTorch model vs ours on the same random inputs')
+  c.add_argument('--hf', required=True, help='HF model directory (the PyTorch reference)')
+  c.add_argument('--src', required=True, help='converted tower directory (or an HF directory)')
+  c.add_argument('--atol', type=float, default=1e-3, help='max abs diff allowed (default 1e-3)')
+  c.add_argument('--max-kl', type=float, default=1e-4,
+                 help='LLMs: max next-token KL allowed (default 1e-4)')
+  c.add_argument('--batch', type=int, default=2)
+  c.add_argument('--seq-len', type=int, default=16, help='tokens per sequence (LLM / BERT)')
+  c.add_argument('--seed', type=int, default=0)
+
+
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog='unifer', description=__doc__.splitlines()[0])
   sub = p.add_subparsers(dest='command', required=True)
@@ -63,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument('--coordinator', help='host:port of process 0 (multi-process without a cluster)')
   s.add_argument('--num_processes', type=int)
   s.add_argument('--process_id', type=int)
+  _add_convert(sub)
   s = sub.add_parser('params', help='parameter counts of model presets / a config, built abstractly')
   s.add_argument('--preset', nargs='*', help='tiny demo base 7b')
   s.add_argument('--config', help='configs/X.py[:arg]')
@@ -82,6 +106,12 @@ def main(argv=None) -> int:
   if args.command == 'params':
     args.overrides = list(args.overrides) + unknown
     return _params(args)
+  if args.command == 'convert':
+    if unknown:
+      print(f'unifer convert: unknown arguments {unknown}', file=sys.stderr)
+      return 2
+    from unifer_jax.convert import commands
+    return commands.run(args)
   return _not_built(args.command)
 
 

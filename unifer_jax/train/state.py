@@ -25,6 +25,7 @@ from flax import nnx, traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from unifer_jax import sharding
+from unifer_jax.convert import compose
 from unifer_jax.models import presets
 from unifer_jax.models.unifer import UniFER
 from unifer_jax.train import optim
@@ -44,18 +45,26 @@ class Setup:
   logical_axes: dict           # flat 'path' -> logical axis names of every parameter
 
   def init_state(self, seed: int | None = None) -> Any:
-    """Concrete state, created directly in its shards (never whole on one host)."""
+    """Concrete state, created directly in its shards (never whole on one host); the
+    towers named in ``config.init`` then replace their random weights."""
     seed = self.config.seed if seed is None else seed
     model_cfg, freeze, tx = self.model_cfg, self.config.freeze, self.tx
 
-    def init():
+    def init_params():
       model = UniFER(model_cfg, rngs=nnx.Rngs(seed))
-      params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+      return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+    def with_optimizer(params):
       trainable, _ = optim.split_trainable(params, freeze)
       return {'step': jnp.zeros((), jnp.int32), 'params': params,
               'opt_state': tx.init(trainable)}
 
-    return jax.jit(init, out_shardings=self.state_shardings)()
+    params = jax.jit(init_params, out_shardings=self.state_shardings['params'])()
+    if compose.has_init(self.config):
+      params, report = compose.apply_init(params, self.config.init, model_cfg, seed=seed)
+      if jax.process_index() == 0:
+        print(report.summary(), flush=True)
+    return jax.jit(with_optimizer, out_shardings=self.state_shardings, donate_argnums=0)(params)
 
 
 def model_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -66,6 +75,8 @@ def model_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
   if config.get('remat'):
     for tower in ('vit', 'qformer', 'llm'):
       cfg[tower].remat = config.remat
+  if compose.has_init(config):  # pretrained towers decide their own architecture
+    cfg = compose.model_config_with_init(cfg, config.init)
   return cfg
 
 
