@@ -31,8 +31,6 @@ SOURCES = {
     'celeba_dialog': text.CelebaDialog,
 }
 BUILDERS = {name: base.make_builder(cls) for name, cls in SOURCES.items()}
-# Sources whose size calls for Beam at scale (others run fine in a process pool).
-LARGE = ('facecaption', 'expw', 'affectnet')
 
 
 def _split_name(name: str, config: str | None):

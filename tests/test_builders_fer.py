@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
 import builders_util as u
 from data_prep import registry
@@ -146,6 +147,9 @@ def test_ferplus_modes_end_to_end(tmp_path, mode):
     top = max(outcome[mode].items(), key=lambda kv: (kv[1], -COLS.index(kv[0])))[0]
     assert labels.BASIC[r['expression']] == top, name_
     assert r['image'].shape == (48, 48, 3)
+  # Registered with tfds: its own reader finds the config by name.
+  ds = tfds.data_source(f'ferplus/{mode}', data_dir=str(out), split='train')
+  assert len(ds) == report.written['train']
 
 
 def test_ferplus_from_fer2013new_csv(tmp_path):

@@ -53,6 +53,10 @@ class SourceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     self.final_dir = os.fspath(self.data_dir)   # data_dir points at a temp dir while generating
     self.report = None
 
+  def _make_report(self) -> common.Report:
+    label = f'{self.name}/{self.builder_config.name}' if self.builder_config else self.name
+    return common.Report.from_tally(label, self.final_dir, self.tally, self.max_skip_fraction)
+
   def _info(self):
     return tfds.core.DatasetInfo(
         builder=self, description=self.SOURCE.description, features=schema.features(),
@@ -70,9 +74,7 @@ class SourceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       for f in self.data_path.glob(_TALLY_FILE.format(split='*')):
         self.tally.merge(common.Tally.from_json(json.loads(f.read_text())))
         f.unlink()
-    self.report = common.Report.from_tally(
-        self.name if not self.builder_config else f'{self.name}/{self.builder_config.name}',
-        self.final_dir, self.tally, self.max_skip_fraction)
+    self.report = self._make_report()
     self.info.metadata['report'] = self.report.to_json()
     if self.report.failed:
       # Raised inside tfds' incomplete-dir context: the partial dataset is removed.
@@ -85,8 +87,7 @@ class SourceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     units = {s: list(u) for s, u in self.source.scan(self.tally).items()}
     units = {s: u for s, u in units.items() if u and self._yields_a_record(s, u)}
     if not units:
-      self.report = common.Report.from_tally(self.name, self.final_dir, self.tally,
-                                             self.max_skip_fraction)
+      self.report = self._make_report()
       raise common.SkipFractionExceeded(self.report)
     if self.beam:
       from data_prep import beam as beam_lib  # pylint: disable=g-import-not-at-top
