@@ -36,7 +36,8 @@ def _fixture(src):
            '200/bad.jpg,10,10,80,80,,1,1.5,0',                               # 15: valence > 1
            '200/bad.jpg,10,10,80,80,1;2;3,1,0,0',                             # 16: 3 landmark values
            '200/missing.jpg,10,10,80,80,,1,0,0',                              # 17: missing file
-           '200/trunc.jpg,10,10,80,80,,1,0,0']                                # 18: truncated
+           '200/trunc.jpg,10,10,80,80,,1,0,0',                                # 18: truncated
+           '200/bad.jpg,10,10,0,80,,1,0,0']                                   # 19: zero-width box
   u.truncated(str(images / '200/trunc.jpg'))
   u.write(str(lists / 'training.csv'), '\n'.join(rows) + '\n')
   u.image(str(images / '300/val.jpg'), (100, 100), value=9)
@@ -54,7 +55,7 @@ def test_affectnet(tmp_path, protocol):
   assert report.written == ({'train': 9, 'validation': 1} if classes == 8 else {'train': 8})
   csv = 'Manually_Annotated_file_lists/training.csv'
   assert u.skipped_at(report, common.LABEL) == [f'{csv}:14', f'{csv}:15']
-  assert u.skipped_at(report, common.MALFORMED) == [f'{csv}:16']
+  assert u.skipped_at(report, common.MALFORMED) == [f'{csv}:16', f'{csv}:19']
   assert u.skipped_at(report, common.MISSING) == [f'{csv}:17']
   assert u.skipped_at(report, common.UNREADABLE) == [f'{csv}:18']
   excluded = {'expression 8 (None)': 1, 'expression 9 (Uncertain)': 1,

@@ -23,7 +23,7 @@ import os
 import numpy as np
 
 from data_prep.builders import common
-from unifer_jax.data import faces, labels, schema
+from unifer_jax.data import labels, schema
 
 CODES = ('neutral', 'happiness', 'sadness', 'surprise', 'fear', 'disgust', 'anger', 'contempt')
 EXCLUDED = {8: 'None', 9: 'Uncertain', 10: 'No-Face'}
@@ -138,10 +138,8 @@ class AffectNet(common.Source):
     if box is None:   # the Kaggle sample: already face crops
       image = common.keep_or_encode(img, data)
     else:
-      face = faces.face_crop(common.rgb_array(img), box=box, size=self.face_size,
-                             margin=self.face_margin,
-                             landmarks=np.reshape(marks, (68, 2)) if marks and self.align else None)
-      image = common.encode(face)
+      image = self.face(img, where, box=box,
+                        landmarks=np.reshape(marks, (68, 2)) if marks and self.align else None)
     dist = np.zeros(len(labels.BASIC), np.float32)
     dist[index] = 1
     yield common.Ok(key, schema.empty_record(

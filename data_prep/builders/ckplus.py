@@ -18,7 +18,7 @@ import os
 import numpy as np
 
 from data_prep.builders import common
-from unifer_jax.data import faces, labels, schema
+from unifer_jax.data import labels, schema
 
 CODES = ('neutral', 'anger', 'contempt', 'disgust', 'fear', 'happiness', 'sadness', 'surprise')
 
@@ -82,12 +82,9 @@ class CkPlus(common.Source):
     img, _ = common.open_image(path, where)
     stem = frame.rsplit('.', 1)[0]
     marks = read_landmarks(os.path.join(self.src, 'Landmarks', seq, f'{stem}_landmarks.txt'))
-    face = faces.face_crop(common.rgb_array(img), landmarks=marks, size=self.face_size,
-                           margin=self.face_margin)
-    if face is None:
-      raise common.Skip(common.NO_FACE, self.rel(path))
+    image = self.face(img, self.rel(path), landmarks=marks)
     key = f'{seq}/{stem}'
     dist = np.zeros(len(labels.BASIC), np.float32)
     dist[index] = 1
     yield common.Ok(key, schema.empty_record(
-        image=common.encode(face), id=key, source=self.name, expression=index, label_dist=dist))
+        image=image, id=key, source=self.name, expression=index, label_dist=dist))

@@ -20,6 +20,8 @@ from typing import Iterator, NamedTuple
 import numpy as np
 from PIL import Image
 
+from unifer_jax.data import faces
+
 # Why an input was not written. Skips count toward --max_skip_fraction; exclusions
 # are the dataset's own protocol (e.g. AffectNet code 9 "Uncertain") and do not.
 UNREADABLE = 'unreadable or truncated image'
@@ -215,6 +217,19 @@ class Source:
     return out
 
   # ------------------------------------------------------------------ helpers
+  def face(self, img: Image.Image, where: str, *, box=None, landmarks=None) -> bytes:
+    """The face of `img` as a face_size JPEG: aligned on landmarks, else cut from
+    box, else found by the detector. No face -> Skip(NO_FACE); a degenerate box or
+    landmarks (zero size, coinciding eyes) -> Skip(MALFORMED)."""
+    try:
+      crop = faces.face_crop(rgb_array(img), box=box, landmarks=landmarks, size=self.face_size,
+                             margin=self.face_margin)
+    except ValueError as e:
+      raise Skip(MALFORMED, where, str(e)) from None
+    if crop is None:
+      raise Skip(NO_FACE, where)
+    return encode(crop)
+
   def rel(self, path) -> str:
     """`path` relative to the source root, for reports."""
     path = os.fspath(path)

@@ -21,7 +21,7 @@ import os
 import numpy as np
 
 from data_prep.builders import common
-from unifer_jax.data import faces, labels, schema
+from unifer_jax.data import labels, schema
 
 # RAF-DB basic codes 1..7 -> labels.BASIC.
 BASIC_CODES = {1: 'surprise', 2: 'fear', 3: 'disgust', 4: 'happiness', 5: 'sadness',
@@ -105,11 +105,7 @@ class RafdbBasic(common.Source):
     if self.images == 'aligned':
       image = common.keep_or_encode(img, data)
     else:   # align on the manual eye landmarks (detector if the file is missing)
-      face = faces.face_crop(common.rgb_array(img), size=self.face_size, margin=self.face_margin,
-                             landmarks=None if manual is None else manual['landmarks'])
-      if face is None:
-        raise common.Skip(common.NO_FACE, where)
-      image = common.encode(face)
+      image = self.face(img, where, landmarks=None if manual is None else manual['landmarks'])
     if problem:   # the image stays; the run reports the lost attributes
       yield common.Warned(*problem)
     attrs = {k: manual[k] for k in ('gender', 'race', 'age_group')} if manual else {}

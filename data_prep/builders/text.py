@@ -29,7 +29,7 @@ import os
 import numpy as np
 
 from data_prep.builders import common
-from unifer_jax.data import faces, schema
+from unifer_jax.data import schema
 
 BOX_COLUMNS = ('face_bbox', 'face_box', 'bbox', 'box')
 PATH_COLUMNS = ('image_path', 'file_name', 'path')
@@ -112,15 +112,12 @@ class FaceCaption(common.Source):
     if img is None:
       return common.Excluded(f'img2dataset status {row.get("status")!r}', where)
     key = str(row.get('key') or key)
-    face = faces.face_crop(common.rgb_array(img), box=_find_box(row), size=self.face_size,
-                           margin=self.face_margin)
-    if face is None:
-      raise common.Skip(common.NO_FACE, where)
+    image = self.face(img, where, box=_find_box(row))
     caption = row.get('face_caption') or row.get('caption') or row.get('laion_caption') or ''
     if isinstance(caption, list):   # some releases keep several captions per face
       caption = caption[0] if caption else ''
     return common.Ok(key, schema.empty_record(
-        image=common.encode(face), id=key, source=self.name, caption=str(caption)))
+        image=image, id=key, source=self.name, caption=str(caption)))
 
 
 class CelebaDialog(common.Source):
