@@ -33,8 +33,8 @@ from data_prep import facs, render
 from unifer_jax.data import labels, schema
 
 NAME = 'synthetic_faces'
-SPLITS = {'train': 0, 'validation': 1, 'test': 2}   # value: the split's RNG stream id
-_SAMPLES_STREAM = 3
+SPLITS = ('train', 'validation', 'test')
+_STREAMS = {'train': 0, 'validation': 1, 'test': 2, 'samples': 3}  # RNG stream per split
 
 
 def split_sizes(size: int) -> dict:
@@ -64,8 +64,9 @@ def make_record(index: int, *, seed: int, split: str, image_size: int = 112,
 
   `expression` (a BASIC or COMPOUND name) forces the category (used for samples.png).
   """
-  stream = SPLITS[split] if split in SPLITS else _SAMPLES_STREAM
-  rng = np.random.default_rng([seed, stream, index])
+  if split not in _STREAMS:
+    raise ValueError(f'synthetic_faces split {split!r}; expected one of {list(_STREAMS)}')
+  rng = np.random.default_rng([seed, _STREAMS[split], index])
   expr = facs.sample_expression(rng, compound_fraction, category=expression)
   look = render.sample_look(rng)
   valence, arousal = facs.valence_arousal(expr, rng)
@@ -94,6 +95,8 @@ class SyntheticFaces(tfds.core.GeneratorBasedBuilder):
                compound_fraction: float = 0.3, workers: int = 2, **kwargs):
     if not 0 <= compound_fraction <= 1:
       raise ValueError(f'compound_fraction must be in [0, 1], got {compound_fraction}')
+    if seed < 0:
+      raise ValueError(f'seed must be >= 0, got {seed}')
     if image_size < 32:
       raise ValueError(f'image_size must be >= 32 pixels, got {image_size}')
     self.params = dict(size=int(size), seed=int(seed), image_size=int(image_size),
@@ -115,7 +118,10 @@ class SyntheticFaces(tfds.core.GeneratorBasedBuilder):
     # One pool for all splits: spawn (safe under threads) costs an import per worker.
     if self.workers > 1:
       with multiprocessing.get_context('spawn').Pool(self.workers) as self._pool:
-        super()._download_and_prepare(dl_manager, download_config)
+        try:
+          super()._download_and_prepare(dl_manager, download_config)
+        finally:
+          self._pool = None
     else:
       super()._download_and_prepare(dl_manager, download_config)
     order = (*SPLITS, 'basic', 'compound', 'occluded')
@@ -123,7 +129,7 @@ class SyntheticFaces(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     del dl_manager
-    return {split: self._generate_examples(split, n) for split, n in self.sizes.items()}
+    return {split: self._generate_examples(split, self.sizes[split]) for split in SPLITS}
 
   def _generate_examples(self, split, n):
     p = self.params
@@ -133,7 +139,7 @@ class SyntheticFaces(tfds.core.GeneratorBasedBuilder):
     for i, rec in enumerate(records):
       self.tally[split] += 1
       self.tally['compound' if rec['compound'] >= 0 else 'basic'] += 1
-      self.tally['occluded'] += '"occluder":"none"' not in rec['nuisance']
+      self.tally['occluded'] += json.loads(rec['nuisance'])['occluder'] != 'none'
       yield i, rec
 
 

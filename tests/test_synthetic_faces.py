@@ -202,6 +202,12 @@ def test_split_sizes_and_bad_args():
     sf.split_sizes(2)
   with pytest.raises(ValueError, match='compound_fraction'):
     sf.SyntheticFaces(compound_fraction=1.5)
+  with pytest.raises(ValueError, match='seed'):
+    sf.SyntheticFaces(seed=-1)
+  with pytest.raises(ValueError, match="'dev'"):
+    sf.make_record(0, seed=0, split='dev')
+  with pytest.raises(ValueError, match='joy'):
+    sf.make_record(0, seed=0, split='train', expression='joy')
 
 
 def _array_record_bytes(out):
