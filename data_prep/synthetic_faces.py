@@ -189,21 +189,21 @@ def _existing_metadata(path):
       meta = json.load(f)
     tfds.builder_from_directory(path)  # complete and readable?
     return meta if 'counts' in meta else None
-  except (OSError, ValueError, FileNotFoundError):
+  except Exception:  # pylint: disable=broad-except  (absent, partial or foreign: rebuild)
     return None
 
 
 def write_samples(path, *, seed: int = 0, image_size: int = 112, per_basic: int = 6,
                   per_compound: int = 2) -> None:
   """A labelled grid: a row per basic expression, then the compounds, with nuisances."""
-  tiles = [(name, i) for name in labels.BASIC for i in range(per_basic)]
-  tiles += [(name, i) for name in labels.COMPOUND for i in range(per_compound)]
+  tiles = [n for n in labels.BASIC for _ in range(per_basic)]
+  tiles += [n for n in labels.COMPOUND for _ in range(per_compound)]
   cols, tw, th = per_basic, image_size + 28, image_size + 26
   rows = -(-len(tiles) // cols)
   sheet = Image.new('RGB', (cols * tw, rows * th), (255, 255, 255))
   draw = ImageDraw.Draw(sheet)
   font = ImageFont.load_default(size=11)
-  for k, (name, i) in enumerate(tiles):
+  for k, name in enumerate(tiles):
     rec = make_record(k, seed=seed, split='samples', image_size=image_size, expression=name)
     x, y = (k % cols) * tw, (k // cols) * th
     sheet.paste(Image.open(io.BytesIO(rec['image'])), (x + 14, y + 2))
