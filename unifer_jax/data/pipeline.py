@@ -1,0 +1,377 @@
+"""grain input pipelines over prepared TFDS ArrayRecord datasets, for every stage.
+
+``config.input.type = 'tfds'`` (registered in inputs.INPUTS) makes a :class:`TfdsInput`:
+this process's rows of each global batch, in the stage's format (examples.py has the
+exact keys; ``batch_spec`` gives them with the GLOBAL batch), with a JSON-able iterator
+state that the trainer stores in every checkpoint.
+
+Graph (training)::
+
+  per dataset j: range(len(split))[p::P] -> shuffle(seed_j,p) -> repeat()   (reshuffled per epoch)
+  -> mix(weights)                       (grain's deterministic proportional interleave)
+  -> random_map(read + decode + augment + template + tokenise + pad)   (rng = f(seed, p, position))
+  -> batch(global_batch / P, drop_remainder) -> to_iter_dataset(threads) [-> mp_prefetch(workers)]
+
+p / P are this process's index / the process count (jax's, or explicit ``shard``), so
+processes read disjoint interleaved shards. Everything random is a pure function of
+(seed, p, position), so batch k of a process is fixed: resuming from the saved state
+(grain's ``next_index`` = batches consumed, the same number on every process) gives
+exactly the batches an uninterrupted run would have seen, with any worker count.
+
+Eval (``train=False``): one pass over the split in order, no augmentation; process p
+reads records p, p + P, ...; the last batch is padded (``valid`` = 0 rows, a repeat of a
+real record) so every process yields the same number of batches; adds ``id`` (bytes).
+
+Stage -> format: lm -> lm, align -> align, generate -> generate, instruct -> instruct,
+distill -> eval (with augmentation in training). ``config.input.format`` overrides.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+
+from unifer_jax.data import augment, examples, instructions, sources
+from unifer_jax.data import tokenizer as tokenizer_lib
+
+log = logging.getLogger(__name__)
+
+STAGE_FORMATS = {'lm': 'lm', 'align': 'align', 'generate': 'generate',
+                 'instruct': 'instruct', 'distill': 'eval'}
+
+
+def default_input_config() -> ml_collections.ConfigDict:
+  """``config.input`` for the tfds pipelines (keys documented inline)."""
+  return ml_collections.ConfigDict(dict(
+      type='tfds',
+      name='synthetic_faces',      # a tfds name under data_dir, or a dataset version dir
+      data_dir='',
+      mixture=[],                  # [[name, weight], ...]; empty: `name` alone
+      split='train',
+      format='',                   # '' = from config.stage (STAGE_FORMATS)
+      batch_size=32,               # GLOBAL batch; each process gets batch_size / processes
+      seq_len=128,                 # LLM tokens (lm / generate / instruct)
+      text_len=64,                 # Q-Former text tokens (align)
+      image_size=0,                # 0 = the model's vit.image_size
+      image_mean=(0.5, 0.5, 0.5),  # pixels -> (x / 255 - mean) / std
+      image_std=(0.5, 0.5, 0.5),
+      tokenizer='',                # HF tokenizer directory (LLM side)
+      text_tokenizer='',           # Q-Former side; '' = tokenizer
+      tokenizer_train_vocab=0,     # > 0: train the BPE into `tokenizer` if it is missing
+      tasks=list(instructions.TASKS),
+      task_weights=[],             # per task; empty = uniform (over the tasks a record has)
+      lm_caption_fraction=0.5,     # lm format: captions vs instruction texts
+      augment=dict(enabled=True, **{k: v for k, v in augment.DEFAULT_AUGMENT.items()}),
+      workers=0,                   # grain worker processes (0 = in-process threads only)
+      threads=2,                   # grain read threads per process / worker
+      prefetch=4,                  # batches buffered per reader
+      seed=0,
+  ))
+
+
+def resolve_config(input_cfg) -> ml_collections.ConfigDict:
+  """Defaults overlaid with the given keys (a base() config's input may hold fewer)."""
+  cfg = default_input_config()
+  given = input_cfg.to_dict() if hasattr(input_cfg, 'to_dict') else dict(input_cfg)
+  for k, v in given.items():
+    cfg[k] = v
+  return cfg
+
+
+def _seed(*parts) -> int:
+  return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+def _tag(source: int, index) -> tuple[int, int]:
+  return source, int(index)
+
+
+class _Transform:
+  """(source, index) -> example: reads the record, then ExampleMaker (picklable)."""
+
+  def __init__(self, srcs, maker, train: bool):
+    self.srcs, self.maker, self.train = srcs, maker, train
+
+  def __call__(self, item, rng=None):
+    source, index = item
+    return self.maker(source, index, self.srcs[source][index], rng if self.train else None)
+
+
+class _EvalTransform(_Transform):
+  """Local position k -> record p + k * P, or a padding row (valid = 0)."""
+
+  def __init__(self, src, maker, shard):
+    super().__init__([src], maker, train=False)
+    self.shard = shard
+
+  def __call__(self, k, rng=None):
+    i = self.shard[0] + int(k) * self.shard[1]
+    valid = i < len(self.srcs[0])
+    rec = self.srcs[0][i if valid else 0]
+    ex = self.maker(0, i if valid else 0, rec, None)
+    ex['valid'] = np.float32(valid)
+    ex['id'] = np.bytes_(rec['id'])
+    return ex
+
+
+def load_tokenizers(cfg, fmt: str):
+  """(LLM tokenizer, Q-Former text tokenizer) the format needs (None where unused)."""
+  needs_llm, needs_text = fmt in ('lm', 'generate', 'instruct'), fmt == 'align'
+  if not (needs_llm or needs_text):
+    return None, None
+  path = cfg.tokenizer
+  if not path:
+    raise ValueError(f'config.input.tokenizer is empty; format {fmt!r} needs a tokenizer '
+                     f'directory')
+  if not tokenizer_lib.is_tokenizer_dir(path) and cfg.tokenizer_train_vocab > 0:
+    names = [m[0] for m in cfg.mixture] or [cfg.name]
+    log.info('training a %d-token BPE on %s into %s', cfg.tokenizer_train_vocab, names, path)
+    tokenizer_lib.train_for_datasets(names, path, data_dir=cfg.data_dir, split=cfg.split,
+                                     vocab_size=cfg.tokenizer_train_vocab, seed=cfg.seed)
+  tok = tokenizer_lib.load(path)
+  text_tok = tokenizer_lib.load(cfg.text_tokenizer) if cfg.text_tokenizer else tok
+  return (tok if needs_llm else None), (text_tok if needs_text else None)
+
+
+class Pipeline:
+  """Batches of one process's shard in one format; iterate, or next(); resumable.
+
+  `batch_size` is per process. `shard` = (index, count), default jax's process index
+  and count. Tokenizers are loaded from the config unless given.
+  """
+
+  def __init__(self, cfg, fmt: str, *, batch_size: int, image_size: int, train: bool = True,
+               shard: tuple[int, int] | None = None, tokenizers=None):
+    cfg = resolve_config(cfg)
+    if fmt not in examples.FORMATS:
+      raise ValueError(f'input format {fmt!r}; expected one of {examples.FORMATS}')
+    if batch_size <= 0:
+      raise ValueError(f'per-process batch size must be > 0, got {batch_size}')
+    self.cfg, self.fmt, self.train, self.batch_size = cfg, fmt, train, batch_size
+    self.shard = shard or (jax.process_index(), jax.process_count())
+    if not 0 <= self.shard[0] < self.shard[1]:
+      raise ValueError(f'shard {self.shard} must be (index, count) with 0 <= index < count')
+    tok, text_tok = tokenizers if tokenizers is not None else load_tokenizers(cfg, fmt)
+    aug = dict(cfg.augment)
+    enabled = aug.pop('enabled', True)
+    aug = augment.settings(aug)
+    self.maker = examples.ExampleMaker(
+        fmt=fmt, image_size=image_size, seq_len=cfg.seq_len, text_len=cfg.text_len,
+        tokenizer=tok, text_tokenizer=text_tok, tasks=tuple(cfg.tasks),
+        task_weights=tuple(cfg.task_weights), lm_caption_fraction=cfg.lm_caption_fraction,
+        augment=aug if (train and enabled) else None, mean=tuple(cfg.image_mean),
+        std=tuple(cfg.image_std))
+    mixture = [(str(m[0]), float(m[1])) for m in cfg.mixture] or [(cfg.name, 1.0)]
+    if any(w <= 0 for _, w in mixture):
+      raise ValueError(f'config.input.mixture weights must be > 0, got {mixture}')
+    self.mixture = mixture
+    srcs = [sources.open_split(name, cfg.split, cfg.data_dir) for name, _ in mixture]
+    self.dataset = self._train_graph(srcs) if train else self._eval_graph(srcs)
+    self._iter = None
+    self._start = 0      # the batch grain's current iterator started at
+    self.position = 0    # batches consumed
+
+  # -- graphs ------------------------------------------------------------------------
+
+  def _train_graph(self, srcs):
+    p, n = self.shard
+    parts = []
+    for j, src in enumerate(srcs):
+      ds = grain.MapDataset.range(len(src))[p::n]
+      if len(ds) == 0:
+        raise ValueError(f'dataset {self.mixture[j][0]!r} split {self.cfg.split!r} has '
+                         f'{len(src)} records: none left for shard {p} of {n}')
+      ds = ds.shuffle(seed=_seed(self.cfg.seed, 1, j, p)).repeat()
+      parts.append(ds.map(functools.partial(_tag, j)))
+    ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(
+        parts, [w for _, w in self.mixture])
+    ds = ds.random_map(_Transform(srcs, self.maker, train=True),
+                       seed=_seed(self.cfg.seed, 2, p))
+    return ds.batch(self.batch_size, drop_remainder=True)
+
+  def _eval_graph(self, srcs):
+    if len(srcs) != 1:
+      raise ValueError('an eval pipeline reads one dataset; config.input.mixture has '
+                       f'{len(srcs)}')
+    p, n = self.shard
+    per_shard = math.ceil(len(srcs[0]) / n)   # the largest shard; every process pads to it
+    self.num_batches = math.ceil(per_shard / self.batch_size)
+    ds = grain.MapDataset.range(self.num_batches * self.batch_size)
+    ds = ds.map(_EvalTransform(srcs[0], self.maker, (p, n)))
+    return ds.batch(self.batch_size, drop_remainder=True)
+
+  # -- iteration ---------------------------------------------------------------------
+
+  def _iterator(self, start: int | None = None):
+    """grain's iterator over the batches from `start` (default: where it stands)."""
+    if start is not None:
+      self.close()
+      self._start = start
+    if self._iter is None:
+      cfg = self.cfg
+      ds = self.dataset[self._start:] if self._start else self.dataset
+      ds = ds.to_iter_dataset(grain.ReadOptions(
+          num_threads=int(cfg.threads), prefetch_buffer_size=int(cfg.prefetch)))
+      if cfg.workers > 0:
+        from absl import flags  # pylint: disable=g-import-not-at-top
+        if not flags.FLAGS.is_parsed():   # grain's workers read absl flags
+          flags.FLAGS.mark_as_parsed()
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=int(cfg.workers), per_worker_buffer_size=int(cfg.prefetch)))
+      self._iter = iter(ds)
+    return self._iter
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    batch = next(self._iterator())
+    self.position += 1
+    return batch
+
+  def get_state(self) -> dict:
+    """JSON-able: batches consumed, and grain's state of the iterator that started at
+    batch `start` (grain's own checkpoint of the worker/buffer positions)."""
+    return {'position': self.position, 'start': self._start,
+            'grain': _jsonable(self._iterator().get_state())}
+
+  def set_state(self, state: dict) -> None:
+    """Continue at the saved batch: with grain's state when it fits this iterator's
+    structure, else (the worker count changed) from the position alone -- batch k is a
+    pure function of k."""
+    position, start = int(state['position']), int(state.get('start', 0))
+    it = self._iterator(start)
+    saved = _int_keys(state.get('grain'))
+    if saved is not None and _same_structure(_jsonable(saved), _jsonable(it.get_state())):
+      it.set_state(saved)
+    else:
+      self._iterator(position)
+    self.position = position
+
+  def close(self) -> None:
+    if self._iter is not None and hasattr(self._iter, 'close'):
+      self._iter.close()
+    self._iter = None
+
+  def batch_spec(self, global_batch: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """Device keys of the GLOBAL batch (no '_' metadata, no ``id``)."""
+    spec = examples.example_spec(self.fmt, self.maker.image_size, self.cfg.seq_len,
+                                 self.cfg.text_len)
+    if not self.train:
+      spec['valid'] = ((), np.float32)
+    return {k: jax.ShapeDtypeStruct((global_batch, *shape), dtype)
+            for k, (shape, dtype) in spec.items()}
+
+
+def _same_structure(a, b) -> bool:
+  if isinstance(a, dict) and isinstance(b, dict):
+    return a.keys() == b.keys() and all(_same_structure(a[k], b[k]) for k in a)
+  if isinstance(a, list) and isinstance(b, list):
+    return len(a) == len(b) and all(_same_structure(x, y) for x, y in zip(a, b))
+  return type(a) is type(b) or (isinstance(a, (int, float)) and isinstance(b, (int, float)))
+
+
+def _int_keys(x):
+  """JSON turned grain's int dict keys (interleave's future_states) into strings."""
+  if isinstance(x, dict):
+    return {int(k) if isinstance(k, str) and k.isdigit() else k: _int_keys(v)
+            for k, v in x.items()}
+  if isinstance(x, list):
+    return [_int_keys(v) for v in x]
+  return x
+
+
+def _jsonable(x):
+  if isinstance(x, dict):
+    return {str(k): _jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_jsonable(v) for v in x]
+  if isinstance(x, (np.integer,)):
+    return int(x)
+  if isinstance(x, (np.floating,)):
+    return float(x)
+  if isinstance(x, bytes):
+    return x.decode('utf-8')
+  return x
+
+
+class TfdsInput:
+  """The trainer's input (``config.input.type='tfds'``): inputs.Input protocol.
+
+  Yields only the device keys of ``batch_spec`` (the '_' metadata is counted here:
+  ``stats()`` -> rows and truncated rows seen by this process).
+  """
+
+  def __init__(self, config, model_cfg):
+    cfg = resolve_config(config.input)
+    stage = config.get('stage', '')
+    fmt = cfg.format or STAGE_FORMATS.get(stage)
+    if fmt is None:
+      raise ValueError(f'config.stage={stage!r} has no input format; set config.input.format '
+                       f'to one of {examples.FORMATS}')
+    image_size = cfg.image_size or model_cfg.vit.image_size
+    if image_size != model_cfg.vit.image_size:
+      raise ValueError(f'config.input.image_size={image_size} but model.vit.image_size='
+                       f'{model_cfg.vit.image_size}')
+    n = jax.process_count()
+    if cfg.batch_size % n:
+      raise ValueError(f'config.input.batch_size={cfg.batch_size} is not divisible by the '
+                       f'{n} processes')
+    self.global_batch = cfg.batch_size
+    toks = load_tokenizers(cfg, fmt)
+    check_model_fit(cfg, fmt, model_cfg, *toks)
+    self.pipeline = Pipeline(cfg, fmt, batch_size=cfg.batch_size // n, image_size=image_size,
+                             train=True, tokenizers=toks)
+    self.spec = self.pipeline.batch_spec(self.global_batch)
+    self.rows = self.truncated = 0
+
+  def next_local_batch(self) -> dict[str, np.ndarray]:
+    batch = next(self.pipeline)
+    self.rows += len(batch['_truncated'])
+    cut = int(batch['_truncated'].sum())
+    if cut and not self.truncated:
+      log.warning('config.input.seq_len/text_len truncates texts (%d of %d rows in this '
+                  'batch); see TfdsInput.stats()', cut, len(batch['_truncated']))
+    self.truncated += cut
+    return {k: batch[k] for k in self.spec}
+
+  def stats(self) -> dict:
+    return {'rows': self.rows, 'truncated_rows': self.truncated}
+
+  def get_state(self) -> dict:
+    return {**self.pipeline.get_state(), 'rows': self.rows, 'truncated_rows': self.truncated}
+
+  def set_state(self, state: dict) -> None:
+    self.pipeline.set_state(state)
+    self.rows = int(state.get('rows', 0))
+    self.truncated = int(state.get('truncated_rows', 0))
+
+  def batch_spec(self) -> dict[str, jax.ShapeDtypeStruct]:
+    return dict(self.spec)
+
+
+def check_model_fit(cfg, fmt: str, model_cfg, tok, text_tok) -> None:
+  """Token ids and lengths must fit the model's vocabularies and positions."""
+  if tok is not None:
+    llm = model_cfg.llm
+    if tok.vocab_size > llm.vocab_size:
+      raise ValueError(f'tokenizer {tok.path} has {tok.vocab_size} ids but '
+                       f'model.llm.vocab_size={llm.vocab_size}')
+    prefix = model_cfg.qformer.num_queries if fmt != 'lm' else 0
+    if cfg.seq_len + prefix > llm.max_seq_len:
+      raise ValueError(f'config.input.seq_len={cfg.seq_len} + {prefix} image queries exceeds '
+                       f'model.llm.max_seq_len={llm.max_seq_len}')
+  if text_tok is not None:
+    q = model_cfg.qformer
+    if text_tok.vocab_size > q.vocab_size:
+      raise ValueError(f'text tokenizer {text_tok.path} has {text_tok.vocab_size} ids but '
+                       f'model.qformer.vocab_size={q.vocab_size}')
+    if cfg.text_len > q.max_position:
+      raise ValueError(f'config.input.text_len={cfg.text_len} exceeds '
+                       f'model.qformer.max_position={q.max_position}')
