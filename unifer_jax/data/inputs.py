@@ -56,7 +56,12 @@ class RandomInput:
             for k, (shape, dtype) in random_batches.batch_spec(self.config, self.model_cfg).items()}
 
 
-INPUTS = {'synthetic_random': RandomInput}
+def _tfds_input(config, model_cfg):
+  from unifer_jax.data import pipeline  # pylint: disable=g-import-not-at-top  (grain, tfds)
+  return pipeline.TfdsInput(config, model_cfg)
+
+
+INPUTS = {'synthetic_random': RandomInput, 'tfds': _tfds_input}
 
 
 def make_input(config, model_cfg) -> Input:
