@@ -119,7 +119,7 @@ def restore_params(params_dir: Path, converter: ModuleType, cfg) -> dict:
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
   try:
     params = ocp.PyTreeCheckpointer().restore(
-        params_dir, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args))
+        params_dir.absolute(), args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args))
   except ValueError as e:  # orbax: the saved tree has other parameter names
     raise ConversionError(f'{params_dir}: does not hold the parameters of its config.json:\n'
                           f'{e}') from None
@@ -133,9 +133,15 @@ def write_tower_dir(out: Path, converter: ModuleType, model_type: str, cfg, para
                     source: str = '') -> None:
   import orbax.checkpoint as ocp
   out.mkdir(parents=True, exist_ok=True)
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save((out / PARAMS_DIR).absolute(), params)
-  checkpointer.wait_until_finished()
+  # Holding the model once while it is written (measured on a 1.16 GB bf16 LLM: +2.0x
+  # with orbax's defaults, +0.06x so): a synchronous save of numpy leaves nothing modifies
+  # meanwhile needs no deep copy of each host array, and zstd keeps every compressed
+  # chunk in memory until the commit, for ~25% smaller files on random-like weights.
+  registry = ocp.type_handlers.create_type_handler_registry(
+      (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)))
+  checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(
+      type_handler_registry=registry, use_compression=False))
+  checkpointer.save((out / PARAMS_DIR).absolute(), args=ocp.args.PyTreeSave(params))
   meta = dict(format=FORMAT, tower=converter.__name__.rsplit('.', 1)[-1], model_type=model_type,
               source=source, config=cfg.to_dict())
   (out / 'config.json').write_text(json.dumps(meta, indent=2, sort_keys=True))
