@@ -18,6 +18,7 @@ import os
 from typing import Iterator, NamedTuple
 
 import numpy as np
+from etils import epath
 from PIL import Image
 
 from unifer_jax.data import faces
@@ -261,11 +262,10 @@ def read_lines(path) -> Iterator:
 
 def open_image(path, where: str = '') -> tuple:
   """(fully decoded image, file bytes); missing -> Skip(MISSING), undecodable or
-  truncated -> Skip(UNREADABLE)."""
+  truncated -> Skip(UNREADABLE). Local paths, or gs:// etc. through etils.epath."""
   where = where or os.fspath(path)
   try:
-    with open(path, 'rb') as f:
-      data = f.read()
+    data = epath.Path(path).read_bytes()
   except FileNotFoundError:
     raise Skip(MISSING, where, os.fspath(path)) from None
   except IsADirectoryError:

@@ -12,7 +12,10 @@ image must be local, found (in this order) as
 A row with none of these is skipped as "image not available locally", so a parquet of
 bare URLs fails the run with that reason. Faces are cut from the face box
 (x0, y0, x1, y1; the detector when there is none) at face_size. Every parquet under
---src is read, one row group per unit of work (Beam spreads them over workers).
+--src (up to two folders deep; local or gs:// via etils.epath) is read, one row group
+per unit of work (Beam spreads them over workers). The exact column names of the
+published parquet were not checked against a copy here: `face_bbox` / `face_box` /
+`bbox` and `face_caption` (else `caption`, else `laion_caption`) are accepted.
 
 CelebA-Dialog: `captions.json` keyed by image file name with `overall_caption`, the
 images in `image/` (HQ) or `img_align_celeba/` (standard), and optionally the
@@ -22,11 +25,11 @@ fine-grained label file (`combined_annotation.txt`: `<name> <Bangs> <Eyeglasses>
 proxy); the caption to `caption`. Images are already face crops and kept as they are.
 """
 
-import glob
 import json
 import os
 
 import numpy as np
+from etils import epath
 
 from data_prep.builders import common
 from unifer_jax.data import schema
@@ -54,14 +57,17 @@ class FaceCaption(common.Source):
 
   def scan(self, tally):
     import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
-    files = sorted(glob.glob(os.path.join(self.src, '**', '*.parquet'), recursive=True)) \
-        if os.path.isdir(self.src) else [self.src]
+    root = epath.Path(self.src)   # local, or gs:// etc. for Beam runners on a cluster
+    # Up to two folders deep (epath refuses '**': on GCS it means thousands of RPCs).
+    files = sorted(os.fspath(p) for pattern in ('*.parquet', '*/*.parquet', '*/*/*.parquet')
+                   for p in root.glob(pattern)) if root.is_dir() else [self.src]
     if not files:
       raise FileNotFoundError(f'facecaption: no .parquet file under --src {self.src}')
     units = []
     for path in files:
       try:
-        meta = pq.ParquetFile(path).metadata
+        with epath.Path(path).open('rb') as f:
+          meta = pq.ParquetFile(f).metadata
       except Exception as e:  # pyarrow raises ArrowInvalid/OSError on non-parquet data
         tally.add(common.Skipped(common.MALFORMED, self.rel(path), f'not a parquet file: {e}'))
         continue
@@ -71,14 +77,15 @@ class FaceCaption(common.Source):
   def process(self, unit):
     import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
     path, group = unit
-    table = pq.ParquetFile(path).read_row_group(group)
-    rows = table.to_pylist()
-    first = sum(pq.ParquetFile(path).metadata.row_group(g).num_rows for g in range(group))
+    with epath.Path(path).open('rb') as f:
+      pf = pq.ParquetFile(f)
+      rows = pf.read_row_group(group).to_pylist()
+      first = sum(pf.metadata.row_group(g).num_rows for g in range(group))
     shard = os.path.splitext(path)[0]
     for i, row in enumerate(rows):
       where = f'{self.rel(path)}:row {first + i}'
       try:
-        yield self._record(row, f'{os.path.basename(shard)}/{first + i}', shard, where)
+        yield self._record(row, f'{self.rel(shard)}/{first + i}', shard, where)
       except common.Skip as e:
         yield e.outcome
       except (ValueError, TypeError) as e:
