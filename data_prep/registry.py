@@ -83,7 +83,11 @@ def prepare(name: str, src, out, *, workers: int = 1, runner: str | None = None,
   config = tfds.download.DownloadConfig(
       download_mode=tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS)
   if runner is not None:
-    from data_prep import beam as beam_lib  # pylint: disable=g-import-not-at-top
+    try:
+      from data_prep import beam as beam_lib  # pylint: disable=g-import-not-at-top
+    except ModuleNotFoundError as e:
+      raise ModuleNotFoundError(f"--runner {runner} needs Apache Beam: pip install -e '.[beam]' "
+                                f'({e})') from None
     config.beam_options = beam_lib.pipeline_options(runner, workers, beam_args)
   b.download_and_prepare(download_config=config)
   return b.report
