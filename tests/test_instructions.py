@@ -224,3 +224,17 @@ def test_template_texts_cover_every_phrasing():
   for name in labels.BASIC + labels.COMPOUND:
     for form in ins.surface_forms(name):
       assert form in joined
+
+
+def test_prompt_for_matches_training_prompts():
+  rec = schema.empty_record(image=b'', id='x', source='t', expression=3, rationale='AU1 x (B)')
+  prompts = {ins.make_example(rec, 'basic', np.random.default_rng(s))[0] for s in range(60)}
+  expected = {ins.prompt_for('basic', phrasing=p, think=True, hint=h)
+              for p in range(3) for h in range(len(ins._COT_HINTS))}  # pylint: disable=protected-access
+  assert prompts == expected
+  ferplus = ['angry', 'contempt', 'disgust', 'fear', 'happy', 'neutral', 'sad', 'surprise']
+  p = ins.prompt_for('open_vocab', ferplus)
+  assert 'angry, contempt, disgust, fear, happy, neutral, sad, surprise.' in p
+  assert p.endswith('<answer></answer> tags.') and '<think></think>' in p
+  with pytest.raises(ValueError, match='candidate labels'):
+    ins.prompt_for('open_vocab')

@@ -181,12 +181,23 @@ def test_images_augmentation_and_eval_determinism(corpus, tok):
                                                    src[int(aug['_index'][0])], None)['image'])
 
 
-def test_truncation_is_counted(corpus, tok):
-  pl = make(corpus, tok, 'instruct', seq_len=40)
+def test_long_cot_targets_drop_their_think_then_truncate(corpus, tok):
+  pl = make(corpus, tok, 'instruct', batch=32, seq_len=90, tasks=['compound', 'basic'])
   b = next(pl)
+  short = np.flatnonzero(b['_no_think'])
+  assert 0 < len(short) < 32 and not b['_truncated'].any()
+  for r in range(32):
+    answer = tok.decode(b['tokens'][r][b['loss_mask'][r] > 0])
+    assert ('<think>' in answer) == (r not in short)
+    # Either way the label is there in full.
+    task = instructions.TASKS[b['task'][r]]
+    want = b['expression'][r] if task == 'basic' else b['compound'][r]
+    assert instructions.parse_answer(task, answer) == want
+  # Too short even without the think: the end is cut and counted.
+  b = next(make(corpus, tok, 'instruct', seq_len=40))
   assert b['_truncated'].sum() > 0
   long = np.flatnonzero(b['_truncated'])[0]
-  assert b['attention_mask'][long].sum() == 40
+  assert b['attention_mask'][long].sum() == 40 and b['tokens'][long, -1] != tok.eos_id
 
 
 def _trainer_config(corpus, stage, **input_kw):
@@ -215,7 +226,7 @@ def test_trainer_input(corpus, stage):
   again.set_state(state)
   for k, v in again.next_local_batch().items():
     np.testing.assert_array_equal(v, nxt[k])
-  assert data.stats()['rows'] == 16
+  assert data.stats()['rows'] == 16 and again.stats()['rows'] == 16
 
 
 def test_errors(corpus, tok):
@@ -244,3 +255,35 @@ def test_errors(corpus, tok):
   with pytest.raises(ValueError, match='none of'):
     next(make(corpus, tok, 'instruct', tasks=['age_group']))
 
+
+
+def test_worker_processes_give_the_same_batches_and_resume_across_counts(corpus, tok):
+  ref = make(corpus, tok, 'instruct')
+  want = [next(ref) for _ in range(4)]
+  state = json.loads(json.dumps(ref.get_state()))
+  want += [next(ref) for _ in range(2)]
+  mp = make(corpus, tok, 'instruct', workers=1)        # a grain worker process
+  try:
+    got = [next(mp) for _ in range(4)]
+    mp.set_state(state)                                 # saved without workers
+    got += [next(mp) for _ in range(2)]
+    saved = json.loads(json.dumps(mp.get_state()))      # grain's multi-worker state
+  finally:
+    mp.close()
+  for w, g in zip(want, got):
+    for k in w:
+      np.testing.assert_array_equal(w[k], g[k], err_msg=k)
+  back = make(corpus, tok, 'instruct')                  # and back to no workers
+  back.set_state(saved)
+  np.testing.assert_array_equal(next(back)['tokens'], next(ref)['tokens'])
+
+
+def test_tokenizer_is_trained_on_demand(corpus, tmp_path):
+  cfg = make_cfg(corpus, tokenizer=str(tmp_path / 'tok'), tokenizer_train_vocab=600)
+  tok, _ = pipeline.load_tokenizers(cfg, 'generate')
+  assert tok.vocab_size == 600 and tok_lib.is_tokenizer_dir(tmp_path / 'tok')
+  cfg.tokenizer_train_vocab = 700                       # an existing one is kept
+  assert pipeline.load_tokenizers(cfg, 'generate')[0].vocab_size == 600
+  with pytest.raises(ValueError, match='config.input.tokenizer is empty'):
+    pipeline.load_tokenizers(make_cfg(corpus, tokenizer=''), 'instruct')
+  assert pipeline.load_tokenizers(make_cfg(corpus, tokenizer=''), 'eval') == (None, None)

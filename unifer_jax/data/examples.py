@@ -14,7 +14,7 @@ Formats and their keys (per example; a batch adds the leading B):
 | instruct | tokens, loss_mask, attention_mask | [T] | chat prompt + answer + eos; loss on answer + eos ONLY |
 | instruct | task | [] i32 | index into instructions.TASKS |
 | instruct, eval | LABELS (below) | | the record's labels (sentinels kept: -1 / NaN) |
-| every | _source, _index, _truncated | [] i32 | host-side metadata: mixture component, record index in its split, 1 if the text was cut |
+| every | _source, _index, _truncated, _no_think | [] i32 | host-side metadata: mixture component, record index in its split, 1 if the text was cut, 1 if a CoT target dropped its think part to fit |
 
 LABELS: expression, compound, age_group, gender, race [] i32; intensity, valence,
 arousal [] f32; aus [17] f32; label_dist [8] f32.
@@ -22,7 +22,10 @@ arousal [] f32; aus [17] f32; label_dist [8] f32.
 The caption of align/generate is the record's ``caption``; a record without one gets
 'A {adjective} face.' from its label (real datasets without captions can then join a
 stage-1/2 mixture); a record with neither is an error naming it. Truncation cuts the end
-(the prompt is kept whole before the answer), so a truncated target has no eos.
+(the prompt is kept whole before the answer), so a truncated target has no eos. Before
+that, a UniFER-CoT target too long for seq_len is made again without its
+``<think>rationale</think>`` (prompt and target then ask for / give the answer only), so
+the label itself is not cut off.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ FORMATS = ('lm', 'align', 'generate', 'instruct', 'eval')
 INT_LABELS = ('expression', 'compound', 'age_group', 'gender', 'race')
 FLOAT_LABELS = ('intensity', 'valence', 'arousal')
 VECTOR_LABELS = {'aus': len(labels.AUS), 'label_dist': len(labels.BASIC)}
-META = ('_source', '_index', '_truncated')
+META = ('_source', '_index', '_truncated', '_no_think')
 
 
 def label_arrays(record) -> dict[str, np.ndarray]:
@@ -57,7 +60,7 @@ def label_spec() -> dict[str, tuple[tuple[int, ...], type]]:
 
 
 def caption_text(record) -> str:
-  text = instructions._text(record, 'caption')  # pylint: disable=protected-access
+  text = instructions.text_field(record, 'caption')
   if text:
     return text
   e, c = int(record.get('expression', -1)), int(record.get('compound', -1))
@@ -65,8 +68,8 @@ def caption_text(record) -> str:
     return f'A {instructions.SYNONYMS[labels.BASIC[e]][1]} face.'
   if c >= 0:
     return f'A {instructions.written_form(labels.COMPOUND[c], 1, None)} face.'
-  raise ValueError(f'record {instructions._text(record, "id")!r} '  # pylint: disable=protected-access
-                   f'({instructions._text(record, "source")}) has no caption and no '  # pylint: disable=protected-access
+  raise ValueError(f'record {instructions.text_field(record, "id")!r} '
+                   f'({instructions.text_field(record, "source")}) has no caption and no '
                    f'expression/compound label to describe')
 
 
@@ -125,30 +128,39 @@ class ExampleMaker:
     self.task_weights = tuple(self.task_weights) or (1.0,) * len(self.tasks)
 
   def _image(self, record, rng):
-    aug = self.augment if rng is not None else None
     return augment.model_image(record['image'], self.image_size, self.mean, self.std,
-                               rng=rng if aug is not None else None, augment=aug)
+                               rng=rng, augment=self.augment if rng is not None else None)
+
+  def _caption_pieces(self, record):
+    """[bos] (context) + caption + eos (targets)."""
+    tok = self.tokenizer
+    pieces = [(tok.encode(caption_text(record)) + [tok.eos_id], True)]
+    return pieces if tok.bos_id is None else [([tok.bos_id], False)] + pieces
 
   def _instruction(self, record, rng):
+    """(task, prompt ids, answer ids + eos, think dropped?) fitting seq_len if it can."""
+    tok = self.tokenizer
     task = instructions.sample_task(record, self.tasks, self.task_weights, rng)
     prompt, answer = instructions.make_example(record, task, rng)
-    return task, prompt, answer
+    p, a = tok.prompt_ids(prompt), tok.encode(answer) + [tok.eos_id]
+    if len(p) + len(a) <= self.seq_len or not answer.startswith('<think>'):
+      return task, p, a, False
+    prompt, answer = instructions.make_example({**record, 'rationale': ''}, task, rng)
+    return task, tok.prompt_ids(prompt), tok.encode(answer) + [tok.eos_id], True
 
   def __call__(self, source: int, index: int, record, rng):
     ex = {'_source': np.int32(source), '_index': np.int32(index)}
-    truncated = False
+    truncated = no_think = False
     fmt, tok = self.fmt, self.tokenizer
     if fmt != 'lm':
       ex['image'] = self._image(record, rng)
     if fmt == 'lm':
       r = rng if rng is not None else np.random.default_rng(index)
       if r.random() < self.lm_caption_fraction:
-        pieces = [(tok.encode(caption_text(record)) + [tok.eos_id], True)]
-        if tok.bos_id is not None:
-          pieces.insert(0, ([tok.bos_id], False))
+        pieces = self._caption_pieces(record)
       else:
-        _, prompt, answer = self._instruction(record, r)
-        pieces = [(tok.prompt_ids(prompt) + tok.encode(answer) + [tok.eos_id], True)]
+        _, p, a, no_think = self._instruction(record, r)
+        pieces = [(p + a, True)]
       tokens, mask, attn, truncated = assemble(pieces, self.seq_len, tok.pad_id)
       mask[0] = 0.0   # the first token is context only
       ex.update(tokens=tokens, loss_mask=mask, attention_mask=attn)
@@ -161,22 +173,19 @@ class ExampleMaker:
                 expression=np.int32(record.get('expression', -1)),
                 compound=np.int32(record.get('compound', -1)))
     elif fmt == 'generate':
-      pieces = [(tok.encode(caption_text(record)) + [tok.eos_id], True)]
-      if tok.bos_id is not None:
-        pieces.insert(0, ([tok.bos_id], False))
-      tokens, mask, attn, truncated = assemble(pieces, self.seq_len, tok.pad_id)
+      tokens, mask, attn, truncated = assemble(self._caption_pieces(record), self.seq_len,
+                                               tok.pad_id)
       ex.update(tokens=tokens, loss_mask=mask, attention_mask=attn)
     elif fmt == 'instruct':
       r = rng if rng is not None else np.random.default_rng(index)
-      task, prompt, answer = self._instruction(record, r)
-      tokens, mask, attn, truncated = assemble(
-          [(tok.prompt_ids(prompt), False), (tok.encode(answer) + [tok.eos_id], True)],
-          self.seq_len, tok.pad_id)
+      task, p, a, no_think = self._instruction(record, r)
+      tokens, mask, attn, truncated = assemble([(p, False), (a, True)], self.seq_len, tok.pad_id)
       ex.update(tokens=tokens, loss_mask=mask, attention_mask=attn,
                 task=np.int32(instructions.TASK_INDEX[task]), **label_arrays(record))
     else:  # eval
       ex.update(label_arrays(record))
     ex['_truncated'] = np.int32(truncated)
+    ex['_no_think'] = np.int32(no_think)
     return ex
 
 

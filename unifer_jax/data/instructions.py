@@ -1,4 +1,4 @@
-"""FER instructions made from record fields at pipeline time, and their answer parser.
+"""FER instructions made from record fields at pipeline time (parsing: answers.py).
 
 Every dataset gets instructions this way (nothing is stored): a task is offered for a
 record only if the record holds the field it needs (schema sentinels -1 / NaN / ''
@@ -37,35 +37,17 @@ vocabulary per prompt (canonical nouns, adjectives as FERPlus uses, or synonyms 
 from __future__ import annotations
 
 import math
-import re
 
 import numpy as np
 
 from unifer_jax.data import labels
+# Label words and parsing live in answers.py; re-exported here (one import for callers).
+from unifer_jax.data.answers import (  # pylint: disable=unused-import
+    INTENSITY_WORDS, SYNONYMS, TASKS, answer_span, intensity_word, parse_answer,
+    surface_forms, written_form)
 
-TASKS = ('describe', 'basic', 'compound', 'intensity', 'valence_arousal', 'rationale',
-         'uncertainty', 'open_vocab', 'age_group', 'gender')
 TASK_INDEX = {t: i for i, t in enumerate(TASKS)}
 COT_TASKS = ('basic', 'compound', 'intensity', 'uncertainty', 'open_vocab')
-
-# Surface forms per BASIC label: [0] noun (canonical), [1] adjective (FERPlus / SFEW
-# style), then synonyms. Used for open-vocabulary prompts and answer parsing.
-SYNONYMS = {
-    'neutral': ('neutral', 'neutral', 'calm', 'expressionless', 'blank'),
-    'happiness': ('happiness', 'happy', 'joyful', 'joy', 'pleased'),
-    'sadness': ('sadness', 'sad', 'sorrowful', 'unhappy', 'sorrow'),
-    'surprise': ('surprise', 'surprised', 'astonished', 'amazed', 'astonishment'),
-    'fear': ('fear', 'fearful', 'afraid', 'scared', 'frightened'),
-    'disgust': ('disgust', 'disgusted', 'revulsion', 'repulsed'),
-    'anger': ('anger', 'angry', 'furious', 'mad'),
-    'contempt': ('contempt', 'contemptuous', 'scornful', 'disdainful', 'disdain'),
-}
-_ADVERB_BASIC = {'happily': 'happiness', 'sadly': 'sadness', 'fearfully': 'fear',
-                 'angrily': 'anger', 'disgustedly': 'disgust'}
-
-# Intensity words by fifths of [0, 1] (FACS A..E: trace, slight, marked, severe,
-# maximum); exactly 0 (a neutral face) is 'none'.
-INTENSITY_WORDS = ('trace', 'slight', 'marked', 'severe', 'maximum')
 
 _COT_HINTS = (
     'Reason about the facial action units between <think></think> tags, then give the '
@@ -137,7 +119,8 @@ _PROMPTS = {
 
 # ---- record fields -----------------------------------------------------------------
 
-def _text(record, key) -> str:
+def text_field(record, key) -> str:
+  """A text field as str (tfds gives bytes); '' if absent."""
   v = record.get(key, '')
   return v.decode('utf-8') if isinstance(v, (bytes, np.bytes_)) else str(v)
 
@@ -168,13 +151,13 @@ def _soft_label(record) -> np.ndarray | None:
 def available_tasks(record) -> list[str]:
   """The tasks whose needed fields this record holds, in TASKS order."""
   has = {
-      'describe': bool(_text(record, 'caption')),
+      'describe': bool(text_field(record, 'caption')),
       'basic': _int(record, 'expression') >= 0,
       'compound': _int(record, 'compound') >= 0,
       'intensity': math.isfinite(_float(record, 'intensity')),
       'valence_arousal': (math.isfinite(_float(record, 'valence'))
                           and math.isfinite(_float(record, 'arousal'))),
-      'rationale': bool(_text(record, 'rationale')),
+      'rationale': bool(text_field(record, 'rationale')),
       'uncertainty': _soft_label(record) is not None,
       'open_vocab': _int(record, 'expression') >= 0 or _int(record, 'compound') >= 0,
       'age_group': _int(record, 'age_group') >= 0,
@@ -189,24 +172,18 @@ def sample_task(record, tasks, weights, rng: np.random.Generator) -> str:
   pool = [(t, w) for t, w in zip(tasks, weights) if t in ok and w > 0]
   if not pool:
     raise ValueError(
-        f'record {_text(record, "id")!r} ({_text(record, "source")}) supports none of '
+        f'record {text_field(record, "id")!r} ({text_field(record, "source")}) supports none of '
         f'config.input.tasks={list(tasks)}; it supports {sorted(ok)}')
   p = np.array([w for _, w in pool], np.float64)
   return pool[rng.choice(len(pool), p=p / p.sum())][0]
 
 
-# ---- answers -----------------------------------------------------------------------
-
-def intensity_word(value: float) -> str:
-  if value <= 0:
-    return 'none'
-  return INTENSITY_WORDS[min(4, int(value * 5))]
-
+# ---- examples ----------------------------------------------------------------------
 
 def _answer_body(record, task, rng) -> tuple[str, list | None]:
   """(answer text, open-vocab candidates or None)."""
   if task == 'describe':
-    return _text(record, 'caption'), None
+    return text_field(record, 'caption'), None
   if task == 'basic':
     return labels.BASIC[_int(record, 'expression')], None
   if task == 'compound':
@@ -217,7 +194,7 @@ def _answer_body(record, task, rng) -> tuple[str, list | None]:
   if task == 'valence_arousal':
     return f'valence {_float(record, "valence"):.2f}, arousal {_float(record, "arousal"):.2f}', None
   if task == 'rationale':
-    return _text(record, 'rationale'), None
+    return text_field(record, 'rationale'), None
   if task == 'uncertainty':
     dist = _soft_label(record)
     order = sorted(range(len(dist)), key=lambda i: (-dist[i], i))[:2]
@@ -229,29 +206,6 @@ def _answer_body(record, task, rng) -> tuple[str, list | None]:
   if task == 'gender':
     return labels.GENDERS[_int(record, 'gender')], None
   raise ValueError(f'unknown task {task!r}; expected one of {TASKS}')
-
-
-def _compound_forms(name: str) -> tuple[str, ...]:
-  a, b = (SYNONYMS[c][1] for c in labels.COMPOUND_COMPONENTS[name])
-  return (name, f'{a} and {b}', f'both {a} and {b}', f'{b} and {a}', name.replace(' ', '-'))
-
-
-def surface_forms(name: str) -> tuple[str, ...]:
-  """Every way a BASIC or COMPOUND label may be written (canonical first)."""
-  if name in SYNONYMS:
-    return tuple(dict.fromkeys(SYNONYMS[name]))
-  if name in labels.COMPOUND_COMPONENTS:
-    return _compound_forms(name)
-  raise ValueError(f'unknown label {name!r}; expected a BASIC or COMPOUND name')
-
-
-def written_form(name: str, style: int, rng: np.random.Generator) -> str:
-  """`name` written in a vocabulary style: 0 canonical, 1 adjective ('happy';
-  'happy and surprised'), 2 a synonym ('joyful'; 'both happy and surprised')."""
-  if name in SYNONYMS:
-    forms = SYNONYMS[name]
-    return forms[style] if style < 2 else str(rng.choice(forms[2:]))
-  return _compound_forms(name)[min(style, 2)]
 
 
 def _open_vocab(record, rng) -> tuple[str, list]:
@@ -277,20 +231,35 @@ def make_example(record, task: str, rng: np.random.Generator) -> tuple[str, str]
   if task not in TASKS:
     raise ValueError(f'unknown task {task!r}; expected one of {TASKS}')
   if task not in available_tasks(record):
-    raise ValueError(f'record {_text(record, "id")!r} has no field for task {task!r}')
+    raise ValueError(f'record {text_field(record, "id")!r} has no field for task {task!r}')
   body, cands = _answer_body(record, task, rng)
+  think = task in COT_TASKS and bool(text_field(record, 'rationale'))
+  prompt = prompt_for(task, cands, phrasing=int(rng.integers(len(_PROMPTS[task]))),
+                      think=think, hint=int(rng.integers(len(_COT_HINTS if think else _ANSWER_HINTS))))
+  if think:
+    return prompt, f"<think>{text_field(record, 'rationale')}</think><answer>{body}</answer>"
+  return prompt, f'<answer>{body}</answer>'
+
+
+def prompt_for(task: str, candidates=None, *, phrasing: int = 0, think: bool = True,
+               hint: int = 0) -> str:
+  """A prompt of `task` exactly as training writes it (evaluators ask the same way).
+
+  `candidates`: the label strings to offer (open_vocab needs them; the other label
+  tasks default to their whole vocabulary in canonical order). `think` picks the
+  UniFER-CoT hint, else the answer-only one.
+  """
   vocab = {'basic': labels.BASIC, 'compound': labels.COMPOUND, 'uncertainty': labels.BASIC,
            'age_group': labels.AGE_GROUPS, 'gender': labels.GENDERS}.get(task)
-  shown = cands if cands is not None else vocab
-  prompt = str(rng.choice(_PROMPTS[task]))
+  shown = list(candidates) if candidates is not None else vocab
+  if task == 'open_vocab' and not shown:
+    raise ValueError('open_vocab prompts need candidate labels')
+  prompt = _PROMPTS[task][phrasing]
   if shown is not None:
-    listed = ', '.join(shown) if task != 'age_group' else ', '.join(shown[:-1]) + ' or ' + shown[-1]
+    listed = ', '.join(shown[:-1]) + ' or ' + shown[-1] if task == 'age_group' else ', '.join(shown)
     prompt = prompt.format(labels=listed)
-  rationale = _text(record, 'rationale')
-  if task in COT_TASKS and rationale:
-    return (f'{prompt} {rng.choice(_COT_HINTS)}',
-            f'<think>{rationale}</think><answer>{body}</answer>')
-  return f'{prompt} {rng.choice(_ANSWER_HINTS)}', f'<answer>{body}</answer>'
+  hints = _COT_HINTS if think else _ANSWER_HINTS
+  return f'{prompt} {hints[hint]}'
 
 
 def template_texts() -> list[str]:
@@ -304,129 +273,3 @@ def template_texts() -> list[str]:
       out += [p.format(labels=l) for l in lists] if '{labels}' in p else [p]
   out += [f'AU{au} {name}' for au, name in labels.AUS.items()]
   return out
-
-
-# ---- parsing -----------------------------------------------------------------------
-
-_ANSWER = re.compile(r'<answer>(.*?)(?:</answer>|$)', re.IGNORECASE | re.DOTALL)
-_THINK = re.compile(r'<think>.*?(?:</think>|$)', re.IGNORECASE | re.DOTALL)
-_NUMBER = re.compile(r'[-+]?(?:\d+\.\d*|\.\d+|\d+)')
-# 'valence: -0.4', 'valence is 0.4' -- but not across a comma into the next value.
-_LABELLED = r'{}[^\d+\-.,;]{{0,20}}?([-+]?(?:\d+\.\d*|\.\d+|\d+))'
-
-
-def answer_span(text: str) -> str:
-  """The last <answer>...</answer> span (an unclosed one runs to the end), else the text
-  with any <think> part removed; stripped."""
-  spans = _ANSWER.findall(text)
-  if spans:
-    return spans[-1].strip()
-  return _THINK.sub(' ', text).strip()
-
-
-def _norm(s: str) -> str:
-  return re.sub(r'[\s_\-]+', ' ', re.sub(r'[^\w\s\-+.]', ' ', s.lower())).strip()
-
-
-def _match_label(span: str, forms: dict) -> str | None:
-  """forms: surface form -> label. Exact match, else the earliest whole-word match
-  (the longer form at a tie, so 'sadly surprised' beats 'sad')."""
-  s = _norm(span)
-  if s in forms:
-    return forms[s]
-  best = None
-  for form, name in forms.items():
-    m = re.search(r'(?<!\w)' + re.escape(form) + r'(?!\w)', s)
-    if m and (best is None or (m.start(), -len(form)) < best[0]):
-      best = ((m.start(), -len(form)), name)
-  return best[1] if best else None
-
-
-def _forms(names) -> dict:
-  out = {}
-  for n in names:
-    for f in surface_forms(n):
-      out.setdefault(_norm(f), n)
-  return out
-
-
-def _parse_float(span: str) -> float | None:
-  m = _NUMBER.search(span)
-  return float(m.group()) if m else None
-
-
-def parse_answer(task: str, text: str, candidates=None):
-  """The value a response gives for `task` (see the module table), or None.
-
-  `candidates` (open_vocab): the label strings the prompt offered; the answer is matched
-  against them and their synonyms only.
-  """
-  span = answer_span(text)
-  if task == 'describe':
-    return span or None
-  if task in ('basic', 'compound'):
-    vocab = labels.BASIC if task == 'basic' else labels.COMPOUND
-    name = _match_label(span, _forms(vocab))
-    return None if name is None else vocab.index(name)
-  if task == 'open_vocab':
-    known = _forms(labels.BASIC + labels.COMPOUND)
-    if candidates is None:
-      return _match_label(span, known)
-    # Each offered string, then the synonyms of the label it names; an unknown
-    # candidate (e.g. 'other') stands for itself.
-    allowed = {_norm(c): _match_label(c, known) or _norm(c) for c in candidates}
-    for name in set(allowed.values()):
-      if name in SYNONYMS or name in labels.COMPOUND_COMPONENTS:
-        for form in _forms([name]):
-          allowed.setdefault(form, name)
-    return _match_label(span, allowed)
-  if task == 'intensity':
-    v = _parse_float(span)
-    if v is not None and re.search(r'\d\s*%', span):
-      v /= 100
-    if v is None:
-      words = {w: (i + 0.5) / 5 for i, w in enumerate(INTENSITY_WORDS)} | {'none': 0.0}
-      hit = _match_label(span, {w: w for w in words})
-      return None if hit is None else words[hit]
-    return min(1.0, max(0.0, v))
-  if task == 'valence_arousal':
-    low = span.lower()
-    v = re.search(_LABELLED.format('valence'), low)
-    a = re.search(_LABELLED.format('arousal'), low)
-    if v and a:
-      return float(v.group(1)), float(a.group(1))
-    nums = _NUMBER.findall(low)
-    return (float(nums[0]), float(nums[1])) if len(nums) >= 2 else None
-  if task == 'rationale':
-    aus = {int(n) for n in re.findall(r'\bAU\s*(\d+)', span, re.IGNORECASE)}
-    by_name = {name: au for au, name in labels.AUS.items()}
-    low = _norm(span)
-    aus |= {au for name, au in by_name.items() if re.search(r'\b' + name + r'\b', low)}
-    aus &= set(labels.AUS)
-    if aus:
-      return tuple(sorted(aus))
-    return () if re.search(r'\bno (action units|muscle)', low) else None
-  if task == 'uncertainty':
-    forms = _forms(labels.BASIC)
-    out = []
-    for piece in re.split(r'[,;]|\band\b', span):
-      name = _match_label(piece, forms)
-      p = _parse_float(piece)
-      if name is not None and p is not None:
-        out.append((labels.BASIC.index(name), p))
-    return tuple(out[:2]) or None
-  if task == 'age_group':
-    for i, g in enumerate(labels.AGE_GROUPS):
-      if re.search(r'(?<![\d-])' + re.escape(g) + r'(?![\d-])', span):
-        return i
-    v = _parse_float(span)
-    if v is None or v < 0:
-      return None
-    bounds = (4, 20, 40, 70)   # lower edges of groups 1..4
-    return int(sum(v >= b for b in bounds))
-  if task == 'gender':
-    forms = {'male': 'male', 'man': 'male', 'female': 'female', 'woman': 'female',
-             'unsure': 'unsure', 'unclear': 'unsure', 'unknown': 'unsure'}
-    name = _match_label(span, forms)
-    return None if name is None else labels.GENDERS.index(name)
-  raise ValueError(f'unknown task {task!r}; expected one of {TASKS}')

@@ -93,27 +93,26 @@ def _tag(source: int, index) -> tuple[int, int]:
 
 
 class _Transform:
-  """(source, index) -> example: reads the record, then ExampleMaker (picklable)."""
+  """(source, index), rng -> example: reads the record, then ExampleMaker (picklable)."""
 
-  def __init__(self, srcs, maker, train: bool):
-    self.srcs, self.maker, self.train = srcs, maker, train
+  def __init__(self, srcs, maker):
+    self.srcs, self.maker = srcs, maker
 
-  def __call__(self, item, rng=None):
+  def __call__(self, item, rng):
     source, index = item
-    return self.maker(source, index, self.srcs[source][index], rng if self.train else None)
+    return self.maker(source, index, self.srcs[source][index], rng)
 
 
-class _EvalTransform(_Transform):
-  """Local position k -> record p + k * P, or a padding row (valid = 0)."""
+class _EvalTransform:
+  """Local position k -> record p + k * P, or a padding row (valid = 0); no randomness."""
 
   def __init__(self, src, maker, shard):
-    super().__init__([src], maker, train=False)
-    self.shard = shard
+    self.src, self.maker, self.shard = src, maker, shard
 
-  def __call__(self, k, rng=None):
+  def __call__(self, k):
     i = self.shard[0] + int(k) * self.shard[1]
-    valid = i < len(self.srcs[0])
-    rec = self.srcs[0][i if valid else 0]
+    valid = i < len(self.src)
+    rec = self.src[i if valid else 0]
     ex = self.maker(0, i if valid else 0, rec, None)
     ex['valid'] = np.float32(valid)
     ex['id'] = np.bytes_(rec['id'])
@@ -132,8 +131,10 @@ def load_tokenizers(cfg, fmt: str):
   if not tokenizer_lib.is_tokenizer_dir(path) and cfg.tokenizer_train_vocab > 0:
     names = [m[0] for m in cfg.mixture] or [cfg.name]
     log.info('training a %d-token BPE on %s into %s', cfg.tokenizer_train_vocab, names, path)
+    # Every process may get here; training is deterministic, the first to finish wins.
     tokenizer_lib.train_for_datasets(names, path, data_dir=cfg.data_dir, split=cfg.split,
-                                     vocab_size=cfg.tokenizer_train_vocab, seed=cfg.seed)
+                                     vocab_size=cfg.tokenizer_train_vocab, seed=cfg.seed,
+                                     overwrite=False)
   tok = tokenizer_lib.load(path)
   text_tok = tokenizer_lib.load(cfg.text_tokenizer) if cfg.text_tokenizer else tok
   return (tok if needs_llm else None), (text_tok if needs_text else None)
@@ -191,7 +192,7 @@ class Pipeline:
       parts.append(ds.map(functools.partial(_tag, j)))
     ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(
         parts, [w for _, w in self.mixture])
-    ds = ds.random_map(_Transform(srcs, self.maker, train=True),
+    ds = ds.random_map(_Transform(srcs, self.maker),
                        seed=_seed(self.cfg.seed, 2, p))
     return ds.batch(self.batch_size, drop_remainder=True)
 
@@ -296,8 +297,6 @@ def _jsonable(x):
     return int(x)
   if isinstance(x, (np.floating,)):
     return float(x)
-  if isinstance(x, bytes):
-    return x.decode('utf-8')
   return x
 
 
@@ -329,7 +328,7 @@ class TfdsInput:
     self.pipeline = Pipeline(cfg, fmt, batch_size=cfg.batch_size // n, image_size=image_size,
                              train=True, tokenizers=toks)
     self.spec = self.pipeline.batch_spec(self.global_batch)
-    self.rows = self.truncated = 0
+    self.rows = self.truncated = self.no_think = 0
 
   def next_local_batch(self) -> dict[str, np.ndarray]:
     batch = next(self.pipeline)
@@ -339,18 +338,23 @@ class TfdsInput:
       log.warning('config.input.seq_len/text_len truncates texts (%d of %d rows in this '
                   'batch); see TfdsInput.stats()', cut, len(batch['_truncated']))
     self.truncated += cut
+    self.no_think += int(batch['_no_think'].sum())
     return {k: batch[k] for k in self.spec}
 
   def stats(self) -> dict:
-    return {'rows': self.rows, 'truncated_rows': self.truncated}
+    """This process's counts: rows, rows cut at seq_len/text_len, CoT rows that dropped
+    their think part to fit."""
+    return {'rows': self.rows, 'truncated_rows': self.truncated,
+            'no_think_rows': self.no_think}
 
   def get_state(self) -> dict:
-    return {**self.pipeline.get_state(), 'rows': self.rows, 'truncated_rows': self.truncated}
+    return {**self.pipeline.get_state(), **self.stats()}
 
   def set_state(self, state: dict) -> None:
     self.pipeline.set_state(state)
     self.rows = int(state.get('rows', 0))
     self.truncated = int(state.get('truncated_rows', 0))
+    self.no_think = int(state.get('no_think_rows', 0))
 
   def batch_spec(self) -> dict[str, jax.ShapeDtypeStruct]:
     return dict(self.spec)

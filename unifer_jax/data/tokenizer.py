@@ -96,11 +96,14 @@ class Tokenizer:
 
 # ---- training ------------------------------------------------------------------------
 
-def train(texts: Iterable[str], out_dir, vocab_size: int = 2048, min_frequency: int = 2) -> str:
+def train(texts: Iterable[str], out_dir, vocab_size: int = 2048, min_frequency: int = 2,
+          overwrite: bool = True) -> str:
   """Trains the byte-level BPE on `texts` and writes an HF tokenizer directory.
 
-  `vocab_size` counts everything (specials, bytes, merges, markup); a small corpus may
-  stop short of it. Written atomically (a temporary directory renamed into place).
+  `vocab_size` counts everything (specials, bytes, merges, markup); a templated corpus
+  may stop short of it (min_frequency merges run out). Written atomically (a temporary
+  directory renamed into place); with overwrite=False an existing tokenizer at
+  `out_dir` (e.g. another process's) is kept.
   """
   from tokenizers import AddedToken, Tokenizer as RustTokenizer  # pylint: disable=g-import-not-at-top
   from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers  # pylint: disable=g-import-not-at-top
@@ -144,6 +147,8 @@ def train(texts: Iterable[str], out_dir, vocab_size: int = 2048, min_frequency: 
     tok.save(os.path.join(tmp, 'tokenizer.json'))
     with open(os.path.join(tmp, 'tokenizer_config.json'), 'w') as f:
       json.dump(config, f, indent=2)
+    if is_tokenizer_dir(out_dir) and not overwrite:
+      return out_dir
     if os.path.isdir(out_dir):
       shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
@@ -162,21 +167,22 @@ def corpus_texts(records: Iterable[dict], seed: int = 0) -> list[str]:
   for i, rec in enumerate(records):
     rng = np.random.default_rng([seed, i])
     for key in ('caption', 'rationale'):
-      texts.append(instructions._text(rec, key))  # pylint: disable=protected-access
+      texts.append(instructions.text_field(rec, key))
     for task in instructions.available_tasks(rec):
       texts.extend(instructions.make_example(rec, task, rng))
   return texts
 
 
 def train_for_datasets(names, out_dir, *, data_dir: str = '', split: str = 'train',
-                       vocab_size: int = 2048, max_records: int = 20000, seed: int = 0) -> str:
+                       vocab_size: int = 2048, max_records: int = 20000, seed: int = 0,
+                       overwrite: bool = True) -> str:
   """Trains the demo BPE on up to `max_records` records of each dataset's `split`."""
   from unifer_jax.data import sources  # pylint: disable=g-import-not-at-top
   records = []
   for name in names:
     src = sources.open_split(name, split, data_dir)
     records += [src[i] for i in range(min(len(src), max_records))]
-  return train(corpus_texts(records, seed), out_dir, vocab_size)
+  return train(corpus_texts(records, seed), out_dir, vocab_size, overwrite=overwrite)
 
 
 # ---- loading -------------------------------------------------------------------------
