@@ -16,7 +16,6 @@ NOT_BUILT = {
     'sweep': 'issue 9 (evaluation sweeps)',
     'export': 'issue 8 (student export)',
     'predict': 'issue 9 (unifer predict)',
-    'compile-check': 'issue 4 (AOT compile-check)',
 }
 
 
@@ -87,6 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument('--num_processes', type=int)
   s.add_argument('--process_id', type=int)
   _add_convert(sub)
+  s = sub.add_parser('compile-check', help='compile the train step for a TPU/GPU topology '
+                     'here; report memory, FLOPs, collectives, roofline; exit 1 if it does not fit')
+  s.add_argument('--config', required=True, help='configs/X.py[:arg]; then --config.key=value ...')
+  s.add_argument('--topology', required=True,
+                 help='v5p-128 | v5p:4x4x4 | v5e-16 | v6e-64 | v4-32 | h100x8 | gpu:h100x16 ...')
+  s.add_argument('--hbm_gib', type=float, help='override the HBM per device (GiB)')
+  s.add_argument('--hlo', help='write the compiled HLO text to this file')
+  s.add_argument('--json', help='write the report as JSON to this file')
   s = sub.add_parser('params', help='parameter counts of model presets / a config, built abstractly')
   s.add_argument('--preset', nargs='*', help='tiny demo base 7b')
   s.add_argument('--config', help='configs/X.py[:arg]')
@@ -103,6 +110,13 @@ def main(argv=None) -> int:
       print(f'unifer train: unknown arguments {bad}', file=sys.stderr)
       return 2
     return _train(args, unknown)
+  if args.command == 'compile-check':
+    bad = [u for u in unknown if not u.startswith('--config.')]
+    if bad:
+      print(f'unifer compile-check: unknown arguments {bad}', file=sys.stderr)
+      return 2
+    from unifer_jax.train import compile_check
+    return compile_check.main(args, unknown)
   if args.command == 'params':
     args.overrides = list(args.overrides) + unknown
     return _params(args)

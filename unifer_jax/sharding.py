@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
@@ -67,13 +68,20 @@ def mesh_shape(axis_sizes: Mapping[str, int] | Sequence[int], num_devices: int) 
 
 
 def make_mesh(axis_sizes, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A ('data', 'fsdp', 'tensor') mesh with classic GSPMD (Auto) axes."""
+  """A ('data', 'fsdp', 'tensor') mesh with classic GSPMD (Auto) axes.
+
+  Devices (default: all; or e.g. an AOT topology's) are laid out along the physical
+  TPU torus, so each mesh axis runs over neighbouring chips.
+  """
   devices = list(jax.devices() if devices is None else devices)
   shape = mesh_shape(axis_sizes, len(devices))
   auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
-  if devices == list(jax.devices()):
-    return jax.make_mesh(shape, MESH_AXES, axis_types=auto)
-  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
+  try:
+    grid = mesh_utils.create_device_mesh(shape, devices)
+  except (ValueError, NotImplementedError):
+    # A shape the torus cannot tile whole (e.g. fsdp=32 on a 4x4x4 v5p): split an axis.
+    grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+  return Mesh(grid, MESH_AXES, axis_types=auto)
 
 
 def _rules_dict(rules: Iterable) -> dict[str, tuple[str, ...]]:

@@ -97,6 +97,12 @@ def compile_step(setup: Setup, loss_fn: LossFn, batch_spec: dict) -> Any:
       donate_argnums=(0,))
 
 
+def abstract_args(setup: Setup, batch_spec: dict) -> tuple:
+  """The (state, batch, rng) ShapeDtypeStructs the compiled step is lowered for."""
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch_spec.items()}
+  return setup.abstract_state, batch, jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+
+
 def trainable_leaf_names(setup: Setup) -> list[str]:
   """Paths of the gradient leaves in ``grad_leaf_finite`` order (for the NaN message)."""
   trainable, _ = optim.split_trainable(setup.abstract_state['params'], setup.config.freeze)
