@@ -31,7 +31,8 @@ def base(model: str = 'tiny') -> ml_collections.ConfigDict:
   c.input = dict(type='synthetic_random', batch_size=8, seq_len=32, data_dir='', workers=0,
                  pool=0)
   c.model = model
-  c.init = dict(vision='', qformer='', llm='')
+  # Pretrained towers (HF dirs or converted checkpoints) and/or an earlier stage's workdir.
+  c.init = dict(vision='', qformer='', llm='', checkpoint='')
   c.mesh = dict(data=-1, fsdp=1, tensor=1)
   c.sharding = dict(rules=[list(r) for r in sharding.DEFAULT_RULES])
   c.compute_dtype = ''  # '' = the model config's own; 'bfloat16' switches every tower
@@ -108,3 +109,29 @@ def _parse(raw: str, current, key: str):
 
 def to_json(config: ml_collections.ConfigDict) -> str:
   return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
+
+
+# Parameter-path regexes for what each stage freezes (everything else trains).
+NOT_LLM = r'^(?!llm/)'
+ONLY_LLM_AND_PROJ = r'^(llm|llm_proj)(/|$)'
+VISION_AND_STAGE1_HEADS = r'^(vit|vision_norm|vision_proj|text_proj|itm_head|temp)(/|$)'
+VISION_STAGE1_HEADS_AND_LLM = r'^(vit|vision_norm|vision_proj|text_proj|itm_head|temp|llm)(/|$)'
+LLM_BUT_LORA = r'^llm/(?!.*lora_)'
+
+
+def stage_config(stage: str, model: str, *, steps: int, batch_size: int,
+                 peak_lr: float, freeze: str) -> ml_collections.ConfigDict:
+  """A stage on the tfds input pipeline (the stage configs in configs/ call this)."""
+  from unifer_jax.data import pipeline  # the tfds/grain stack loads only when used
+  from unifer_jax.models import presets
+  c = base(model=presets.get(model))
+  c.stage = stage
+  c.input = pipeline.default_input_config()
+  c.input.batch_size = batch_size
+  c.total_steps = steps
+  c.log_every_steps = max(1, steps // 50)
+  c.checkpoint.every_steps = max(1, steps // 4)
+  c.schedule = dict(name='cosine', peak_lr=peak_lr, warmup_steps=max(1, steps // 20),
+                    end_lr_ratio=0.05)
+  c.freeze = freeze
+  return c

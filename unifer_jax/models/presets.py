@@ -3,7 +3,7 @@
 | preset | vision            | Q-Former                  | LLM                             | use |
 |--------|-------------------|---------------------------|---------------------------------|-----|
 | tiny   | 32 px, 2x32       | 2x32, 4 queries           | 2x32, vocab 128                 | unit tests |
-| demo   | 64 px /8, 6x192   | 4x192, 16 queries         | 6x256, GQA 4:2, vocab 2048      | `unifer demo` on CPU, minutes |
+| demo   | 64 px /8, 4x128   | 2x128, 16 queries         | 4x192, GQA 4:2, vocab 2048      | `unifer demo` on CPU, minutes |
 | base   | ViT-B/16 224      | BERT-base, 32 queries     | ~1.2B Llama-3.2-1B shape        | first real runs |
 | 7b     | ViT-L/14 224      | BERT-base, 32 queries     | Llama-2-7B shape                | pod runs |
 
@@ -55,12 +55,14 @@ def get(name: str) -> ml_collections.ConfigDict:
              max_seq_len=64),
         embed_dim=16)
   if name == 'demo':
+    # Sized for the 2-core CPU demo (~25 align / ~40 instruct samples per CPU-second):
+    # the Q-Former runs 6 passes per align sample (ITC x2, ITM x3, ITG), so it stays small.
     return _unifer(
-        _vit(image_size=64, patch_size=8, width=192, depth=6, heads=3, mlp_dim=768),
-        _qformer(hidden=192, depth=4, heads=3, mlp_dim=768, num_queries=16, vocab_size=2048,
-                 max_position=128),
-        _llm(vocab_size=2048, hidden=256, depth=6, heads=4, kv_heads=2, head_dim=64,
-             mlp_dim=768, max_seq_len=256, tie_embeddings=True),
+        _vit(image_size=64, patch_size=8, width=128, depth=4, heads=4, mlp_dim=512),
+        _qformer(hidden=128, depth=2, heads=4, mlp_dim=512, num_queries=16,
+                 cross_attention_freq=1, vocab_size=2048, max_position=128),
+        _llm(vocab_size=2048, hidden=192, depth=4, heads=4, kv_heads=2, head_dim=48,
+             mlp_dim=512, max_seq_len=256, tie_embeddings=True),
         embed_dim=128)
   if name == 'base':
     return set_compute_dtype(_unifer(

@@ -19,7 +19,7 @@ from jax.experimental import multihost_utils
 from unifer_jax import config_lib, distributed, sharding
 from unifer_jax.data import inputs as inputs_lib
 from unifer_jax.train import checkpoint as ckpt_lib
-from unifer_jax.train import losses, metrics as metrics_lib
+from unifer_jax.train import flops as flops_lib, losses, metrics as metrics_lib
 from unifer_jax.train import state as state_lib, step as step_lib
 
 
@@ -86,9 +86,8 @@ def train(config, workdir: str | Path) -> dict:
       setup.abstract_state,
       {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch_spec.items()},
       jax.ShapeDtypeStruct((), jax.random.key(0).dtype)).compile()
-  cost = compiled.cost_analysis() or {}
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops_per_device = float(cost.get('flops', 0.0))
+  # Model FLOPs from the unrolled step (XLA counts a scanned layer stack once).
+  flops_per_device = flops_lib.step_flops(config, mesh, loss_fn, batch_spec) / mesh.size
   peak = metrics_lib.device_peak_flops()
   leaf_names = step_lib.trainable_leaf_names(setup)
   rng = jax.random.key(config.seed)

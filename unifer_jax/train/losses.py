@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from unifer_jax.train import align_losses
+
 
 def token_nll(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> tuple[jax.Array, dict]:
   """Mean next-token NLL over masked positions (f32), plus token count and accuracy."""
@@ -51,7 +53,10 @@ def lm_loss(model, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
 
 LOSSES: dict[str, Callable] = {
     'lm': lm_loss,
+    'align': align_losses.align_loss,
     'generate': generate_loss,
+    # Instruction tuning is the generate loss with loss_mask on the answer tokens only.
+    'instruct': generate_loss,
 }
 
 

@@ -28,7 +28,7 @@ from unifer_jax import sharding
 from unifer_jax.convert import compose
 from unifer_jax.models import presets
 from unifer_jax.models.unifer import UniFER
-from unifer_jax.train import optim
+from unifer_jax.train import optim, warm_start
 
 
 @dataclasses.dataclass
@@ -64,6 +64,11 @@ class Setup:
       params, report = compose.apply_init(params, self.config.init, model_cfg, seed=seed)
       if jax.process_index() == 0:
         print(report.summary(), flush=True)
+    if self.config.init.get('checkpoint'):  # warm start from an earlier stage's workdir
+      params, loaded, fresh = warm_start.load_matching(self.config.init.checkpoint, params)
+      if jax.process_index() == 0:
+        print(f'init.checkpoint {self.config.init.checkpoint}: loaded {len(loaded)} '
+              f'parameters; fresh: {", ".join(fresh) if fresh else "none"}', flush=True)
     return jax.jit(with_optimizer, out_shardings=self.state_shardings, donate_argnums=0)(params)
 
 

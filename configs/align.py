@@ -1,0 +1,21 @@
+r"""Stage 1 (BLIP-2 stage 1): ITC + ITM (hard negatives) + ITG on the Q-Former. The demo
+trains the ViT too (it starts from scratch); with a pretrained ViT (`init.vision`)
+freeze it with `--config.freeze='^(vit|llm|llm_proj)(/|$)'`.
+
+  unifer train --config configs/align.py:demo --workdir W/align \
+      --config.input.data_dir=W/data --config.input.tokenizer=W/tokenizer
+
+Expected (demo preset, 2-core CPU, ~4 min): ITC accuracy within the batch > 0.5, and
+zero-shot accuracy over the 8 basic classes from text prompts >= 70 % on the held-out
+split (`unifer demo` measures it).
+Args: the model preset (default demo).
+"""
+
+from unifer_jax import config_lib
+
+
+def get_config(arg: str = 'demo'):
+  c = config_lib.stage_config('align', arg or 'demo', steps=400, batch_size=32,
+                              peak_lr=1e-3, freeze=config_lib.ONLY_LLM_AND_PROJ)
+  c.input.text_len = 32
+  return c
