@@ -27,7 +27,7 @@ UNIFER = [sys.executable, '-m', 'unifer_jax.cli']
 STEPS = 16
 
 
-def _overrides(total=STEPS, every=3, **extra):
+def _overrides(total=STEPS, every=4, **extra):
   o = {'total_steps': total, 'checkpoint.every_steps': every, 'checkpoint.keep': 3,
        'log_every_steps': 1, 'checkpoint.async_save': False}
   o.update(extra)
@@ -80,11 +80,44 @@ def _run_until(cmd, env, workdir, step, sig):
 
 
 @pytest.fixture(scope='module')
-def reference(tmp_path_factory):
-  """An uninterrupted in-process run on 1 process x 8 devices."""
+def reference_run(tmp_path_factory):
+  """An uninterrupted in-process run on 1 process x 8 devices: (workdir, last metrics)."""
   workdir = tmp_path_factory.mktemp('reference')
-  loop.train(_config(), workdir)
-  return _losses(workdir)
+  last = loop.train(_config(), workdir)
+  return workdir, last
+
+
+@pytest.fixture(scope='module')
+def reference(reference_run):
+  return _losses(reference_run[0])
+
+
+class _Crash(Exception):
+  pass
+
+
+def _crashing_input(at: int, poison: int | None = None):
+  """An input that dies when asked for batch `at` (a crash mid-run, same config) and
+  optionally carries a NaN image in batch `poison`."""
+
+  class CrashingInput(inputs_lib.RandomInput):
+    def next_local_batch(self):
+      position = self.position
+      if position == at:
+        raise _Crash(f'simulated crash before batch {at}')
+      batch = super().next_local_batch()
+      if position == poison:
+        batch['image'][0, 0, 0, 0] = np.nan
+      return batch
+
+  return CrashingInput
+
+
+@pytest.fixture
+def register_input(monkeypatch):
+  def register(name, cls):
+    monkeypatch.setitem(inputs_lib.INPUTS, name, cls)
+  return register
 
 
 @pytest.fixture(scope='module')
@@ -92,22 +125,25 @@ def cache_dir():
   return os.environ['JAX_COMPILATION_CACHE_DIR']  # shared with this process (conftest)
 
 
-def test_uninterrupted_run_writes_the_workdir_contract(reference, tmp_path):
+def test_uninterrupted_run_writes_the_workdir_contract(reference_run, reference):
+  workdir, last = reference_run
   assert sorted(reference) == list(range(1, STEPS + 1))
-  assert reference[STEPS] < reference[1]  # it learns the fixed random batches
-  workdir = tmp_path / 'w'
-  last = loop.train(_config(total=4, every=2), workdir)
+  assert reference[STEPS] < reference[1] - 0.3  # it learns the two cycled random batches
   rec = json.loads((workdir / 'metrics.jsonl').read_text().splitlines()[-1])
   for key in ('step', 'loss', 'lr', 'grad_norm', 'step_time_s', 'img_per_s', 'tokens_per_s', 'mfu'):
     assert key in rec, key
-  assert last['step'] == 4 and json.loads((workdir / 'config.json').read_text())['total_steps'] == 4
+  assert last['step'] == STEPS
+  assert json.loads((workdir / 'config.json').read_text())['total_steps'] == STEPS
   assert list((workdir / 'tensorboard').iterdir())
-  assert (workdir / 'checkpoints' / '4').is_dir()
+  saved = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
+  assert saved == [8, 12, 16]  # every 4 steps, keep 3
 
 
-def test_resume_continues_exactly(reference, tmp_path):
-  loop.train(_config(total=7), tmp_path)
-  loop.train(_config(), tmp_path)  # resumes from step 6 (last checkpoint of the first run)
+def test_resume_continues_exactly(reference, tmp_path, register_input):
+  register_input('crash7', _crashing_input(at=7))
+  with pytest.raises(_Crash):
+    loop.train(_config(**{'input.type': 'crash7'}), tmp_path)
+  loop.train(_config(), tmp_path)  # resumes from step 4, the last checkpoint before the crash
   got = _losses(tmp_path)
   for s in range(1, STEPS + 1):
     assert got[s] == reference[s], s
@@ -128,11 +164,11 @@ def test_kill9_single_process_resumes_exactly(reference, tmp_path, cache_dir):
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path, cache_dir):
   env = _env(cache_dir)
-  code, out = _run_until(_train_cmd(tmp_path, every=100), env, tmp_path, 5, signal.SIGTERM)
+  code, out = _run_until(_train_cmd(tmp_path, every=100), env, tmp_path, 3, signal.SIGTERM)
   assert code == 0, out
   assert 'preempted (SIGTERM)' in out
   saved = sorted(int(p.name) for p in (tmp_path / 'checkpoints').iterdir() if p.name.isdigit())
-  assert saved and saved[-1] >= 5 and saved[-1] < STEPS
+  assert saved and 3 <= saved[-1] < STEPS
 
 
 def test_two_processes_match_one_and_survive_kill9(reference, tmp_path, cache_dir):
@@ -158,59 +194,51 @@ def test_two_processes_match_one_and_survive_kill9(reference, tmp_path, cache_di
     assert abs(got[s] - reference[s]) <= 1e-5, (kill_at, s)
   # A checkpoint written by 1 process x 8 devices resumes under 2 processes x 4.
   cross = tmp_path / 'cross'
-  loop.train(_config(total=6), cross)
+  with pytest.raises(_Crash):
+    inputs_lib.INPUTS['crash7'] = _crashing_input(at=7)
+    try:
+      loop.train(_config(**{'input.type': 'crash7'}), cross)  # checkpoint 4 from 1 x 8
+    finally:
+      del inputs_lib.INPUTS['crash7']
   done = subprocess.run(_train_cmd(cross, processes=2), env=env, cwd=REPO, capture_output=True,
                         text=True, timeout=600)
   assert done.returncode == 0, done.stdout[-3000:]
-  assert 'resumed from checkpoint step 6' in done.stdout
+  assert 'resumed from checkpoint step 4' in done.stdout
   got = _losses(cross)
-  for s in range(7, STEPS + 1):
+  for s in range(5, STEPS + 1):
     assert abs(got[s] - reference[s]) <= 1e-5, s
 
 
-def test_unreadable_newest_checkpoint_falls_back(reference, tmp_path, capsys):
-  loop.train(_config(total=9), tmp_path)  # checkpoints 3, 6, 9
-  newest = tmp_path / 'checkpoints' / '9'
-  for f in newest.rglob('*'):
+def test_unreadable_newest_checkpoint_falls_back(reference, tmp_path, capsys, register_input):
+  register_input('crash10', _crashing_input(at=10))
+  with pytest.raises(_Crash):
+    loop.train(_config(**{'input.type': 'crash10'}), tmp_path)  # checkpoints 4, 8
+  for f in (tmp_path / 'checkpoints' / '8').rglob('*'):
     if f.is_file() and f.stat().st_size > 0 and 'state' in str(f):
       f.write_bytes(b'\0garbage')
   loop.train(_config(), tmp_path)
   out = capsys.readouterr().out
-  assert 'checkpoint 9 unreadable' in out and 'resumed from checkpoint step 6' in out
+  assert 'checkpoint 8 unreadable' in out and 'resumed from checkpoint step 4' in out
   got = _losses(tmp_path)
-  for s in range(7, STEPS + 1):
+  for s in range(5, STEPS + 1):
     assert got[s] == reference[s], s
 
 
-class _PoisonedInput(inputs_lib.RandomInput):
-  """Batch number 4 (the 5th step) carries a NaN image."""
-
-  def next_local_batch(self):
-    position = self.position
-    batch = super().next_local_batch()
-    if position == 4:
-      batch['image'][0, 0, 0, 0] = np.nan
-    return batch
-
-
-@pytest.fixture
-def poisoned(monkeypatch):
-  monkeypatch.setitem(inputs_lib.INPUTS, 'poisoned', _PoisonedInput)
-
-
-def test_nan_policy_skip_keeps_training_and_checkpoints_finite(poisoned, tmp_path, capsys):
-  config = _config(total=8, every=4, **{'input.type': 'poisoned'})
-  loop.train(config, tmp_path)
+def test_nan_policy_skip_keeps_training_and_checkpoints_finite(tmp_path, capsys, register_input):
+  register_input('poison4', _crashing_input(at=9, poison=4))  # NaN in the 5th batch
+  with pytest.raises(_Crash):
+    loop.train(_config(**{'input.type': 'poison4'}), tmp_path)
   records = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
   assert [r['skipped'] for r in records] == [0, 0, 0, 0, 1, 0, 0, 0]
   assert all(np.isfinite(r['loss']) for i, r in enumerate(records) if i != 4)
   assert 'first non-finite gradient leaf' in capsys.readouterr().out
-  assert (tmp_path / 'checkpoints' / '8').is_dir()
+  assert (tmp_path / 'checkpoints' / '8').is_dir()  # written after the skipped step: finite
 
 
-def test_nan_policy_stop_names_the_leaf_and_writes_no_checkpoint(poisoned, tmp_path):
-  config = _config(total=8, every=1, **{'input.type': 'poisoned', 'nan_policy': 'stop'})
+def test_nan_policy_stop_names_the_leaf_and_writes_no_checkpoint(tmp_path, register_input):
+  register_input('poison4', _crashing_input(at=None, poison=4))
+  config = _config(every=1, **{'input.type': 'poison4', 'nan_policy': 'stop'})
   with pytest.raises(loop.NonFiniteLossError, match=r'step 5: .*first non-finite gradient leaf: \w+/'):
     loop.train(config, tmp_path)
   saved = sorted(int(p.name) for p in (tmp_path / 'checkpoints').iterdir() if p.name.isdigit())
-  assert saved == [1, 2, 3, 4]
+  assert saved == [2, 3, 4]  # keep 3; nothing at or after the bad step
