@@ -303,8 +303,8 @@ def _jsonable(x):
 class TfdsInput:
   """The trainer's input (``config.input.type='tfds'``): inputs.Input protocol.
 
-  Yields only the device keys of ``batch_spec`` (the '_' metadata is counted here:
-  ``stats()`` -> rows and truncated rows seen by this process).
+  Yields only the device keys of ``batch_spec``; the '_' metadata is counted here
+  (``stats()``: rows, rows cut at seq_len/text_len, CoT rows shortened to fit).
   """
 
   def __init__(self, config, model_cfg):
