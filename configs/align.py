@@ -17,5 +17,5 @@ from unifer_jax import config_lib
 def get_config(arg: str = 'demo'):
   c = config_lib.stage_config('align', arg or 'demo', steps=400, batch_size=32,
                               peak_lr=1e-3, freeze=config_lib.ONLY_LLM_AND_PROJ)
-  c.input.text_len = 32
+  c.input.text_len = 48
   return c

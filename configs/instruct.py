@@ -20,5 +20,5 @@ def get_config(arg: str = 'demo'):
       'instruct', arg or 'demo', steps=500, batch_size=32, peak_lr=1e-3,
       freeze=config_lib.VISION_AND_STAGE1_HEADS + '|' + config_lib.LLM_BUT_LORA)
   c.model.lora.rank = 16
-  c.input.seq_len = 96
+  c.input.seq_len = 128
   return c

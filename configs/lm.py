@@ -14,5 +14,5 @@ from unifer_jax import config_lib
 def get_config(arg: str = 'demo'):
   c = config_lib.stage_config('lm', arg or 'demo', steps=150, batch_size=32, peak_lr=3e-3,
                               freeze=config_lib.NOT_LLM)
-  c.input.seq_len = 64
+  c.input.seq_len = 96
   return c

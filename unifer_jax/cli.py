@@ -10,8 +10,6 @@ import os
 import sys
 
 NOT_BUILT = {
-    'demo': 'issue 7 (stages) and issue 8 (distillation/export)',
-    'prep': 'issue 3 (built-in corpus) and issue 6 (real-dataset builders)',
     'eval': 'issue 9 (evaluation)',
     'sweep': 'issue 9 (evaluation sweeps)',
     'export': 'issue 8 (student export)',
@@ -86,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument('--num_processes', type=int)
   s.add_argument('--process_id', type=int)
   _add_convert(sub)
+  from data_prep import commands as prep_commands
+  prep_commands.add_parser(sub)
+  s = sub.add_parser('demo', help='the whole pipeline on the built-in corpus (CPU)')
+  s.add_argument('--workdir', default='workdir/demo')
+  s.add_argument('--size', type=int, default=20000, help='faces in the corpus')
   s = sub.add_parser('compile-check', help='compile the train step for a TPU/GPU topology '
                      'here; report memory, FLOPs, collectives, roofline; exit 1 if it does not fit')
   s.add_argument('--config', required=True, help='configs/X.py[:arg]; then --config.key=value ...')
@@ -110,6 +113,13 @@ def main(argv=None) -> int:
       print(f'unifer train: unknown arguments {bad}', file=sys.stderr)
       return 2
     return _train(args, unknown)
+  if args.command == 'demo':
+    from unifer_jax import demo
+    demo.run(args.workdir, size=args.size)
+    return 0
+  if args.command == 'prep':
+    from data_prep import commands as prep_commands
+    return prep_commands.run(args, beam_args=unknown)
   if args.command == 'compile-check':
     bad = [u for u in unknown if not u.startswith('--config.')]
     if bad:

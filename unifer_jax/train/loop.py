@@ -75,6 +75,12 @@ def train(config, workdir: str | Path) -> dict:
     if main:
       print(f'resumed from checkpoint step {first_step} in {checkpointer.directory}', flush=True)
   config_json = json.loads(config_lib.to_json(config))
+  if first_step >= config.total_steps:
+    if main:
+      print(f'already at step {first_step} of {config.total_steps}: nothing to train', flush=True)
+    checkpointer.close()
+    writer.close()
+    return {'step': first_step}
 
   # ------------------------------------------------------------------------------ #
   # Step                                                                            #
