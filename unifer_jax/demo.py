@@ -139,6 +139,8 @@ def run(workdir: str | Path, size: int = 20000, overrides: dict | None = None,
 
   _banner(f'corpus: {size} procedural FACS faces')
   from data_prep import synthetic_faces  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  tfds.disable_progress_bar()  # our own banners and progress lines are the console output
   t = time.monotonic()
   counts = synthetic_faces.prepare(workdir / 'data', size=size, seed=0)
   timings['corpus_s'] = time.monotonic() - t

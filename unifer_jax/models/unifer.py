@@ -8,6 +8,7 @@ stage is config (``config.freeze``), not code.
 from __future__ import annotations
 
 import jax
+import ml_collections
 import jax.numpy as jnp
 from flax import nnx
 
@@ -20,7 +21,7 @@ from unifer_jax.models.vit import ViT
 class UniFER(nnx.Module):
 
   def __init__(self, cfg, *, rngs: nnx.Rngs):
-    self.cfg = cfg
+    self.cfg = ml_collections.FrozenConfigDict(cfg)  # hashable: the graphdef is a jit static
     v, q, l = cfg.vit, cfg.qformer, cfg.llm
     if q.encoder_width != v.width:
       raise ValueError(f'model.qformer.encoder_width={q.encoder_width} must equal '
