@@ -1,0 +1,158 @@
+"""`unifer compile-check`: the real train step compiled for a TPU topology on this CPU box.
+
+Two real compiles (libtpu, deviceless) of the tiny preset on v5e:2x2: the generative step
+under FSDP with an HBM too small (exit 1, the report's fields), and the text-only step
+data-parallel (exit 0). Plus product-name mapping checked against libtpu itself, and the
+FLOP counter against hand-counted programs.
+"""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from unifer_jax import cli
+from unifer_jax.train import aot_targets, compile_check as cc, step_cost
+
+TINY = ['compile-check', '--config', 'configs/smoke.py:tiny', '--topology', 'v5e:2x2']
+
+
+@pytest.mark.parametrize('name, platform, topology, chips', [
+    ('v5p-128', 'tpu', 'v5p:4x4x4', 64),
+    ('v5p-8', 'tpu', 'v5p:2x2x1', 4),
+    ('v5p-32', 'tpu', 'v5p:2x2x4', 16),
+    ('v5e-16', 'tpu', 'v5e:4x4', 16),
+    ('v5litepod-256', 'tpu', 'v5e:16x16', 256),
+    ('v6e-64', 'tpu', 'v6e:8x8', 64),
+    ('v4-32', 'tpu', 'v4:2x2x4', 16),
+    ('v5p:4x4x4', 'tpu', 'v5p:4x4x4', 64),
+    ('h100x8', 'cuda', '1x1x8', 8),
+    ('gpu:h100x8', 'cuda', '1x1x8', 8),
+    ('h100x16', 'cuda', '1x2x8', 16),
+])
+def test_topology_names(name, platform, topology, chips):
+  target = aot_targets.resolve_topology(name)
+  assert (target.platform, target.topology, target.chips) == (platform, topology, chips)
+
+
+@pytest.mark.parametrize('name, devices, hosts', [('v5p-128', 64, 16), ('v4-32', 16, 4),
+                                                   ('v6e-64', 64, 16), ('v5e-16', 16, 4)])
+def test_mapped_topologies_are_real_libtpu_topologies(name, devices, hosts):
+  found = aot_targets.topology_devices(aot_targets.resolve_topology(name))
+  assert len(found) == devices and len({d.process_index for d in found}) == hosts
+
+
+@pytest.mark.parametrize('name', ['v5p-12', 'v5p-100', 'v7-8', 'h100x12', 'a100x8', 'v5e:4x4x4x4'])
+def test_unknown_topology_lists_the_known_ones(name, capsys):
+  with pytest.raises(ValueError, match='Known: TPU products.*v5p-128.*h100x8'):
+    aot_targets.resolve_topology(name)
+  assert cli.main(['compile-check', '--config', 'configs/smoke.py:tiny', '--topology', name]) == 2
+  assert 'v5p-128' in capsys.readouterr().err
+
+
+def test_matmul_cost_counts_scan_iterations_remat_and_grads():
+  def layers(x, ws):
+    body = jax.checkpoint(lambda c, w: (jnp.tanh(c @ w), None))
+    return jax.lax.scan(body, x, ws)[0].sum()
+
+  x = jax.ShapeDtypeStruct((8, 16), jnp.float32)
+  ws = jax.ShapeDtypeStruct((5, 16, 16), jnp.float32)
+  one = 2 * 8 * 16 * 16
+  fwd, fwd_bytes = step_cost.matmul_cost(jax.make_jaxpr(layers)(x, ws), batch_sizes={8}, batch_shards=2)
+  assert fwd == 5 * one
+  # Per matmul: x [8,16] and the output split over 2 batch shards, the weight whole.
+  assert fwd_bytes == 5 * 4 * (8 * 16 / 2 + 16 * 16 + 8 * 16 / 2)
+  # Gradient w.r.t. x and ws: forward + recomputed forward (remat) + 2 backward matmuls.
+  grad, _ = step_cost.matmul_cost(jax.make_jaxpr(jax.grad(layers, argnums=(0, 1)))(x, ws))
+  assert grad == 4 * 5 * one
+  # XLA's own cost analysis counts the loop body once: why compile_check does not use it.
+  xla = jax.jit(layers).lower(x, ws).compile().cost_analysis()['flops']
+  assert xla < 2 * one
+
+
+def test_collective_stats_multiply_loop_bodies_by_their_trip_count():
+  devices = aot_targets.topology_devices(aot_targets.resolve_topology('v5e:2x2'))
+  mesh = Mesh(np.array(devices), ('x',))
+
+  def layers(x, ws):  # weights sharded: every layer all-gathers its own
+    return jax.lax.scan(lambda c, w: (jnp.tanh(c @ w), None), x, ws)[0].sum()
+
+  x = jax.ShapeDtypeStruct((1024, 512), jnp.float32, sharding=NamedSharding(mesh, P('x')))
+  ws = jax.ShapeDtypeStruct((5, 512, 512), jnp.float32,
+                            sharding=NamedSharding(mesh, P(None, 'x')))
+  hlo = jax.jit(layers).lower(x, ws).compile().as_text()
+  stats, biggest = step_cost.collective_stats(hlo)
+  gather = stats['all-gather']
+  assert gather['ops'] == 1 and gather['runs'] == 5
+  # Each run gathers one whole layer's weight (XLA may gather it already cast to bf16).
+  assert gather['bytes'] in (5 * 512 * 512 * 2, 5 * 512 * 512 * 4)
+  assert biggest[0][1] == 'all-gather' and 'while/body' in biggest[0][3]
+  assert stats['all-reduce']['runs'] == 1  # the final sum, outside the loop
+
+
+@pytest.fixture(scope='module')
+def fsdp_tiny_hbm(tmp_path_factory):
+  """`unifer compile-check` of tiny under FSDP over 4 v5e chips, with 0.01 GiB of HBM."""
+  out = tmp_path_factory.mktemp('cc') / 'report.json'
+  code = cli.main(TINY + ['--config.mesh.data=1', '--config.mesh.fsdp=-1', '--hbm_gib=0.01',
+                          '--json', str(out)])
+  return code, json.loads(out.read_text())
+
+
+def test_does_not_fit_exits_1_with_the_reason(fsdp_tiny_hbm, capsys):
+  code, report = fsdp_tiny_hbm
+  assert code == 1 and report['fits'] is False
+  assert report['peak_bytes'] > report['hbm_bytes'] == int(0.01 * aot_targets.GiB)
+
+
+def test_fsdp_report_fields(fsdp_tiny_hbm):
+  _, r = fsdp_tiny_hbm
+  assert r['mesh'] == {'data': 1, 'fsdp': 4, 'tensor': 1} and r['devices'] == 4
+  assert r['chip'] == 'TPU v5e' and r['platform'] == 'tpu'
+  for key in ('param_bytes', 'opt_bytes', 'argument_bytes', 'output_bytes', 'temp_bytes',
+              'peak_bytes', 'model_flops', 'executed_flops', 'hbm_traffic_bytes',
+              'step_time_s', 'mfu', 'compile_s'):
+    assert r[key] > 0, key
+  # FSDP: each device holds a quarter of the sharded weights (f32), small ones replicated.
+  full = 4 * r['params']
+  assert full / 4 < r['param_bytes'] < full / 2
+  # AdamW moments mirror the params; state donated: outputs alias the state inputs.
+  assert 2 * r['param_bytes'] <= r['opt_bytes'] < 2 * r['param_bytes'] + 1024
+  assert r['alias_bytes'] >= r['param_bytes'] + r['opt_bytes']
+  assert r['peak_bytes'] >= r['argument_bytes']
+  # FSDP gathers weights and reduces gradients.
+  c = r['collectives']
+  assert c['all-gather']['ops'] > 0 and c['all-gather']['bytes'] > 0
+  assert c['all-reduce']['ops'] + c['reduce-scatter']['ops'] > 0
+  assert all(v['runs'] >= v['ops'] for v in c.values())
+  assert r['biggest_collectives'][0][0] == max(b[0] for b in r['biggest_collectives']) > 0
+  assert r['executed_flops'] >= r['model_flops']
+  assert r['peak_flops'] == 197e12 and r['hbm_bytes_per_s'] == 819e9
+  assert r['step_time_s'] == max(r['executed_flops'] / 197e12, r['hbm_traffic_bytes'] / 819e9,
+                                 r['comm_time_s'])
+  assert r['mfu'] == r['model_flops'] / r['step_time_s'] / 197e12
+
+
+def test_report_format_states_the_verdict(fsdp_tiny_hbm):
+  _, fields = fsdp_tiny_hbm
+  fields = {k: v for k, v in fields.items() if k in cc.Report.__dataclass_fields__}
+  report = cc.Report(**fields)
+  text = cc.format(report)
+  assert 'does not fit: peak' in text and 'all-gather' in text and 'MFU' in text
+  fitting = cc.Report(**{**fields, 'hbm_bytes': 16 * aot_targets.GiB})
+  assert fitting.fits and 'fits: peak' in cc.format(fitting)
+
+
+def test_data_parallel_text_step_fits_exit_0(tmp_path, capsys):
+  out = tmp_path / 'r.json'
+  code = cli.main(TINY + ['--config.stage=lm', '--config.mesh.data=-1', '--json', str(out)])
+  printed = capsys.readouterr().out
+  assert code == 0 and 'fits: peak' in printed
+  r = json.loads(out.read_text())
+  assert r['fits'] and r['mesh'] == {'data': 4, 'fsdp': 1, 'tensor': 1}
+  # Pure data parallelism: replicated weights, so no gathers; gradients are all-reduced.
+  assert r['collectives']['all-gather']['ops'] == 0 and r['collectives']['all-reduce']['ops'] > 0
+  assert r['param_bytes'] == 4 * r['params']  # every f32 weight whole on each device

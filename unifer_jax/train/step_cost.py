@@ -1,0 +1,146 @@
+"""What one compiled train step costs: matmul FLOPs and bytes from its jaxpr, and the
+collectives XLA inserted, from its compiled HLO text (per device, loops expanded).
+
+XLA's ``cost_analysis()`` counts the body of a while loop once, so for a model whose
+layers run under ``lax.scan`` it undercounts FLOPs and bytes by about the layer count;
+these counters multiply loop bodies by their trip counts instead.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+
+
+def _sub_jaxprs(value):
+  if hasattr(value, 'eqns'):
+    yield value
+  elif hasattr(value, 'jaxpr') and hasattr(value.jaxpr, 'eqns'):
+    yield value.jaxpr
+  elif isinstance(value, (tuple, list)):
+    for v in value:
+      yield from _sub_jaxprs(v)
+
+
+def matmul_cost(jaxpr, batch_sizes=(), batch_shards: int = 1) -> tuple[float, float]:
+  """(FLOPs on all devices, HBM bytes per device) of the dot_general/conv ops of a jaxpr.
+
+  FLOPs: 2*M*N*K per matmul. Bytes: each matmul reads its operands and writes its result
+  once; an array whose leading dimension is a batch size (``batch_sizes``) is split
+  over ``batch_shards`` devices, any other (weights, weight gradients) is whole on each
+  device, as under data parallelism / FSDP. A scan body counts ``length`` times, a cond
+  its costliest branch, a while body once (no static trip count; the step has none).
+  XLA's own cost analysis counts every loop body once, so it undercounts scanned layers.
+  """
+  def nbytes(aval):
+    size = math.prod(aval.shape) * np.dtype(aval.dtype).itemsize
+    return size / batch_shards if aval.shape and aval.shape[0] in batch_sizes else size
+
+  jaxpr = getattr(jaxpr, 'jaxpr', jaxpr)
+  flops = traffic = 0.0
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name in ('dot_general', 'conv_general_dilated'):
+      lhs, rhs = eqn.invars[0].aval, eqn.invars[1].aval
+      out = eqn.outvars[0].aval
+      if name == 'dot_general':
+        (contract, _), _ = eqn.params['dimension_numbers']
+        k = math.prod(lhs.shape[d] for d in contract)
+      else:  # rhs spec: (out features, in features, spatial...)
+        k = math.prod(rhs.shape[d] for d in eqn.params['dimension_numbers'].rhs_spec[1:])
+      flops += 2.0 * math.prod(out.shape) * k
+      traffic += nbytes(lhs) + nbytes(rhs) + nbytes(out)
+    subs = [s for v in eqn.params.values() for s in _sub_jaxprs(v)]
+    if not subs:
+      continue
+    costs = [matmul_cost(s, batch_sizes, batch_shards) for s in subs]
+    if name == 'cond':
+      f, b = max(costs)
+    else:
+      times = eqn.params.get('length', 1)
+      f, b = times * sum(c[0] for c in costs), times * sum(c[1] for c in costs)
+    flops += f
+    traffic += b
+  return flops, traffic
+
+
+COLLECTIVES = ('all-gather', 'reduce-scatter', 'all-reduce', 'all-to-all', 'collective-permute')
+_OP = re.compile(r'=\s*(\([^=]*?\)|\S+)\s+(' + '|'.join(COLLECTIVES) + r')(-start)?\(')
+_HEADER = re.compile(r'^(?:ENTRY\s+)?%?([\w.-]+)\s.*\{\s*$')
+_WHILE = re.compile(r'\bwhile\(.*\bcondition=%?([\w.-]+), body=%?([\w.-]+)')
+_CALLED = re.compile(r'(?:calls|to_apply|body|condition)=%?([\w.-]+)|branch_computations=\{([^}]*)\}')
+_ARRAY = re.compile(r'\b(pred|[a-z]+\d+[a-z0-9]*)\[([\d,]*)\]')
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+_TRIP = re.compile(r'constant\((\d+)\)')
+_KNOWN_TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+
+
+def _array_bytes(type_text: str, largest: bool) -> int:
+  sizes = []
+  for dtype, dims in _ARRAY.findall(type_text):
+    bits = 1 if dtype == 'pred' else int(re.search(r'\d+', dtype).group())
+    sizes.append(math.prod(int(d) for d in dims.split(',') if d) * max(bits // 8, 1))
+  # An async *-start returns (operands, results): its largest array is the result.
+  return (max(sizes) if largest else sum(sizes)) if sizes else 0
+
+
+def collective_stats(hlo_text: str) -> tuple[dict, list]:
+  """Collectives of compiled HLO text, per device per step.
+
+  Returns ({op: {'ops': static count, 'runs': executions, 'bytes': result bytes moved}},
+  the 3 biggest ops by bytes as (bytes, op, result type, jax op name)). Executions
+  multiply an op inside a while body (the layer scan) by the loop's trip count, read from
+  its condition (``i < N``); an async start/done pair counts once. TPU's compiler often
+  writes an FSDP all-gather as an all-reduce of a zero-padded buffer (and a
+  reduce-scatter as an all-reduce and a slice), so there the bytes say more than the
+  op names.
+  """
+  comps, current = {}, None
+  for line in hlo_text.splitlines():
+    head = _HEADER.match(line)
+    if head and not line[0].isspace():  # computation headers start at column 0
+      current = head.group(1)
+      comps[current] = []
+    elif current is not None:
+      comps[current].append(line)
+  callers = {name: [] for name in comps}  # callee -> [(caller, times per caller run)]
+  for name, lines in comps.items():
+    for line in lines:
+      loop = _WHILE.search(line)
+      trips = {}
+      if loop:
+        cond, body = loop.groups()
+        known = _KNOWN_TRIPS.search(line)  # the GPU compiler annotates it
+        found = [int(n) for l in comps.get(cond, []) for n in _TRIP.findall(l)]
+        lt = any('direction=LT' in l for l in comps.get(cond, []))
+        trips[body] = int(known.group(1)) if known else max(found) if found and lt else 1
+      for one, many in _CALLED.findall(line):
+        for callee in (c.strip().lstrip('%') for c in (one or many).split(',')):
+          if callee in callers:
+            callers[callee].append((name, trips.get(callee, 1)))
+  runs_of = {}
+
+  def runs(name, seen=()):
+    if name not in runs_of:
+      if not callers[name]:
+        runs_of[name] = 1  # ENTRY (and unreferenced helpers)
+      else:
+        runs_of[name] = sum(runs(c, seen + (name,)) * t for c, t in callers[name] if c not in seen)
+    return runs_of[name]
+
+  stats = {op: {'ops': 0, 'runs': 0, 'bytes': 0} for op in COLLECTIVES}
+  biggest = []
+  for name, lines in comps.items():
+    for line in lines:
+      for type_text, op, start in _OP.findall(line):
+        n, size = runs(name), _array_bytes(type_text, largest=bool(start))
+        stats[op]['ops'] += 1
+        stats[op]['runs'] += n
+        stats[op]['bytes'] += n * size
+        op_name = _OP_NAME.search(line)
+        arrays = ['{}[{}]'.format(*a) for a in _ARRAY.findall(type_text)]
+        shown = arrays[-1] if start else ', '.join(arrays)
+        biggest.append((n * size, op, shown, op_name.group(1) if op_name else ''))
+  return stats, sorted(biggest, reverse=True)[:3]
