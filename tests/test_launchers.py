@@ -139,6 +139,7 @@ def _slurm_job_id_with_free_port() -> int:
 
 
 @pytest.mark.slow  # two trainer processes compile the tiny step: ~40-60 s of CPU
+@pytest.mark.multiprocess
 def test_sbatch_runs_unifer_train_as_slurm_tasks(tmp_path):
   bindir = tmp_path / 'bin'
   bindir.mkdir()
