@@ -45,6 +45,11 @@ def test_mapped_topologies_are_real_libtpu_topologies(name, devices, hosts):
   assert len(found) == devices and len({d.process_index for d in found}) == hosts
 
 
+def test_topology_libtpu_lacks_is_a_clear_error(capsys):
+  assert cli.main(['compile-check', '--config', 'configs/smoke.py:tiny', '--topology', 'v5e:3x3']) == 2
+  assert 'libtpu cannot make v5e:3x3' in capsys.readouterr().err
+
+
 @pytest.mark.parametrize('name', ['v5p-12', 'v5p-100', 'v7-8', 'h100x12', 'a100x8', 'v5e:4x4x4x4'])
 def test_unknown_topology_lists_the_known_ones(name, capsys):
   with pytest.raises(ValueError, match='Known: TPU products.*v5p-128.*h100x8'):

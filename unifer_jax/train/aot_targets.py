@@ -172,7 +172,12 @@ def topology_devices(target: Target) -> list:
   _quiet_libtpu()  # libtpu also loads (and probes) when the GPU plugin is asked
   if target.platform == 'tpu':
     kwargs = {'chip_config_name': 'megacore'} if target.chip == 'v4' else {}
-    topo = topologies.get_topology_desc(platform='tpu', topology_name=target.topology, **kwargs)
+    try:
+      topo = topologies.get_topology_desc(platform='tpu', topology_name=target.topology,
+                                          **kwargs)
+    except Exception as e:  # e.g. a shape libtpu has no slice for
+      raise ValueError(f'--topology {target.name}: libtpu cannot make {target.topology}: '
+                       f'{str(e).splitlines()[0]}. Known: {KNOWN_TOPOLOGIES}') from e
   else:
     os.environ.setdefault('JAX_SKIP_CUDA_CONSTRAINTS_CHECK', '1')
     try:
@@ -180,7 +185,7 @@ def topology_devices(target: Target) -> list:
           platform='cuda', target_config=GPU_TARGET_CONFIGS[target.chip],
           topology=target.topology)
     except Exception as e:  # the plugin is an optional install
-      raise RuntimeError(f'--topology {target.name}: GPU AOT compilation needs the CUDA PJRT '
+      raise ValueError(f'--topology {target.name}: GPU AOT compilation needs the CUDA PJRT '
                          f'plugin without CUDA libraries: pip install -e ".[gpu-aot]" '
                          f'({type(e).__name__}: {e})') from e
   return list(topo.devices)

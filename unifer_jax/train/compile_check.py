@@ -312,7 +312,7 @@ def to_json(report: Report) -> dict:
 
 
 def main(args, overrides=()) -> int:
-  """``unifer compile-check``: 0 fits, 1 does not fit, 2 bad --topology.
+  """``unifer compile-check``: 0 fits, 1 does not fit, 2 bad input (topology, config).
 
   ``args``: --config, --topology, --hbm_gib, --hlo, --json (see unifer_jax/cli.py);
   ``overrides``: ['--config.key=value', ...].
@@ -323,8 +323,12 @@ def main(args, overrides=()) -> int:
     print(f'unifer compile-check: {e}', file=sys.stderr)
     return 2
   config = config_lib.load(args.config, overrides)
-  report = run(config, args.topology, hbm_gib=args.hbm_gib, hlo_path=args.hlo,
-               log=lambda s: print(f'[compile-check] {s}', file=sys.stderr, flush=True))
+  try:
+    report = run(config, args.topology, hbm_gib=args.hbm_gib, hlo_path=args.hlo,
+                 log=lambda s: print(f'[compile-check] {s}', file=sys.stderr, flush=True))
+  except ValueError as e:  # a topology libtpu lacks, no GPU plugin, batch vs mesh, ...
+    print(f'unifer compile-check: {e}', file=sys.stderr)
+    return 2
   print(format(report), flush=True)
   if args.json:
     with open(args.json, 'w') as f:

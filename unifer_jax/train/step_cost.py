@@ -95,7 +95,8 @@ def collective_stats(hlo_text: str) -> tuple[dict, list]:
   its condition (``i < N``); an async start/done pair counts once. TPU's compiler often
   writes an FSDP all-gather as an all-reduce of a zero-padded buffer (and a
   reduce-scatter as an all-reduce and a slice), so there the bytes say more than the
-  op names.
+  op names. An async collective XLA moved into a loop body to overlap it with the loop
+  is counted every iteration: an upper bound.
   """
   comps, current = {}, None
   for line in hlo_text.splitlines():
