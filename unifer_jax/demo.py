@@ -101,19 +101,14 @@ def evaluate_instruct(config, workdir: Path, test: dict, tok, out: Path, max_per
   setup, params = restore_params(config, workdir)
   metrics, raw = instruct_eval.evaluate(setup.graphdef, params, test, tok,
                                         max_per_task=max_per_task)
-  if 'basic' in raw:
-    idx = np.asarray(raw['basic']['index'])
-    cm = plots.confusion_matrix(test['expression'][idx], np.asarray(raw['basic']['pred']),
-                                len(labels.BASIC))
-    plots.plot_confusion(cm, labels.BASIC, 'instructed answers: basic expression',
-                         out / 'instruct_basic_confusion.png')
-    metrics['instruct_basic_confusion'] = cm.tolist()
-  if 'compound' in raw:
-    idx = np.asarray(raw['compound']['index'])
-    cm = plots.confusion_matrix(test['compound'][idx], np.asarray(raw['compound']['pred']),
-                                len(labels.COMPOUND))
-    plots.plot_confusion(cm, labels.COMPOUND, 'instructed answers: compound expression',
-                         out / 'instruct_compound_confusion.png')
+  for task, key, names in (('basic', 'expression', labels.BASIC),
+                            ('compound', 'compound', labels.COMPOUND)):
+    if task in raw:
+      idx = np.asarray(raw[task]['index'])
+      cm = plots.confusion_matrix(test[key][idx], np.asarray(raw[task]['pred']), len(names))
+      plots.plot_confusion(cm, names, f'instructed answers: {task} expression',
+                           out / f'instruct_{task}_confusion.png')
+      metrics[f'instruct_{task}_confusion'] = cm.tolist()
   sample = list(range(min(8, len(test['image']))))
   shown = []
   for i in sample:
