@@ -53,7 +53,8 @@ def init_sources(init) -> dict[str, str]:
   init = {k: v for k, v in dict(init).items() if k != 'checkpoint'}
   unknown = sorted(set(init) - set(INIT_KEYS))
   if unknown:
-    raise ConversionError(f'config.init: unknown keys {unknown}; expected {list(INIT_KEYS)}')
+    raise ConversionError(f'config.init: unknown keys {unknown}; expected '
+                          f'{list(INIT_KEYS) + ["checkpoint"]}')
   return {k: str(v) for k, v in init.items() if v}
 
 
