@@ -4,7 +4,7 @@ A converted tower directory holds one tower (LLM, vision encoder or Q-Former/BER
 
   DIR/config.json   {"format": "unifer-tower", "tower": "llm", "model_type": "llama",
                      "source": ..., "config": {our tower config}}
-  DIR/params/       orbax checkpoint (StandardSave) of the pure param dict, exactly
+  DIR/params/       orbax checkpoint (PyTreeSave) of the pure param dict, exactly
                     ``nnx.to_pure_dict(nnx.state(tower.build(config), nnx.Param))``
 
 :func:`read_tower` opens either such a directory or a Hugging Face model directory,
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import re
 import shutil
 import sys
@@ -35,11 +34,8 @@ from unifer_jax import convert
 from unifer_jax.convert import hf_io
 from unifer_jax.convert.hf_io import ConversionError
 
-log = logging.getLogger(__name__)
-
 FORMAT = 'unifer-tower'
 PARAMS_DIR = 'params'
-DTYPES = ('bfloat16', 'float32', 'float16')
 # Where each tower keeps its layer stack: [L, ...] leaves when scanned, {i: ...} when not.
 STACK_KEY = {'llm': 'layers', 'vision': 'blocks', 'qformer': 'blocks'}
 
