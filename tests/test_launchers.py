@@ -148,6 +148,7 @@ def test_sbatch_runs_unifer_train_as_slurm_tasks(tmp_path):
   srun.chmod(0o755)
   workdir = tmp_path / 'work dir'
   env = dict(os.environ, PATH=f'{bindir}:{os.environ["PATH"]}', SRUN_NTASKS='2',
+             JAX_ENABLE_COMPILATION_CACHE='false',  # see tests/test_train.py _env
              SRUN_LOG=str(tmp_path / 'srun.log'), SLURM_JOB_ID=str(_slurm_job_id_with_free_port()),
              SLURM_SUBMIT_DIR=str(REPO), UNIFER_VENV=str(Path(sys.executable).parents[1]),
              JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=2',
