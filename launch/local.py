@@ -54,15 +54,15 @@ def main(argv=None) -> int:
                UNIFER_PROCESS_ID=str(i),
                JAX_PLATFORMS='cpu',
                XLA_FLAGS=f'--xla_force_host_platform_device_count={per_process}')
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    # Same process group as the launcher: `kill -9 -PGID` of the job takes every process.
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     threading.Thread(target=_pump, args=(proc.stdout, f'[p{i}]'), daemon=True).start()
     procs.append(proc)
 
   def forward(signum, _frame):
     for proc in procs:
       if proc.poll() is None:
-        os.killpg(proc.pid, signum)
+        proc.send_signal(signum)
 
   signal.signal(signal.SIGTERM, forward)
   signal.signal(signal.SIGINT, forward)
@@ -81,7 +81,7 @@ def main(argv=None) -> int:
         # A collective with a dead peer can neither finish nor save: kill, don't ask.
         for j in remaining:
           if procs[j].poll() is None:
-            os.killpg(procs[j].pid, signal.SIGKILL)
+            procs[j].kill()
   return exit_code
 
 
