@@ -10,8 +10,6 @@ import os
 import sys
 
 NOT_BUILT = {
-    'eval': 'issue 9 (evaluation)',
-    'sweep': 'issue 9 (evaluation sweeps)',
     'export': 'issue 8 (student export)',
     'predict': 'issue 9 (unifer predict)',
 }
@@ -83,6 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument('--coordinator', help='host:port of process 0 (multi-process without a cluster)')
   s.add_argument('--num_processes', type=int)
   s.add_argument('--process_id', type=int)
+  s = sub.add_parser('eval', help='run a config\'s evals on a workdir checkpoint; report.md/json '
+                     '+ PNGs in the workdir')
+  s.add_argument('--config', help='configs/X.py[:arg] holding evals (default: the workdir\'s '
+                 'config.json); then --config.key=value ...')
+  s.add_argument('--workdir', required=True, help='a training workdir (config.json + checkpoints/)')
+  s.add_argument('--step', type=int, help='checkpoint step (default: the newest)')
+  s = sub.add_parser('sweep', help='one evaluator over checkpoints x datasets x prompt sets / '
+                     'decoding; resumable; CSV + markdown + PNGs in --out')
+  s.add_argument('--config', required=True, help='configs/sweeps/X.py[:arg]; then --config.key=value')
+  s.add_argument('--out', required=True, help='results folder (rerun with the same --out resumes)')
   _add_convert(sub)
   from data_prep import commands as prep_commands
   prep_commands.add_parser(sub)
@@ -127,6 +135,21 @@ def main(argv=None) -> int:
       return 2
     from unifer_jax.train import compile_check
     return compile_check.main(args, unknown)
+  if args.command == 'eval':
+    bad = [u for u in unknown if not u.startswith('--config.')]
+    if bad:
+      print(f'unifer eval: unknown arguments {bad}', file=sys.stderr)
+      return 2
+    from unifer_jax.evaluators import standalone
+    return standalone.main(args, unknown)
+  if args.command == 'sweep':
+    bad = [u for u in unknown if not u.startswith('--config.')]
+    if bad:
+      print(f'unifer sweep: unknown arguments {bad}', file=sys.stderr)
+      return 2
+    from unifer_jax.evaluators import sweep
+    args.overrides = unknown
+    return sweep.main(args)
   if args.command == 'params':
     args.overrides = list(args.overrides) + unknown
     return _params(args)

@@ -55,3 +55,28 @@ def encode_in_batches(fn: Callable, arrays: Sequence[np.ndarray], batch_size: in
       chunk = [np.concatenate([c, np.repeat(c[-1:], pad, axis=0)]) for c in chunk]
     out.append(np.asarray(fn(*chunk))[:batch_size - pad])
   return np.concatenate(out)
+
+
+class Retrieval:
+  """``config.evals.NAME = dict(type='retrieval', dataset=<tfds spec>, ks=[1, 5, 10])``:
+  image->text and text->image R@k over a split's captions (identical captions all
+  count as relevant: the procedural corpus repeats them)."""
+
+  def __init__(self, name: str, cfg: dict):
+    self.name, self.cfg = name, cfg
+
+  def run(self, model, out_dir) -> dict:
+    from unifer_jax.evaluators import eval_sets  # pylint: disable=g-import-not-at-top
+    data = eval_sets.load(self.cfg['dataset'], model).split
+    if data is None:
+      raise ValueError(f'evals.{self.name}: retrieval needs a tfds dataset with captions')
+    img = model.image_features(data['image'])
+    txt = model.text_features(list(data['caption']))
+    sim = np.asarray(scores(jnp.asarray(img), jnp.asarray(txt)))
+    caps = np.asarray(data['caption'])
+    relevant = caps[:, None] == caps[None, :]
+    ks = tuple(self.cfg.get('ks') or (1, 5, 10))
+    i2t = recall_at_k(sim, relevant, ks)
+    t2i = recall_at_k(sim.T, relevant.T, ks)
+    return {**{f'i2t_{k}': v for k, v in i2t.items()}, **{f't2i_{k}': v for k, v in t2i.items()},
+            'n': int(len(caps))}

@@ -115,3 +115,38 @@ def evaluate(graphdef, params, data: dict, tok, tasks=tuple(TASKS), batch_size: 
       metrics['rationale_au_f1'] = au_f1(parsed, [t or () for t in truth])
     metrics[f'{task}_n'] = n
   return metrics, raw
+
+
+class InstructTasks:
+  """``config.evals.NAME = dict(type='instruct', dataset=<tfds spec>, tasks=[...],
+  max_per_task=400)``: the FER tasks asked as training asks them (basic and compound
+  accuracy, weighted and mean-class; intensity MAE; valence/arousal CCC and RMSE;
+  rationale AU F1). Needs a tfds split (its records carry every label)."""
+
+  def __init__(self, name: str, cfg: dict):
+    self.name, self.cfg = name, cfg
+
+  def run(self, model, out_dir) -> dict:
+    from unifer_jax.data import labels  # pylint: disable=g-import-not-at-top
+    from unifer_jax.evaluators import classify, eval_sets  # pylint: disable=g-import-not-at-top
+    spec = dict(self.cfg['dataset'])
+    if spec.get('type', 'tfds') != 'tfds':
+      raise ValueError(f'evals.{self.name}: the instruct tasks need a tfds dataset (records '
+                       f'with every label), got type {spec.get("type")!r}')
+    data = eval_sets.load(spec, model).split
+    tasks = tuple(self.cfg.get('tasks') or TASKS)
+    bad = sorted(set(tasks) - set(TASKS))
+    if bad:
+      raise ValueError(f'evals.{self.name}.tasks: unknown {bad}; expected some of {list(TASKS)}')
+    scores, raw = evaluate(model.graphdef, model.params, data, model.tokenizer, tasks,
+                           batch_size=int(self.cfg.get('batch_size', 32)),
+                           max_per_task=int(self.cfg.get('max_per_task', 400)))
+    r = dict(scores)
+    for task, key, names in (('basic', 'expression', labels.BASIC),
+                              ('compound', 'compound', labels.COMPOUND)):
+      if task in raw:
+        idx = np.asarray(raw[task]['index'])
+        r[task] = classify.label_metrics(data[key][idx], np.asarray(raw[task]['pred']),
+                                         list(names), out_dir, f'{self.name}_{task}',
+                                         f'{self.name}: {task} expression')
+    return r

@@ -115,6 +115,19 @@ def train(config, workdir: str | Path) -> dict:
       return bool(multihost_utils.reached_preemption_sync_point(step))
     return preempted['flag']
 
+  # ------------------------------------------------------------------------------ #
+  # Evals (config.evals, each every_steps; results in metrics.jsonl)               #
+  # ------------------------------------------------------------------------------ #
+  evals = None
+  if len(config.get('evals') or {}):
+    if multi_process:
+      if main:
+        print('config.evals: skipped in multi-process runs (run `unifer eval` on the '
+              'checkpoints)', flush=True)
+    else:
+      from unifer_jax.evaluators import registry as eval_registry  # pylint: disable=g-import-not-at-top
+      evals = eval_registry.InTraining(config, setup, workdir)
+
   def save(step: int, force: bool = False):
     checkpointer.save(step, state, {'input': data.get_state()}, config_json, force=force)
 
@@ -159,6 +172,12 @@ def train(config, workdir: str | Path) -> dict:
 
       if checkpointer.due(step) or step == config.total_steps:
         save(step)
+      if evals is not None:
+        t_eval = time.monotonic()
+        results = evals.run(step, state['params'], last=step == config.total_steps)
+        if results:
+          writer.write(step, results)
+        interval_start += time.monotonic() - t_eval   # step times exclude the evals
       if should_stop(step):
         save(step, force=True)
         checkpointer.wait()

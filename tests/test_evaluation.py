@@ -1,0 +1,205 @@
+"""The evaluators on real (tiny, untrained) checkpoints over the built-in corpus:
+`unifer eval` writing the workdir report, the in-training hook, `unifer sweep` over
+2 checkpoints x 2 datasets x 2 prompt sets (rerun skips, a failing cell is recorded, a
+killed sweep completes on rerun), and `unifer predict` on a real photo.
+
+One module-scoped workdir: a 120-face corpus, its BPE, and two checkpoints of the tiny
+preset (two random initialisations, saved the way the trainer saves them)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from unifer_jax import cli, config_lib, sharding
+from unifer_jax.evaluators import eval_sets, model_io, registry
+from unifer_jax.evaluators import data as eval_data
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _random_leaf(path, a, rng):
+  name = str(getattr(path[-1], 'key', path[-1]))
+  if a.shape == () and np.issubdtype(a.dtype, np.integer):
+    return np.asarray(0, a.dtype)                     # step / optimizer counts
+  if 'opt_state' in str(path[0]):
+    return np.zeros(a.shape, a.dtype)
+  if name == 'temp':
+    return np.asarray(0.07, a.dtype)
+  if name == 'scale':
+    return np.ones(a.shape, a.dtype)
+  return (rng.normal(size=a.shape) * 0.05).astype(a.dtype)
+
+
+@pytest.fixture(scope='module')
+def workdir(tmp_path_factory):
+  from data_prep import synthetic_faces as sf
+  from unifer_jax.data import tokenizer as tok_lib
+  from unifer_jax.train import checkpoint as ckpt_lib, state as state_lib
+  root = tmp_path_factory.mktemp('evals')
+  sf.prepare(root / 'data', size=120, seed=0, image_size=32, workers=1, samples=False)
+  tok_lib.train_for_datasets(['synthetic_faces'], root / 'tok', data_dir=str(root / 'data'),
+                             vocab_size=512)
+  config = config_lib.load(str(REPO / 'configs/instruct.py:tiny'), [
+      f'--config.input.data_dir={root / "data"}', f'--config.input.tokenizer={root / "tok"}',
+      '--config.input.seq_len=96', '--config.input.text_len=48',
+      '--config.model.llm.vocab_size=512', '--config.model.qformer.vocab_size=512',
+      '--config.model.llm.max_seq_len=320', '--config.model.lora.rank=2',
+      '--config.checkpoint.async_save=False'])
+  w = root / 'instruct'
+  w.mkdir()
+  (w / 'config.json').write_text(config_lib.to_json(config))
+  setup = state_lib.build(config, sharding.make_mesh(config.mesh))
+  ckpt = ckpt_lib.Checkpointer(w / 'checkpoints', config.checkpoint)
+  # Random weights drawn with numpy into the model's parameter shapes: the model's own
+  # init compiles for ~20 s on a loaded 2-core CPU, and these tests need two models
+  # that differ, not a good initialisation.
+  for step, seed in ((1, 0), (2, 1)):
+    rng = np.random.default_rng(seed)
+    ckpt.save(step, jax.tree_util.tree_map_with_path(
+        lambda path, a: _random_leaf(path, a, rng), setup.abstract_state),
+        {'input': {}}, {}, force=True)
+  ckpt.close()
+  return dict(root=root, workdir=w, config=config, setup=setup)
+
+
+@pytest.fixture(scope='module')
+def ferbench_items(workdir):
+  """The corpus' test faces as a FERBench-format item file + PNGs, plus one item whose
+  image is missing."""
+  model = model_io.load(workdir['workdir'], 1)
+  split = eval_data.load_split(model.input_cfg, 'test', model.image_size)
+  out = workdir['root'] / 'ferbench'
+  path = eval_sets.write_ferbench_items(split, str(out), 'rafdb')
+  items = json.loads(Path(path).read_text())
+  items.append(dict(items[0], image_path='/images/not_there.png'))
+  Path(path).write_text(json.dumps(items))
+  return dict(items=path, image_root=str(out), n=len(items) - 1)
+
+
+def write_config(path: Path, body: str) -> str:
+  path.write_text('import ml_collections\n\n\ndef get_config(arg=""):\n'
+                  '  return ml_collections.ConfigDict(' + body + ')\n')
+  return str(path)
+
+
+def test_unifer_eval_writes_the_workdir_report(workdir, ferbench_items, tmp_path, capsys):
+  cfg = write_config(tmp_path / 'evals.py', f"""dict(evals=dict(
+      zs=dict(type='zero_shot'),
+      raf=dict(type='generative', dataset=dict(type='ferbench', items={ferbench_items['items']!r},
+               image_root={ferbench_items['image_root']!r}), decoding=dict(max_new_tokens=6),
+               batch_size=8),
+      probe=dict(type='linear_probe', C=0.5),
+      ret=dict(type='retrieval', ks=[1, 5]),
+      tasks=dict(type='instruct', tasks=['compound'], max_per_task=4, batch_size=4),
+      broken=dict(type='zero_shot', templates=['no placeholder']),
+  ))""")
+  w = workdir['workdir']
+  assert cli.main(['eval', '--config', cfg, '--workdir', str(w), '--step', '1']) == 1
+  out = capsys.readouterr()
+  assert "FAILED: ['broken']" in out.out
+  assert f"1 of {ferbench_items['n'] + 1} images missing" in out.out
+  report = json.loads((w / 'report.json').read_text())
+  assert report['step'] == 1
+  ev = report['evals']
+  for name in ('zs', 'raf', 'probe'):
+    r = ev[name]
+    assert 0 <= r['acc_weighted'] <= 1 and 0 <= r['acc_mean_class'] <= 1
+    assert np.asarray(r['confusion']).sum() == r['n']
+    assert (w / f'{name}_confusion.png').stat().st_size > 0
+  assert ev['raf']['n'] == ferbench_items['n']          # the missing image was skipped
+  assert ev['zs']['calibration']['temperature'] > 0     # fitted on the validation split
+  assert (w / 'zs_reliability.png').exists() and (w / 'raf_answers.jsonl').exists()
+  assert 0 <= ev['ret']['i2t_r1'] <= ev['ret']['i2t_r5'] <= 1
+  assert ev['tasks']['compound_n'] == 4 and 'acc_mean_class' in ev['tasks']['compound']
+  assert 'lack the {} for the label word' in ev['broken']['error']
+  md = (w / 'report.md').read_text()
+  assert 'accuracy, weighted (correct / all)' in md and 'accuracy, mean over classes' in md
+  assert 'images missing' in md and '![zs_reliability.png](zs_reliability.png)' in md
+
+
+def test_in_training_hook_runs_what_is_due(workdir):
+  config = workdir['config'].copy_and_resolve_references()
+  config.evals = dict(zs=dict(type='zero_shot', every_steps=2, val={}),
+                      never=dict(type='zero_shot', every_steps=0))
+  hook = registry.InTraining(config, workdir['setup'], workdir['root'] / 'train')
+  assert hook.run(1, None) == {}                        # not due: nothing computed
+  params = model_io.load(workdir['workdir'], 2).params
+  metrics = hook.run(2, params)
+  assert set(metrics) >= {'eval/zs/acc_weighted', 'eval/zs/acc_mean_class', 'eval/zs/calibration_ece'}
+  assert not any(k.startswith('eval/never') for k in metrics)
+  assert (workdir['root'] / 'train' / 'evals' / 'step_2' / 'zs_confusion.png').exists()
+
+
+def sweep_config(tmp_path: Path, workdir, ferbench_items, extra_dataset: str = '') -> str:
+  w = workdir['workdir']
+  return write_config(tmp_path / 'sweep.py', f"""dict(
+      checkpoints=['{w}@1', '{w}@2'],
+      datasets=dict(corpus=dict(type='tfds', split='test'),
+                    ferbench=dict(type='ferbench', items={ferbench_items['items']!r},
+                                  image_root={ferbench_items['image_root']!r}){extra_dataset}),
+      evaluator=dict(type='zero_shot', val={{}}),
+      variants=dict(short=dict(templates=['a {{}} face.']),
+                    ensemble=dict(templates=['a {{}} face.', 'a photo of a {{}} person.',
+                                             'the expression is {{}}.'])),
+  )""")
+
+
+def test_sweep_resumes_records_failures_and_writes_results(workdir, ferbench_items, tmp_path, capsys):
+  cfg = sweep_config(tmp_path, workdir, ferbench_items)
+  out = tmp_path / 'out'
+  assert cli.main(['sweep', '--config', cfg, '--out', str(out)]) == 0
+  log = capsys.readouterr().out
+  assert 'sweep: 8 cells, 0 finished before (skipped), 8 to run' in log
+  assert 'sweep cell 8/8 done' in log and 'ETA' in log
+  rows = (out / 'results.csv').read_text().splitlines()
+  assert len(rows) == 9 and all(',ok,' in r for r in rows[1:])
+  cells = [json.loads(p.read_text()) for p in sorted((out / 'cells').glob('*.json'))]
+  by = {(c['checkpoint_label'], c['dataset'], c['variant']): c['metrics'] for c in cells}
+  # The two checkpoints are different models, the two prompt sets different prompts.
+  assert by[('instruct@1', 'corpus', 'short')] != by[('instruct@2', 'corpus', 'short')]
+  assert by[('instruct@1', 'corpus', 'short')] != by[('instruct@1', 'corpus', 'ensemble')]
+  assert (out / 'sweep_acc_weighted.png').exists()
+  assert f"| {workdir['workdir']}@2 | 2 | ferbench | ensemble | ok |" in (out / 'results.md').read_text()
+  # Rerun: all 8 skipped, nothing recomputed.
+  stamp = {p.name: p.stat().st_mtime_ns for p in (out / 'cells').glob('*.json')}
+  assert cli.main(['sweep', '--config', cfg, '--out', str(out)]) == 0
+  assert 'sweep: 8 cells, 8 finished before (skipped), 0 to run' in capsys.readouterr().out
+  assert stamp == {p.name: p.stat().st_mtime_ns for p in (out / 'cells').glob('*.json')}
+  # A dataset that cannot load fails its cells, recorded; the others still run.
+  cfg = sweep_config(tmp_path, workdir, ferbench_items,
+                     ", gone=dict(type='ferbench', items='/nonexistent/rafdb_qa.json')")
+  assert cli.main(['sweep', '--config', cfg, '--out', str(out)]) == 1
+  log = capsys.readouterr().out
+  assert 'sweep: 12 cells, 8 finished before (skipped), 4 to run' in log
+  assert log.count('FAILED FileNotFoundError') == 4
+  failed = [r for r in (out / 'results.csv').read_text().splitlines() if ',failed,' in r]
+  assert len(failed) == 4 and all('/nonexistent/rafdb_qa.json' in r for r in failed)
+
+
+def test_killed_sweep_completes_on_rerun(workdir, ferbench_items, tmp_path, capsys):
+  cfg = sweep_config(tmp_path, workdir, ferbench_items)
+  out = tmp_path / 'out'
+  env = dict(os.environ, PYTHONPATH=str(REPO))
+  proc = subprocess.Popen([sys.executable, '-m', 'unifer_jax.cli', 'sweep', '--config', cfg,
+                           '--out', str(out)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.DEVNULL, text=True)
+  for line in proc.stdout:
+    if 'sweep cell 1/8 done' in line:
+      os.kill(proc.pid, signal.SIGKILL)
+      break
+  proc.wait(timeout=60)
+  assert proc.returncode == -signal.SIGKILL
+  finished = len(list((out / 'cells').glob('*.json')))
+  assert 1 <= finished < 8
+  assert cli.main(['sweep', '--config', cfg, '--out', str(out)]) == 0
+  log = capsys.readouterr().out
+  assert f'sweep: 8 cells, {finished} finished before (skipped), {8 - finished} to run' in log
+  rows = (out / 'results.csv').read_text().splitlines()
+  assert len(rows) == 9 and all(',ok,' in r for r in rows[1:])

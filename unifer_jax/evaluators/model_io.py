@@ -1,0 +1,183 @@
+"""A trained model as evaluators see it: graphdef + parameters of one checkpoint, the
+tokenizers and the image preprocessing of its training config, and the jitted
+functions every evaluator shares (image/text features, generation).
+
+``load(workdir, step)`` reads ``WORKDIR/config.json`` (the workdir contract) and the
+orbax checkpoint of ``step`` (default: the newest); inside training the loop hands its
+live parameters over with :meth:`Model.from_setup` instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from unifer_jax import sharding
+from unifer_jax.data import pipeline
+from unifer_jax.data import tokenizer as tokenizer_lib
+from unifer_jax.evaluators import alignment
+from unifer_jax.models import llm as llm_lib
+
+
+def read_config(workdir) -> ml_collections.ConfigDict:
+  path = Path(workdir) / 'config.json'
+  if not path.is_file():
+    raise FileNotFoundError(f'{workdir}: no config.json -- not a training workdir '
+                            f'(`unifer train ... --workdir {workdir}` writes one)')
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+@dataclasses.dataclass
+class Model:
+  config: ml_collections.ConfigDict      # the training config
+  graphdef: Any
+  params: Any
+  step: int
+  name: str = ''
+
+  @classmethod
+  def from_setup(cls, setup, params, step: int, name: str = '') -> 'Model':
+    return cls(setup.config, setup.graphdef, params, step, name)
+
+  # -- what the training config says about inputs ----------------------------------
+
+  @functools.cached_property
+  def input_cfg(self) -> ml_collections.ConfigDict:
+    return pipeline.resolve_config(self.config.input)
+
+  @functools.cached_property
+  def image_size(self) -> int:
+    from unifer_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
+    return self.input_cfg.image_size or state_lib.model_config(self.config).vit.image_size
+
+  @functools.cached_property
+  def tokenizer(self):
+    if not self.input_cfg.tokenizer:
+      raise ValueError('the training config has no input.tokenizer; generative and text '
+                       'evaluators need the tokenizer directory it trained with')
+    return tokenizer_lib.load(self.input_cfg.tokenizer)
+
+  @functools.cached_property
+  def text_tokenizer(self):
+    path = self.input_cfg.text_tokenizer
+    return tokenizer_lib.load(path) if path else self.tokenizer
+
+  def normalise(self, images_uint8: np.ndarray) -> np.ndarray:
+    """uint8 [N, H, W, 3] at image_size -> the float input training used."""
+    mean = np.asarray(self.input_cfg.image_mean, np.float32)
+    std = np.asarray(self.input_cfg.image_std, np.float32)
+    return ((images_uint8.astype(np.float32) / 255.0 - mean) / std).astype(np.float32)
+
+  # -- shared jitted computations ------------------------------------------------------
+
+  def image_features(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """[N, Q, E] normalised ITC query embeddings."""
+    return alignment.encode_in_batches(
+        lambda x: _image_feats(self.params, x, graphdef=self.graphdef), [images], batch_size)
+
+  def pooled_features(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """[N, D]: the Q-Former query outputs averaged over queries (linear-probe input)."""
+    return alignment.encode_in_batches(
+        lambda x: _pooled(self.params, x, graphdef=self.graphdef), [images], batch_size)
+
+  def text_features(self, texts, batch_size: int = 64) -> np.ndarray:
+    tok = self.text_tokenizer
+    length = self.input_cfg.text_len
+    ids = np.zeros((len(texts), length), np.int32)
+    mask = np.zeros((len(texts), length), np.int32)
+    for i, t in enumerate(texts):
+      seq = ([tok.cls_id] + tok.encode(t) + [tok.eos_id])[:length]
+      ids[i, :len(seq)], mask[i, :len(seq)] = seq, 1
+    return alignment.encode_in_batches(
+        lambda i, m: _text_feats(self.params, i, m, graphdef=self.graphdef), [ids, mask],
+        batch_size)
+
+  def temperature(self) -> float:
+    """The ITC temperature the model learned (BLIP-2 clips it to [0.001, 0.5])."""
+    return float(np.clip(np.asarray(jax.device_get(self.params['temp'])), 0.001, 0.5))
+
+  def generate(self, images: np.ndarray, prompts: list[str], *, max_new_tokens: int = 48,
+               temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+               seed: int = 0, batch_size: int = 32) -> list[str]:
+    """One answer per (image, prompt), decoded from the chat-templated prompt.
+
+    Prompts are right-padded to a common length per batch (generate handles padding);
+    the last batch is padded by repetition so every batch has one compiled shape.
+    """
+    tok = self.tokenizer
+    encoded = [tok.prompt_ids(p) for p in prompts]
+    length = max(len(e) for e in encoded)
+    out = []
+    for start in range(0, len(images), batch_size):
+      idx = list(range(start, min(start + batch_size, len(images))))
+      n = len(idx)
+      idx += [idx[-1]] * (batch_size - n)
+      ids = np.zeros((batch_size, length), np.int32)
+      mask = np.zeros((batch_size, length), np.int32)
+      for row, i in enumerate(idx):
+        ids[row, :len(encoded[i])], mask[row, :len(encoded[i])] = encoded[i], 1
+      tokens = _generate(self.params, jnp.asarray(images[idx]), jnp.asarray(ids),
+                         jnp.asarray(mask), jax.random.key(seed + start),
+                         graphdef=self.graphdef, max_new=max_new_tokens,
+                         temperature=float(temperature), top_k=top_k, top_p=top_p,
+                         eos_id=tok.eos_id)
+      out += [tok.decode(t) for t in np.asarray(tokens)[:n]]
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=('graphdef',))
+def _image_feats(params, images, *, graphdef):
+  return alignment.image_features(nnx.merge(graphdef, params), images)
+
+
+@functools.partial(jax.jit, static_argnames=('graphdef',))
+def _pooled(params, images, *, graphdef):
+  return nnx.merge(graphdef, params).image_queries(images).astype(jnp.float32).mean(axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=('graphdef',))
+def _text_feats(params, ids, mask, *, graphdef):
+  return alignment.text_features(nnx.merge(graphdef, params), ids, mask)
+
+
+@functools.partial(jax.jit, static_argnames=('graphdef', 'max_new', 'temperature', 'top_k',
+                                             'top_p', 'eos_id'))
+def _generate(params, images, ids, mask, rng, *, graphdef, max_new, temperature, top_k, top_p,
+              eos_id):
+  model = nnx.merge(graphdef, params)
+  embeds, attn = model.prefixed_inputs(images, ids, mask)
+  return llm_lib.generate(model.llm, inputs_embeds=embeds, attention_mask=attn,
+                          max_new_tokens=max_new, temperature=temperature, top_k=top_k,
+                          top_p=top_p, rng=rng, eos_id=eos_id, pad_id=0)
+
+
+def load(workdir, step: int | None = None, config=None, name: str = '') -> Model:
+  """The model of a training workdir at ``step`` (default: its newest checkpoint)."""
+  from unifer_jax.train import checkpoint as ckpt_lib, state as state_lib  # pylint: disable=g-import-not-at-top
+  workdir = Path(workdir)
+  config = config if config is not None else read_config(workdir)
+  mesh = sharding.make_mesh(config.mesh)
+  setup = state_lib.build(config, mesh)
+  ckpt = ckpt_lib.Checkpointer(workdir / 'checkpoints', config.checkpoint)
+  try:
+    steps = ckpt.steps()
+    if not steps:
+      raise FileNotFoundError(f'{workdir}: no checkpoint in {workdir / "checkpoints"}')
+    if step is not None and step not in steps:
+      raise FileNotFoundError(f'{workdir}: no checkpoint at step {step}; it has steps {steps}')
+    restored = ckpt.restore(setup.abstract_state, step)
+  finally:
+    ckpt.close()
+  if restored is None:
+    raise FileNotFoundError(f'{workdir}: no readable checkpoint')
+  return Model(config, setup.graphdef, restored[1]['params'], restored[0],
+               name or f'{workdir.name}@{restored[0]}')
