@@ -203,3 +203,45 @@ def test_killed_sweep_completes_on_rerun(workdir, ferbench_items, tmp_path, caps
   assert f'sweep: 8 cells, {finished} finished before (skipped), {8 - finished} to run' in log
   rows = (out / 'results.csv').read_text().splitlines()
   assert len(rows) == 9 and all(',ok,' in r for r in rows[1:])
+
+
+def test_predict_on_a_photo_reports_every_field(workdir, tmp_path, capsys):
+  from PIL import Image
+  from skimage import data
+  photo = tmp_path / 'astronaut.png'
+  Image.fromarray(data.astronaut()).save(photo)
+  report = tmp_path / 'report'
+  assert cli.main(['predict', '--model', str(workdir['workdir']), str(photo),
+                   '--report', str(report)]) == 0
+  records = json.loads(capsys.readouterr().out)
+  assert len(records) == 1 and records[0]['model'] == 'full model'
+  (face,) = records[0]['faces']
+  x0, y0, x1, y1 = face['box']
+  assert 150 < (x0 + x1) / 2 < 260 and 50 < (y0 + y1) / 2 < 170   # Eileen Collins' face
+  probs = face['label_probabilities']
+  assert list(probs) == ['neutral', 'happiness', 'sadness', 'surprise', 'fear', 'disgust',
+                         'anger', 'contempt']
+  assert sum(probs.values()) == pytest.approx(1.0) and face['label'] == max(probs, key=probs.get)
+  for key in ('answer_label', 'compound', 'intensity', 'valence', 'arousal'):
+    assert set(face[key]) == {'value', 'answer'} and isinstance(face[key]['answer'], str)
+  assert set(face['rationale']) == {'action_units', 'text'}
+  unc = face['uncertainty']
+  assert 0 <= unc['entropy'] <= 1 and 0 <= unc['margin'] <= 1 and 'stated' in unc
+  assert (report / face['crop']).stat().st_size > 0
+  assert face['crop'] in (report / 'predict.html').read_text()
+
+
+def test_predict_says_why_for_a_non_image_and_a_faceless_image(workdir, tmp_path, capsys):
+  from PIL import Image
+  not_image = tmp_path / 'notes.png'
+  not_image.write_text('these are notes, not pixels')
+  wall = tmp_path / 'wall.png'
+  Image.fromarray(np.full((240, 320, 3), 128, np.uint8)).save(wall)
+  code = cli.main(['predict', '--model', str(workdir['workdir']), str(not_image), str(wall),
+                   '--out', str(tmp_path / 'out.json'), '--report', str(tmp_path / 'r')])
+  assert code == 1
+  err = capsys.readouterr().err
+  assert f'unifer predict: {not_image}: not an image (UnidentifiedImageError' in err
+  assert f'unifer predict: {wall}: no face found' in err
+  assert 'Traceback' not in err
+  assert json.loads((tmp_path / 'out.json').read_text()) == []

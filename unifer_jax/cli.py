@@ -11,7 +11,6 @@ import sys
 
 NOT_BUILT = {
     'export': 'issue 8 (student export)',
-    'predict': 'issue 9 (unifer predict)',
 }
 
 
@@ -91,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
                      'decoding; resumable; CSV + markdown + PNGs in --out')
   s.add_argument('--config', required=True, help='configs/sweeps/X.py[:arg]; then --config.key=value')
   s.add_argument('--out', required=True, help='results folder (rerun with the same --out resumes)')
+  s = sub.add_parser('predict', help='faces in images -> label probabilities, compound, intensity, '
+                     'valence/arousal, rationale, uncertainty (JSON + an HTML report with the crops)')
+  s.add_argument('--model', required=True, help='a training workdir or an exported student dir')
+  s.add_argument('images', nargs='+', help='image files')
+  s.add_argument('--step', type=int, help='checkpoint step of a workdir (default: the newest)')
+  s.add_argument('--out', help='write the JSON here instead of stdout')
+  s.add_argument('--report', default='predict_report', help='folder for predict.html + the crops')
   _add_convert(sub)
   from data_prep import commands as prep_commands
   prep_commands.add_parser(sub)
@@ -150,6 +156,12 @@ def main(argv=None) -> int:
     from unifer_jax.evaluators import sweep
     args.overrides = unknown
     return sweep.main(args)
+  if args.command == 'predict':
+    if unknown:
+      print(f'unifer predict: unknown arguments {unknown}', file=sys.stderr)
+      return 2
+    from unifer_jax import predict
+    return predict.main(args)
   if args.command == 'params':
     args.overrides = list(args.overrides) + unknown
     return _params(args)

@@ -1,0 +1,255 @@
+"""`unifer predict --model DIR IMAGE...`: what each face in the user's images shows.
+
+Faces are found with data/faces.py (the same detector and square crop the dataset
+builders use), cropped, and each crop is asked every FER task. Per face (JSON):
+
+| field | full model (a training workdir) | how |
+|---|---|---|
+| label_probabilities | {basic label: p} | zero-shot over the 8 basic labels: ITC scores of the Q-Former against a prompt ensemble, softmax at the model's learned temperature |
+| label | the most probable basic label | |
+| answer_label | the label the LLM names when asked | 'basic' instruction, greedy |
+| compound | a compound label or null | 'compound' instruction |
+| intensity | 0..1 or null | 'intensity' instruction |
+| valence, arousal | -1..1 or null | 'valence_arousal' instruction |
+| rationale | {'action_units': [...], 'text': answer} | 'rationale' instruction |
+| uncertainty | entropy (0..1, normalised) and top-2 margin of label_probabilities, and the two labels the model states with their shares | 'uncertainty' instruction |
+
+Generated fields carry the raw answer next to the parsed value; a value the answer
+does not give is null (an untrained model gives few). With an exported student
+(``unifer_jax.export``) the fields it has no head for are reported as absent, with the
+reason. A file that is not an image, or an image with no face, gets a one-line message
+on stderr and exit status 1 (the other images are still reported).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from unifer_jax.data import faces, instructions, labels
+
+TASKS = ('basic', 'compound', 'intensity', 'valence_arousal', 'rationale', 'uncertainty')
+MAX_NEW = 64   # new tokens per answer (the rationale is the longest)
+TEMPLATES = ('a {} face.', 'a face showing {}.', 'a photo of a person with a {} expression.',
+             'the facial expression is {}.')
+CROP_PX = 160   # crops shown in the report
+
+
+class PredictError(Exception):
+  """One input that cannot be predicted (a one-line reason, no traceback)."""
+
+
+def read_image(path: str) -> np.ndarray:
+  try:
+    with Image.open(path) as im:
+      return np.asarray(im.convert('RGB'))
+  except FileNotFoundError:
+    raise PredictError(f'{path}: no such file') from None
+  except (UnidentifiedImageError, OSError) as e:
+    raise PredictError(f'{path}: not an image ({type(e).__name__}: '
+                       f'{str(e).splitlines()[0][:100]})') from None
+
+
+def distinct(boxes, overlap: float = 0.5) -> list:
+  """Largest-first boxes without the detector's repeats of one face: a box is dropped
+  when most of it (> overlap of its area) lies inside an already kept one."""
+  kept = []
+  for b in boxes:
+    area = (b[2] - b[0]) * (b[3] - b[1])
+    inside = [max(0.0, min(b[2], k[2]) - max(b[0], k[0])) * max(0.0, min(b[3], k[3]) - max(b[1], k[1]))
+              for k in kept]
+    if not any(i > overlap * area for i in inside):
+      kept.append(b)
+  return kept
+
+
+def find_faces(path: str) -> tuple[np.ndarray, list]:
+  image = read_image(path)
+  boxes = distinct(faces.detect(image))
+  if not boxes:
+    raise PredictError(f'{path}: no face found (the frontal-face detector needs a face '
+                       f'of at least ~{24 * max(1, max(image.shape[:2]) // 320)} px)')
+  return image, boxes
+
+
+# ---- the full model -------------------------------------------------------------------
+
+class FullModel:
+  """A training workdir: zero-shot label probabilities + generated answers."""
+
+  kind = 'full model'
+
+  def __init__(self, workdir: str, step: int | None = None):
+    from unifer_jax.evaluators import model_io  # pylint: disable=g-import-not-at-top
+    self.model = model_io.load(workdir, step)
+    texts = [t.format(n) for n in labels.BASIC for t in TEMPLATES]
+    feats = self.model.text_features(texts).reshape(len(labels.BASIC), len(TEMPLATES), -1)
+    cls = feats.mean(1)
+    self.class_feats = cls / np.linalg.norm(cls, axis=-1, keepdims=True)
+
+  @property
+  def image_size(self) -> int:
+    return self.model.image_size
+
+  def __call__(self, crops_uint8: np.ndarray) -> list[dict]:
+    m = self.model
+    x = m.normalise(crops_uint8)
+    logits = np.einsum('nqe,ce->ncq', m.image_features(x), self.class_feats).max(-1)
+    z = logits / m.temperature()
+    probs = np.exp(z - z.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    # Every task of every face in one padded batch: one compiled generation, not six.
+    n = len(x)
+    flat = m.generate(np.repeat(x, len(TASKS), axis=0),
+                      [instructions.prompt_for(t, think=False) for _ in range(n) for t in TASKS],
+                      max_new_tokens=MAX_NEW, batch_size=n * len(TASKS))
+    answers = {t: flat[k::len(TASKS)] for k, t in enumerate(TASKS)}
+    out = []
+    for i, p in enumerate(probs):
+      a = {t: answers[t][i] for t in TASKS}
+      parsed = {t: instructions.parse_answer(t, a[t]) for t in TASKS}
+      top = np.argsort(-p)
+      entropy = float(-(p * np.log(np.maximum(p, 1e-12))).sum() / np.log(len(p)))
+      va = parsed['valence_arousal']
+      out.append({
+          'label_probabilities': {n: float(v) for n, v in zip(labels.BASIC, p)},
+          'label': labels.BASIC[int(top[0])],
+          'label_source': 'zero-shot ITC (Q-Former) over the 8 basic labels, softmax at the '
+                          'learned temperature',
+          'answer_label': {'value': None if parsed['basic'] is None else labels.BASIC[parsed['basic']],
+                           'answer': a['basic']},
+          'compound': {'value': None if parsed['compound'] is None
+                       else labels.COMPOUND[parsed['compound']], 'answer': a['compound']},
+          'intensity': {'value': parsed['intensity'], 'answer': a['intensity']},
+          'valence': {'value': None if va is None else va[0], 'answer': a['valence_arousal']},
+          'arousal': {'value': None if va is None else va[1], 'answer': a['valence_arousal']},
+          'rationale': {'action_units': None if parsed['rationale'] is None
+                        else [f'AU{u} {labels.AUS[u]}' for u in parsed['rationale']],
+                        'text': instructions.answer_span(a['rationale'])},
+          'uncertainty': {'entropy': entropy, 'margin': float(p[top[0]] - p[top[1]]),
+                          'stated': None if parsed['uncertainty'] is None else
+                          {labels.BASIC[k]: v for k, v in parsed['uncertainty']},
+                          'answer': a['uncertainty']},
+      })
+    return out
+
+
+class ExportedStudent:
+  """An export directory of the distilled student (onnxruntime only)."""
+
+  kind = 'exported student'
+  ABSENT = {'answer_label': 'the student has no text decoder',
+            'rationale': 'the student has no text decoder'}
+
+  def __init__(self, export_dir: str):
+    from unifer_jax import export  # pylint: disable=g-import-not-at-top
+    if not hasattr(export, 'load'):
+      raise PredictError(f'{export_dir}: unifer_jax.export has no predictor yet (issue 8); '
+                         f'pass a training workdir instead')
+    self.predictor = export.load(export_dir)
+    self.image_size = int(getattr(self.predictor, 'image_size', 0) or 112)
+
+  def __call__(self, crops_uint8: np.ndarray) -> list[dict]:
+    out = self.predictor(crops_uint8)
+    for face in out:
+      for key, why in self.ABSENT.items():
+        face.setdefault(key, {'value': None, 'absent': why})
+    return out
+
+
+def load_model(path: str, step: int | None = None):
+  p = Path(path)
+  if (p / 'config.json').is_file() and (p / 'checkpoints').is_dir():
+    return FullModel(path, step)
+  if p.is_dir() and any(p.glob('*.onnx')):
+    return ExportedStudent(path)
+  raise PredictError(f'{path}: neither a training workdir (config.json + checkpoints/) nor '
+                     f'an exported student (*.onnx)')
+
+
+# ---- driver ---------------------------------------------------------------------------
+
+def predict(model, image_paths, report_dir: Path | None = None) -> tuple[list, list]:
+  """(one record per image with its faces, error lines)."""
+  records, errors = [], []
+  for path in image_paths:
+    try:
+      image, boxes = find_faces(path)
+    except PredictError as e:
+      errors.append(str(e))
+      continue
+    size = model.image_size
+    crops = np.stack([faces.crop(image, b, size=size) for b in boxes])
+    results = model(crops)
+    rec = {'image': str(path), 'model': model.kind, 'faces': []}
+    for k, (box, res) in enumerate(zip(boxes, results)):
+      face = {'box': [round(float(v), 1) for v in box], **res}
+      if report_dir is not None:
+        name = f'{Path(path).stem}_face{k}.png'
+        Image.fromarray(faces.crop(image, box, size=CROP_PX)).save(report_dir / name)
+        face['crop'] = name
+      rec['faces'].append(face)
+    records.append(rec)
+  return records, errors
+
+
+def _value(v):
+  if isinstance(v, dict):
+    if 'absent' in v:
+      return f'absent ({v["absent"]})'
+    v = v.get('value', v.get('action_units'))
+  if isinstance(v, float):
+    return f'{v:.2f}'
+  return 'not given' if v is None else html.escape(str(v))
+
+
+def write_report(records: list, errors: list, out_dir: Path) -> Path:
+  rows = ['<html><head><meta charset="utf-8"><title>unifer predict</title></head><body>',
+          '<h1>unifer predict</h1>']
+  for e in errors:
+    rows.append(f'<p><b>skipped</b>: {html.escape(e)}</p>')
+  for rec in records:
+    rows.append(f'<h2>{html.escape(rec["image"])} ({rec["model"]})</h2>')
+    for face in rec['faces']:
+      probs = face.get('label_probabilities') or {}
+      top = sorted(probs.items(), key=lambda kv: -kv[1])[:3]
+      cells = [f'label: <b>{html.escape(str(face.get("label")))}</b> '
+               f'({", ".join(f"{n} {p:.2f}" for n, p in top)})']
+      for key in ('answer_label', 'compound', 'intensity', 'valence', 'arousal', 'rationale'):
+        cells.append(f'{key}: {_value(face.get(key))}')
+      unc = face.get('uncertainty') or {}
+      if 'entropy' in unc:
+        cells.append(f'uncertainty: entropy {unc["entropy"]:.2f}, margin {unc["margin"]:.2f}')
+      rows.append(f'<table><tr><td><img src="{face.get("crop", "")}" width="{CROP_PX}"></td>'
+                  f'<td>{"<br>".join(cells)}</td></tr></table>')
+  rows.append('</body></html>')
+  path = out_dir / 'predict.html'
+  path.write_text('\n'.join(rows))
+  return path
+
+
+def main(args) -> int:
+  try:
+    model = load_model(args.model, args.step)
+  except (PredictError, FileNotFoundError, ValueError) as e:
+    print(f'unifer predict: {e}', file=sys.stderr)
+    return 2
+  report_dir = Path(args.report) if args.report else None
+  if report_dir is not None:
+    report_dir.mkdir(parents=True, exist_ok=True)
+  records, errors = predict(model, args.images, report_dir)
+  for e in errors:
+    print(f'unifer predict: {e}', file=sys.stderr)
+  text = json.dumps(records, indent=1)
+  if args.out:
+    Path(args.out).write_text(text)
+  else:
+    print(text)
+  if report_dir is not None:
+    print(f'unifer predict: report {write_report(records, errors, report_dir)}', file=sys.stderr)
+  return 1 if errors else 0
