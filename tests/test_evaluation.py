@@ -105,6 +105,7 @@ def test_unifer_eval_writes_the_workdir_report(workdir, ferbench_items, tmp_path
   out = capsys.readouterr()
   assert "FAILED: ['broken']" in out.out
   assert f"1 of {ferbench_items['n'] + 1} images missing" in out.out
+  assert (w / 'raf_missing_images.txt').read_text().strip().endswith('images/not_there.png')
   report = json.loads((w / 'report.json').read_text())
   assert report['step'] == 1
   ev = report['evals']

@@ -35,6 +35,12 @@ def label_metrics(true, pred, classes, out_dir: Path | None, tag: str, title: st
   return r
 
 
+def write_missing(data, out_dir: Path | None, tag: str) -> None:
+  """The full list of absent images (the notes show the first few)."""
+  if data.missing and out_dir is not None:
+    (Path(out_dir) / f'{tag}_missing_images.txt').write_text('\n'.join(data.missing) + '\n')
+
+
 def calibration_report(logits, true, val_logits, val_true, out_dir, tag, title, bins) -> dict:
   cal = metrics.calibration(logits, true, val_logits, val_true, bins)
   if out_dir is not None:
@@ -88,6 +94,7 @@ class ZeroShot:
         val.true if val else None, out_dir, self.name, f'{self.name}: reliability',
         int(self.cfg.get('bins', 10)))
     r['notes'] = data.notes
+    write_missing(data, out_dir, self.name)
     return r
 
 
@@ -132,4 +139,5 @@ class LinearProbe:
         test_logits, data.true, logits(val) if val else None, val.true if val else None,
         out_dir, self.name, f'{self.name}: reliability', int(self.cfg.get('bins', 10)))
     r['notes'] = data.notes
+    write_missing(data, out_dir, self.name)
     return r

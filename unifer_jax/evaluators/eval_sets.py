@@ -49,6 +49,7 @@ class EvalSet:
   protocol: ferbench.Protocol
   split: dict | None = None   # tfds only: every field of every record (instruct, retrieval)
   notes: list = dataclasses.field(default_factory=list)   # e.g. missing images
+  missing: list = dataclasses.field(default_factory=list)  # resolved paths of absent images
 
 
 _CACHE: dict = {}
@@ -105,14 +106,19 @@ def read_image(path: str, size: int) -> np.ndarray:
 
 def _from_items(items, spec, model, name, source, protocol) -> EvalSet:
   present, missing = ferbench.split_present(items)
+  root = spec.get('image_root', '')
+  if not present:
+    shown = ', '.join(m.image for m in missing[:3])
+    raise FileNotFoundError(
+        f'{source}: none of its {len(items)} images found ' +
+        (f'under image_root {root!r}' if root else '(no image_root set)') +
+        f', e.g. {shown}; set the dataset\'s image_root (or path_map) to where you keep them')
   notes = []
   if missing:
-    notes.append(ferbench.missing_message(source, missing, len(items), spec.get('image_root', '')))
+    notes.append(ferbench.missing_message(source, missing, len(items), root))
     print(notes[-1], flush=True)
   limit = int(spec.get('limit', 0))
   present = present[:limit] if limit else present
-  if not present:
-    raise FileNotFoundError(notes[-1] if notes else f'{source}: no items')
   classes = present[0].candidates
   odd = [i for i, it in enumerate(present) if it.candidates != classes]
   if odd:
@@ -120,7 +126,8 @@ def _from_items(items, spec, model, name, source, protocol) -> EvalSet:
                      f'({classes}); one evaluation needs one label set')
   images = np.stack([read_image(it.image, model.image_size) for it in present])
   true = np.array([classes.index(it.true_label) for it in present], np.int64)
-  return EvalSet(name, model.normalise(images), list(classes), true, protocol, None, notes)
+  return EvalSet(name, model.normalise(images), list(classes), true, protocol, None, notes,
+                 [m.image for m in missing])
 
 
 def _from_ferbench(spec, model, name) -> EvalSet:

@@ -190,5 +190,6 @@ def missing_message(source, missing: list[Item], total: int, image_root: str = '
   shown = ', '.join(m.image for m in missing[:3])
   where = f' under image_root {image_root!r}' if image_root else ' (no image_root set)'
   return (f'{source}: {len(missing)} of {total} images missing{where}, e.g. {shown}; '
-          f'evaluating the {total - len(missing)} present. Set the dataset\'s image_root '
+          f'evaluating the {total - len(missing)} present (the full list goes to '
+          f'NAME_missing_images.txt in the report folder). Set the dataset\'s image_root '
           f'(or path_map) to where you keep the images.')

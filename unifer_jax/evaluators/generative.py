@@ -62,6 +62,7 @@ class Generative:
     r['prompt'] = prompt
     r['decoding'] = decoding
     r['notes'] = data.notes
+    classify.write_missing(data, out_dir, self.name)
     r['examples'] = [{'answer': a, 'extracted': w, 'true': data.classes[t]}
                      for a, w, t in list(zip(answers, words, data.true))[:5]]
     if out_dir is not None:
