@@ -188,17 +188,18 @@ def test_killed_sweep_completes_on_rerun(workdir, ferbench_items, tmp_path, caps
   cfg = sweep_config(tmp_path, workdir, ferbench_items)
   out = tmp_path / 'out'
   env = dict(os.environ, PYTHONPATH=str(REPO))
-  proc = subprocess.Popen([sys.executable, '-m', 'unifer_jax.cli', 'sweep', '--config', cfg,
-                           '--out', str(out)], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.DEVNULL, text=True)
-  for line in proc.stdout:
-    if 'sweep cell 1/8 done' in line:
-      os.kill(proc.pid, signal.SIGKILL)
-      break
-  proc.wait(timeout=60)
-  assert proc.returncode == -signal.SIGKILL
+  with open(tmp_path / 'stderr.txt', 'w') as err:
+    proc = subprocess.Popen([sys.executable, '-m', 'unifer_jax.cli', 'sweep', '--config', cfg,
+                             '--out', str(out)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=err, text=True)
+    for line in proc.stdout:
+      if 'sweep cell 4/8 done' in line:     # half-way: kill -9, no chance to clean up
+        os.kill(proc.pid, signal.SIGKILL)
+        break
+    proc.wait(timeout=60)
+  assert proc.returncode == -signal.SIGKILL, (tmp_path / 'stderr.txt').read_text()[-2000:]
   finished = len(list((out / 'cells').glob('*.json')))
-  assert 1 <= finished < 8
+  assert 4 <= finished < 8
   assert cli.main(['sweep', '--config', cfg, '--out', str(out)]) == 0
   log = capsys.readouterr().out
   assert f'sweep: 8 cells, {finished} finished before (skipped), {8 - finished} to run' in log

@@ -53,7 +53,7 @@ def calibration_report(logits, true, val_logits, val_true, out_dir, tag, title, 
   return cal
 
 
-def _val_spec(cfg: dict, fallback_split: str):
+def val_spec(cfg: dict, fallback_split: str):
   """The validation dataset: cfg['val'], else the same tfds dataset's other split."""
   if cfg.get('val') is not None:
     return cfg['val'] or None   # {} / '' turns it off
@@ -87,8 +87,8 @@ class ZeroShot:
     logits = self._logits(model, data)
     r = label_metrics(data.true, logits.argmax(-1), data.classes, out_dir, self.name,
                       f'{self.name} (zero-shot)')
-    val_spec = _val_spec(self.cfg, 'validation')
-    val = eval_sets.load(val_spec, model) if val_spec else None
+    vspec = val_spec(self.cfg, 'validation')
+    val = eval_sets.load(vspec, model) if vspec else None
     r['calibration'] = calibration_report(
         logits, data.true, self._logits(model, val) if val else None,
         val.true if val else None, out_dir, self.name, f'{self.name}: reliability',
@@ -133,8 +133,8 @@ class LinearProbe:
                       f'{self.name} (linear probe)')
     r['train_acc'] = float(clf.score((x_train - mu) / sd, train.true))
     r['train_n'] = int(len(train.true))
-    val_spec = _val_spec(self.cfg, 'validation')
-    val = eval_sets.load(val_spec, model) if val_spec else None
+    vspec = val_spec(self.cfg, 'validation')
+    val = eval_sets.load(vspec, model) if vspec else None
     r['calibration'] = calibration_report(
         test_logits, data.true, logits(val) if val else None, val.true if val else None,
         out_dir, self.name, f'{self.name}: reliability', int(self.cfg.get('bins', 10)))
