@@ -98,9 +98,16 @@ class ZeroShot:
     return r
 
 
+def probe_features(model, images: np.ndarray) -> np.ndarray:
+  """[N, Q * E]: the image's ITC query embeddings, concatenated (the queries are learned
+  and keep their order, so concatenating keeps what each one attends to)."""
+  feats = model.image_features(images)
+  return feats.reshape(len(feats), -1)
+
+
 class LinearProbe:
-  """Multinomial logistic regression (L-BFGS, scikit-learn) on the Q-Former's pooled
-  query outputs of a training split; the image towers stay frozen."""
+  """Multinomial logistic regression (L-BFGS, scikit-learn) on frozen image features
+  (probe_features) of a training split."""
 
   def __init__(self, name: str, cfg: dict):
     self.name, self.cfg = name, cfg
@@ -113,7 +120,7 @@ class LinearProbe:
     if train.classes != data.classes:
       raise ValueError(f'evals.{self.name}: train labels {train.classes} differ from the '
                        f'evaluated dataset\'s {data.classes}')
-    x_train = model.pooled_features(train.images)
+    x_train = probe_features(model, train.images)
     mu, sd = x_train.mean(0), x_train.std(0) + 1e-6
     clf = LogisticRegression(C=float(self.cfg.get('C', 1.0)),
                              max_iter=int(self.cfg.get('max_iter', 200)))
@@ -122,7 +129,7 @@ class LinearProbe:
     def logits(d):
       # Columns follow clf.classes_ (the labels seen in training); unseen ones get -inf.
       out = np.full((len(d.images), len(d.classes)), -1e9)
-      scores = clf.decision_function((model.pooled_features(d.images) - mu) / sd)
+      scores = clf.decision_function((probe_features(model, d.images) - mu) / sd)
       if scores.ndim == 1:   # two classes: one score, for classes_[1]
         scores = np.stack([np.zeros_like(scores), scores], axis=1)
       out[:, clf.classes_] = scores

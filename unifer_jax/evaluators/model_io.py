@@ -84,11 +84,6 @@ class Model:
     return alignment.encode_in_batches(
         lambda x: _image_feats(self.params, x, graphdef=self.graphdef), [images], batch_size)
 
-  def pooled_features(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """[N, D]: the Q-Former query outputs averaged over queries (linear-probe input)."""
-    return alignment.encode_in_batches(
-        lambda x: _pooled(self.params, x, graphdef=self.graphdef), [images], batch_size)
-
   def text_features(self, texts, batch_size: int = 64) -> np.ndarray:
     tok = self.text_tokenizer
     length = self.input_cfg.text_len
@@ -137,11 +132,6 @@ class Model:
 @functools.partial(jax.jit, static_argnames=('graphdef',))
 def _image_feats(params, images, *, graphdef):
   return alignment.image_features(nnx.merge(graphdef, params), images)
-
-
-@functools.partial(jax.jit, static_argnames=('graphdef',))
-def _pooled(params, images, *, graphdef):
-  return nnx.merge(graphdef, params).image_queries(images).astype(jnp.float32).mean(axis=1)
 
 
 @functools.partial(jax.jit, static_argnames=('graphdef',))
