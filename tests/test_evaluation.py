@@ -142,7 +142,8 @@ def sweep_config(tmp_path: Path, workdir, ferbench_items, extra_dataset: str = '
   w = workdir['workdir']
   return write_config(tmp_path / 'sweep.py', f"""dict(
       checkpoints=['{w}@1', '{w}@2'],
-      datasets=dict(corpus=dict(type='tfds', split='test'),
+      datasets=dict(corpus=dict(type='tfds', split='test',     # open vocabulary: any words
+                                labels=['joyful', 'sorrowful', 'furious', 'calm', 'astonished']),
                     ferbench=dict(type='ferbench', items={ferbench_items['items']!r},
                                   image_root={ferbench_items['image_root']!r}){extra_dataset}),
       evaluator=dict(type='zero_shot', val={{}}),

@@ -3,7 +3,7 @@ model-ready images, the candidate label words, and each item's true class.
 
 | ``type`` | keys | what |
 |---|---|---|
-| ``tfds`` (default) | name, data_dir, split, limit, protocol | a prepared dataset's split; its basic expression mapped onto the protocol's candidate words (records whose label is not a candidate are left out) |
+| ``tfds`` (default) | name, data_dir, split, limit, protocol, labels | a prepared dataset's split; its basic expression mapped onto the candidate words -- the protocol's, or any ``labels`` (open vocabulary: 'joyful', 'furious', ...) -- records whose label is not a candidate are left out |
 | ``ferbench`` | items, image_root, path_map, limit, protocol | a published FERBench item file; items whose image is missing are listed and skipped |
 | ``cot`` | rows, image_root, path_map, limit, candidates | UniFER-CoT rows, the label read from each response's ``<answer>`` |
 
@@ -21,7 +21,7 @@ import os
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from unifer_jax.data import labels
+from unifer_jax.data import instructions, labels
 from unifer_jax.evaluators import data as eval_data, ferbench
 
 # FERBench candidate words per subset, in the files' order.
@@ -37,7 +37,15 @@ CANONICAL = {'angry': 'anger', 'happy': 'happiness', 'sad': 'sadness'}
 
 
 def canonical(word: str) -> str:
-  return CANONICAL.get(word.lower(), word.lower())
+  """The BASIC name a label word means: the subsets' short words, then every surface
+  form the instructions use ('joyful' -> happiness); else the word itself."""
+  w = word.strip().lower()
+  if w in CANONICAL:
+    return CANONICAL[w]
+  for name, forms in instructions.SYNONYMS.items():
+    if w in forms:
+      return name
+  return w
 
 
 @dataclasses.dataclass
@@ -71,10 +79,17 @@ def load(spec, model, name: str = '') -> EvalSet:
 
 
 def _protocol_classes(spec, default: str):
+  """(extraction protocol, candidate words): a subset's, or any words given as
+  ``labels`` (open vocabulary: 'joyful', 'furious', ... each must name a basic label)."""
   proto = spec.get('protocol') or default
   if proto not in CANDIDATES:
     raise ValueError(f'dataset protocol {proto!r}; expected one of {sorted(CANDIDATES)}')
-  return ferbench.PROTOCOLS[proto], list(CANDIDATES[proto])
+  words = list(spec.get('labels') or CANDIDATES[proto])
+  unknown = [w for w in words if canonical(w) not in labels.BASIC]
+  if unknown:
+    raise ValueError(f'dataset labels {unknown} name no basic expression (known words: '
+                     f'{sorted(f for forms in instructions.SYNONYMS.values() for f in forms)})')
+  return ferbench.PROTOCOLS[proto], words
 
 
 def _from_tfds(spec, model, name) -> EvalSet:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +113,14 @@ class Model:
     encoded = [tok.prompt_ids(p) for p in prompts]
     length = max(len(e) for e in encoded)
     out = []
+    t0 = last = time.monotonic()
+    batches = -(-len(images) // batch_size)
     for start in range(0, len(images), batch_size):
+      if time.monotonic() - last > 10:   # long decodes say how far they are
+        last = time.monotonic()
+        k = start // batch_size
+        print(f'generate: batch {k}/{batches} | elapsed {last - t0:.0f} s | ETA '
+              f'{(last - t0) / k * (batches - k):.0f} s', flush=True)
       idx = list(range(start, min(start + batch_size, len(images))))
       n = len(idx)
       idx += [idx[-1]] * (batch_size - n)
