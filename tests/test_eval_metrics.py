@@ -171,3 +171,25 @@ def test_cot_rows_reader(tmp_path):
   rows.write_text('{"image_path": "/a.jpg", "question": "q"\n')
   with pytest.raises(ValueError, match=r'cot.jsonl:1: not JSON'):
     ferbench.read_cot_rows(rows)
+
+
+@pytest.mark.skipif(not FERBENCH.is_dir(), reason='the published FERBench item files are not on this machine')
+def test_ferbench_eval_config_points_at_the_four_subsets():
+  from unifer_jax import config_lib
+  c = config_lib.load('configs/evals/ferbench.py:/data/fer')
+  assert sorted(c.evals) == ['ferbench_affectnet', 'ferbench_ferplus', 'ferbench_rafdb', 'ferbench_sfew']
+  for name, ev in c.evals.items():
+    assert ev.type == 'generative' and ev.prompt == 'ferbench' and ev.decoding.temperature == 0
+    assert ev.dataset.image_root == '/data/fer' and os.path.isfile(ev.dataset['items'])
+    assert ferbench.protocol_for(ev.dataset['items']).name == name.split('_')[1]
+
+
+def test_unifer_eval_names_a_bad_evaluator_type(tmp_path, capsys):
+  from unifer_jax import cli
+  (tmp_path / 'config.json').write_text('{}')
+  cfg = tmp_path / 'bad.py'
+  cfg.write_text('import ml_collections\n\ndef get_config(arg=""):\n  return ml_collections.'
+                 'ConfigDict(dict(evals=dict(mine=dict(type="zero_shoot"))))\n')
+  assert cli.main(['eval', '--config', str(cfg), '--workdir', str(tmp_path)]) == 2
+  err = capsys.readouterr().err
+  assert "config.evals.mine.type='zero_shoot'; expected one of [" in err and 'zero_shot' in err

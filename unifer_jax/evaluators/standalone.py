@@ -30,7 +30,11 @@ def main(args, overrides) -> int:
     print(f'unifer eval: {where} has no evals (config.evals = dict(name=dict(type=..., ...)); '
           f'types: {sorted(registry.EVALUATORS)})', file=sys.stderr)
     return 2
-  evaluators = registry.build(evals_cfg)
+  try:
+    evaluators = registry.build(evals_cfg)
+  except ValueError as e:
+    print(f'unifer eval: {args.config or workdir / "config.json"}: {e}', file=sys.stderr)
+    return 2
   t = time.monotonic()
   try:
     model = model_io.load(workdir, args.step, train_cfg)
