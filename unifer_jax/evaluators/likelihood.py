@@ -1,0 +1,113 @@
+"""The teacher's label distribution: the log-likelihood of each candidate label string,
+normalised over the candidates, in one batched pass.
+
+What is scored is exactly what instruction tuning taught the model to say: the user
+prompt of the task (``instructions.prompt_for``, wrapped in the tokenizer's chat
+template) followed by the answer as ``data/examples.py`` tokenises targets --
+``tok.encode('<answer>{label}</answer>') + [eos]``. The answer-only hint is used
+(``think=False``): a CoT answer would put a rationale between prompt and label that we
+do not have at scoring time; training asks this form whenever a CoT target does not fit
+``seq_len`` and for every non-CoT task, so the format is one the model learned.
+
+The tokens every candidate answer shares (e.g. ``<answer>``) are moved into the prompt;
+this does not change the normalised distribution and is computed once.
+
+Design of the batched pass: image prefix + prompt go through the LLM ONCE, filling a
+KV cache; the cache is then repeated over the C candidates and all B*C candidate
+continuations (a few tokens each) run in one call on it. Repeating the whole
+prefix per candidate instead would multiply the expensive part (Q image tokens + ~40
+prompt tokens, vs ~5 answer tokens) by C = 8 or 11.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from unifer_jax.data import instructions, labels
+
+VOCABULARIES = {'basic': labels.BASIC, 'compound': labels.COMPOUND}
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelPrompt:
+  """Token arrays of one label task: the shared prefix and each candidate's rest."""
+  task: str
+  names: tuple[str, ...]
+  prompt_ids: np.ndarray       # [P] int32: chat prompt + the start all answers share
+  candidate_ids: np.ndarray    # [C, L] int32: the rest of each answer + eos, right-padded
+  candidate_mask: np.ndarray   # [C, L] int32: 1 on real candidate tokens
+
+  def arrays(self) -> dict[str, np.ndarray]:
+    """The jit inputs (a pytree of arrays)."""
+    return {'prompt_ids': self.prompt_ids, 'candidate_ids': self.candidate_ids,
+            'candidate_mask': self.candidate_mask}
+
+
+def label_prompt(tok, task: str, *, think: bool = False, phrasing: int = 0,
+                 hint: int = 0) -> LabelPrompt:
+  """The prompt of ``task`` ('basic' | 'compound') and its candidate answers, tokenised as
+  the instruct pipeline tokenises them."""
+  if task not in VOCABULARIES:
+    raise ValueError(f'label task {task!r}; expected one of {sorted(VOCABULARIES)}')
+  if think:
+    raise ValueError('think=True needs the rationale between prompt and label; score '
+                     'with think=False (the answer-only form)')
+  names = VOCABULARIES[task]
+  prompt = tok.prompt_ids(instructions.prompt_for(task, think=False, phrasing=phrasing,
+                                                  hint=hint))
+  answers = [tok.encode(f'<answer>{n}</answer>') + [tok.eos_id] for n in names]
+  shared = 0
+  while all(len(a) > shared + 1 for a in answers) and len({a[shared] for a in answers}) == 1:
+    shared += 1
+  rests = [a[shared:] for a in answers]
+  width = max(len(r) for r in rests)
+  ids = np.full((len(names), width), tok.pad_id, np.int32)
+  mask = np.zeros((len(names), width), np.int32)
+  for i, r in enumerate(rests):
+    ids[i, :len(r)], mask[i, :len(r)] = r, 1
+  return LabelPrompt(task, tuple(names), np.asarray(prompt + answers[0][:shared], np.int32),
+                     ids, mask)
+
+
+def candidate_log_likelihoods(model, prefix_embeds: jax.Array, prompt_ids: jax.Array,
+                              candidate_ids: jax.Array, candidate_mask: jax.Array) -> jax.Array:
+  """log p(candidate c | image, prompt), summed over its tokens: f32 [B, C].
+
+  ``model``: a UniFER module; ``prefix_embeds``: ``model.prefix(images)`` [B, Q, D]
+  (shared by the label tasks of one batch).
+  """
+  llm = model.llm
+  b = prefix_embeds.shape[0]
+  c, length = candidate_ids.shape
+  text = llm.embed(prompt_ids)[None].astype(prefix_embeds.dtype)
+  embeds = jnp.concatenate([prefix_embeds, jnp.broadcast_to(text, (b, *text.shape[1:]))], 1)
+  cache = llm.init_cache(b, embeds.shape[1] + length)
+  hidden, cache = llm.extend(cache, inputs_embeds=embeds)
+  # The first candidate token is predicted by the last prompt position.
+  first = jax.nn.log_softmax(llm.logits_from_hidden(hidden[:, -1]), -1)          # [B, V]
+  token0 = first[:, candidate_ids[:, 0]]                                          # [B, C]
+
+  # Row b * C + i of the candidate batch continues image b with candidate i.
+  per_row = lambda x, axis: jnp.repeat(x, c, axis=axis)
+  cache = dict(k=per_row(cache['k'], 1), v=per_row(cache['v'], 1),
+               valid=per_row(cache['valid'], 0), index=cache['index'], pos=per_row(cache['pos'], 0))
+  ids = jnp.tile(candidate_ids, (b, 1))
+  mask = jnp.tile(candidate_mask, (b, 1))
+  hidden, _ = llm.extend(cache, ids, attention_mask=mask)                          # [BC, L, D]
+  if length == 1:
+    return token0
+  logp = jax.nn.log_softmax(llm.logits_from_hidden(hidden[:, :-1]), -1)          # [BC, L-1, V]
+  rest = jnp.take_along_axis(logp, ids[:, 1:, None], -1)[..., 0] * mask[:, 1:]
+  return token0 + rest.sum(-1).reshape(b, c)
+
+
+def label_distributions(model, images: jax.Array, prompts: dict) -> dict[str, jax.Array]:
+  """{task: softmax over its candidates [B, C]} for ``prompts`` = {task: arrays()}; the
+  image prefix is computed once for all tasks."""
+  prefix = model.prefix(images)
+  return {task: jax.nn.softmax(candidate_log_likelihoods(model, prefix, **arrs), -1)
+          for task, arrs in prompts.items()}
