@@ -10,7 +10,8 @@ STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e ".[test,tpu,beam]"
+	$(BIN)/pip install -q -e ".[test,tpu,beam,export]"
+	$(BIN)/pip install -q --no-deps jax2onnx==0.17.1  # see the export extra in pyproject.toml
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
 
 install: $(STAMP)

@@ -39,6 +39,7 @@ import numpy as np
 
 from unifer_jax.data import augment, examples, instructions, sources
 from unifer_jax.data import tokenizer as tokenizer_lib
+from unifer_jax.models import presets
 
 log = logging.getLogger(__name__)
 
@@ -314,10 +315,12 @@ class TfdsInput:
     if fmt is None:
       raise ValueError(f'config.stage={stage!r} has no input format; set config.input.format '
                        f'to one of {examples.FORMATS}')
-    image_size = cfg.image_size or model_cfg.vit.image_size
-    if image_size != model_cfg.vit.image_size:
-      raise ValueError(f'config.input.image_size={image_size} but model.vit.image_size='
-                       f'{model_cfg.vit.image_size}')
+    vision = presets.vision_config(model_cfg)  # a UniFER's vit or a student's encoder
+    image_size = cfg.image_size or vision.image_size
+    if image_size != vision.image_size:
+      tower = 'vit' if 'vit' in model_cfg else 'encoder'
+      raise ValueError(f'config.input.image_size={image_size} but model.{tower}.image_size='
+                       f'{vision.image_size}')
     n = jax.process_count()
     if cfg.batch_size % n:
       raise ValueError(f'config.input.batch_size={cfg.batch_size} is not divisible by the '

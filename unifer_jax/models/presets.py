@@ -93,3 +93,8 @@ def set_compute_dtype(model_cfg: ml_collections.ConfigDict, dtype: str) -> ml_co
   for tower in ('vit', 'qformer', 'llm'):
     model_cfg[tower].dtype = dtype
   return model_cfg
+
+
+def vision_config(model_cfg) -> ml_collections.ConfigDict:
+  """The image encoder's config: UniFER's ``vit``, a student's ``encoder``."""
+  return model_cfg.vit if 'vit' in model_cfg else model_cfg.encoder

@@ -9,6 +9,8 @@ Outputs of ``Student(cfg)(images)`` (images NHWC, normalised):
   intensity  [B]      sigmoid, in [0, 1]
   va         [B, 2]   tanh (valence, arousal), in [-1, 1]
   embedding  [B, D]   the pooled encoder feature (for feature distillation / probes)
+  feature    [B, F]   only with ``feature_dim > 0``: the embedding projected into the
+                      teacher's image-embedding space (a training aid; not exported)
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ def default_config(**overrides) -> ml_collections.ConfigDict:
       encoder=vit_config(image_size=112, patch_size=8, width=192, depth=12, heads=3,
                          mlp_dim=768, variant='vit', pool='cls', act='gelu',
                          layer_norm_eps=1e-6),
-      num_basic=len(BASIC_EXPRESSIONS), num_compound=len(COMPOUND_EXPRESSIONS)))
+      num_basic=len(BASIC_EXPRESSIONS), num_compound=len(COMPOUND_EXPRESSIONS),
+      kind='student', feature_dim=0))
   cfg.encoder.update(encoder_overrides)
   cfg.update(overrides)
   return cfg
@@ -58,15 +61,20 @@ class Student(nnx.Module):
     self.compound_head = layers.Dense(d, cfg.num_compound, **kw)
     self.intensity_head = layers.Dense(d, 1, **kw)
     self.va_head = layers.Dense(d, 2, **kw)
+    self.feature_head = layers.Dense(d, cfg.feature_dim, axes=('embed', 'mlp'), **{
+        k: v for k, v in kw.items() if k != 'axes'}) if cfg.get('feature_dim') else None
 
   def __call__(self, images: jax.Array, *, train: bool = False) -> dict[str, jax.Array]:
     embedding = self.encoder.pooled(images, train=train)
     # Heads return f32 so losses and exported probabilities keep full precision.
     f32 = lambda y: y.astype(jnp.float32)
-    return dict(
+    out = dict(
         basic=f32(self.basic_head(embedding)),
         compound=f32(self.compound_head(embedding)),
         intensity=jax.nn.sigmoid(f32(self.intensity_head(embedding))[:, 0]),
         va=jnp.tanh(f32(self.va_head(embedding))),
         embedding=embedding,
     )
+    if self.feature_head is not None:
+      out['feature'] = f32(self.feature_head(embedding))
+    return out

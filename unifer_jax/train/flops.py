@@ -18,7 +18,7 @@ from unifer_jax.train import step as step_lib
 
 def unrolled(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   model = state_lib.model_config(config)  # with the towers named in init.* applied
-  for tower in ('vit', 'qformer', 'llm'):
+  for tower in state_lib.towers(model):
     model[tower].scan_layers = False
   d = config.to_dict()
   d['model'] = model.to_dict()
@@ -29,9 +29,9 @@ def unrolled(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def step_flops(config: ml_collections.ConfigDict, mesh, loss_fn, batch_spec: dict) -> float:
   """Total FLOPs of one step over the whole mesh (0.0 if XLA gives no estimate)."""
   setup = state_lib.build(unrolled(config), mesh)
-  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch_spec.items()}
-  rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
-  lowered = step_lib.compile_step(setup, loss_fn, batch_spec).lower(setup.abstract_state, batch, rng)
+  # (A distill teacher stays as its workdir built it: its scanned layers count once.)
+  lowered = step_lib.compile_step(setup, loss_fn, batch_spec).lower(
+      *step_lib.abstract_args(setup, batch_spec))
   cost = lowered.cost_analysis() or {}
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float(cost.get('flops', 0.0))

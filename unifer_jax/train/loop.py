@@ -88,10 +88,9 @@ def train(config, workdir: str | Path) -> dict:
   loss_fn = losses.get(config.stage)
   batch_spec = data.batch_spec()
   train_step = step_lib.compile_step(setup, loss_fn, batch_spec)
-  compiled = train_step.lower(
-      setup.abstract_state,
-      {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch_spec.items()},
-      jax.ShapeDtypeStruct((), jax.random.key(0).dtype)).compile()
+  compiled = train_step.lower(*step_lib.abstract_args(setup, batch_spec)).compile()
+  # Distill: the frozen teacher (params + label prompts) is the step's extra input.
+  teacher_inputs = () if setup.teacher is None else (setup.teacher.load(),)
   # Model FLOPs from the unrolled step (XLA counts a scanned layer stack once).
   flops_per_device = flops_lib.step_flops(config, mesh, loss_fn, batch_spec) / mesh.size
   peak = metrics_lib.device_peak_flops()
@@ -141,7 +140,7 @@ def train(config, workdir: str | Path) -> dict:
   try:
     while step < config.total_steps:
       batch = inputs_lib.to_global(data.next_local_batch(), mesh)
-      state, step_metrics = compiled(state, batch, rng)
+      state, step_metrics = compiled(state, batch, rng, *teacher_inputs)
       step += 1
       pending.append((step, step_metrics))
 

@@ -1,4 +1,5 @@
 """Stage losses, one registry: ``LOSSES[config.stage](model, batch, rng) -> (loss, aux)``.
+(``distill``'s ``model`` is a ``step.Distillation``: the student and the frozen teacher.)
 
 Batches are dicts of arrays. Token batches use ``tokens`` [B, T] and ``loss_mask``
 [B, T] (1 where the token is a prediction target); the token at position i is predicted
@@ -14,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from unifer_jax.train import align_losses
+from unifer_jax.train import align_losses, distill_losses
 
 
 def token_nll(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> tuple[jax.Array, dict]:
@@ -57,6 +58,7 @@ LOSSES: dict[str, Callable] = {
     'generate': generate_loss,
     # Instruction tuning is the generate loss with loss_mask on the answer tokens only.
     'instruct': generate_loss,
+    'distill': distill_losses.distill_loss,
 }
 
 

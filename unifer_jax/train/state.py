@@ -27,8 +27,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from unifer_jax import sharding
 from unifer_jax.convert import compose
 from unifer_jax.models import presets
+from unifer_jax.models.student import Student
 from unifer_jax.models.unifer import UniFER
 from unifer_jax.train import optim, warm_start
+
+# What a stage trains, by ``model.kind`` (absent = 'unifer'), and the towers of each that
+# carry their own dtype / remat / scan settings.
+MODELS = {'unifer': (UniFER, ('vit', 'qformer', 'llm')), 'student': (Student, ('encoder',))}
 
 
 @dataclasses.dataclass
@@ -43,6 +48,7 @@ class Setup:
   abstract_state: Any          # ShapeDtypeStructs carrying their shardings
   state_shardings: Any         # NamedShardings, same structure as the state
   logical_axes: dict           # flat 'path' -> logical axis names of every parameter
+  teacher: Any = None          # train.teacher.Teacher: frozen extra step input (distill)
 
   def init_state(self, seed: int | None = None) -> Any:
     """Concrete state, created directly in its shards (never whole on one host); the
@@ -51,7 +57,7 @@ class Setup:
     model_cfg, freeze, tx = self.model_cfg, self.config.freeze, self.tx
 
     def init_params():
-      model = UniFER(model_cfg, rngs=nnx.Rngs(seed))
+      model = model_class(model_cfg)(model_cfg, rngs=nnx.Rngs(seed))
       return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
     def with_optimizer(params):
@@ -72,13 +78,26 @@ class Setup:
     return jax.jit(with_optimizer, out_shardings=self.state_shardings, donate_argnums=0)(params)
 
 
+def model_class(model_cfg) -> type:
+  kind = model_cfg.get('kind', 'unifer')
+  if kind not in MODELS:
+    raise KeyError(f'config.model.kind={kind!r}; expected one of {sorted(MODELS)}')
+  return MODELS[kind][0]
+
+
+def towers(model_cfg) -> tuple[str, ...]:
+  """The sub-configs with their own dtype / remat / scan_layers keys."""
+  model_class(model_cfg)
+  return MODELS[model_cfg.get('kind', 'unifer')][1]
+
+
 def model_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The resolved model config with the run-wide dtype / remat overrides applied."""
   cfg = ml_collections.ConfigDict(presets.resolve(config.model).to_dict())
-  if config.get('compute_dtype'):
-    presets.set_compute_dtype(cfg, config.compute_dtype)
-  if config.get('remat'):
-    for tower in ('vit', 'qformer', 'llm'):
+  for tower in towers(cfg):
+    if config.get('compute_dtype'):
+      cfg[tower].dtype = config.compute_dtype
+    if config.get('remat'):
       cfg[tower].remat = config.remat
   if compose.has_init(config):  # pretrained towers decide their own architecture
     cfg = compose.model_config_with_init(cfg, config.init)
@@ -96,7 +115,7 @@ def _named(tree_of_variables, fn) -> dict:
 def build(config: ml_collections.ConfigDict, mesh: Mesh) -> Setup:
   """Abstract model and optimizer state with their shardings; nothing is allocated."""
   model_cfg = model_config(config)
-  abstract_model = nnx.eval_shape(lambda: UniFER(model_cfg, rngs=nnx.Rngs(0)))
+  abstract_model = nnx.eval_shape(lambda: model_class(model_cfg)(model_cfg, rngs=nnx.Rngs(0)))
   graphdef, param_state = nnx.split(abstract_model, nnx.Param)
   rules = [tuple(r) for r in config.sharding.rules]
   shardings_state = sharding.state_shardings(param_state, mesh, rules)
@@ -123,9 +142,13 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh) -> Setup:
   abstract_state = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
       state_shardings)
+  teacher = None
+  if config.get('distill'):
+    from unifer_jax.train import teacher as teacher_lib  # it builds on this module
+    teacher = teacher_lib.build(config, mesh)
   return Setup(config=config, model_cfg=model_cfg, mesh=mesh, graphdef=graphdef, tx=tx,
                schedule=sched, abstract_state=abstract_state,
-               state_shardings=state_shardings, logical_axes=logical)
+               state_shardings=state_shardings, logical_axes=logical, teacher=teacher)
 
 
 def bind(graphdef, params) -> nnx.Module:

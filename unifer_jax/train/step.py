@@ -7,10 +7,15 @@ computes what a frozen tower's weights would have received). Gradient accumulati
 scans over micro-batches. A step whose loss or gradients are not finite leaves the
 state untouched and reports which gradient leaves were bad (the loop applies
 ``config.nan_policy``), so a NaN never reaches a checkpoint.
+
+With a teacher (``setup.teacher``, the distill stage) the step takes a fourth argument,
+the teacher's frozen inputs (parameters + label prompts), and the loss receives a
+``Distillation`` pair instead of the bare model.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import jax
@@ -25,32 +30,44 @@ from unifer_jax.train.state import Setup, bind
 LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
 
 
+@dataclasses.dataclass(frozen=True)
+class Distillation:
+  """What a distill loss receives: the student being trained and the frozen teacher."""
+  student: Any
+  teacher: Any
+  prompts: dict           # task -> the likelihood.LabelPrompt arrays
+  config: Any             # config.distill (loss weights, temperature)
+
+
 def make_step(setup: Setup, loss_fn: LossFn) -> Callable:
   config, graphdef, tx = setup.config, setup.graphdef, setup.tx
   accum = int(config.optimizer.get('grad_accum_steps', 1))
   freeze = config.freeze
 
-  def loss_of(trainable, frozen, batch, rng):
+  def loss_of(trainable, frozen, batch, rng, teacher_inputs):
     model = bind(graphdef, optim.merge_params(trainable, frozen))
+    if setup.teacher is not None:
+      model = Distillation(student=model, teacher=setup.teacher.bind(teacher_inputs),
+                           prompts=teacher_inputs['prompts'], config=config.distill)
     loss, aux = loss_fn(model, batch, rng)
     return loss.astype(jnp.float32), aux
 
   grad_fn = jax.value_and_grad(loss_of, has_aux=True)
 
-  def gradients(trainable, frozen, batch, rng):
+  def gradients(trainable, frozen, batch, rng, teacher_inputs):
     if accum == 1:
-      return grad_fn(trainable, frozen, batch, rng)
+      return grad_fn(trainable, frozen, batch, rng, teacher_inputs)
     micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
 
     def body(carry, inp):
       mb, i = inp
-      (loss, aux), g = grad_fn(trainable, frozen, mb, jax.random.fold_in(rng, i))
+      (loss, aux), g = grad_fn(trainable, frozen, mb, jax.random.fold_in(rng, i), teacher_inputs)
       acc_loss, acc_aux, acc_g = carry
       return (acc_loss + loss, jax.tree.map(jnp.add, acc_aux, aux),
               jax.tree.map(jnp.add, acc_g, g)), None
 
     (_, aux0), _ = jax.eval_shape(grad_fn, trainable, frozen,
-                                  jax.tree.map(lambda x: x[0], micro), rng)
+                                  jax.tree.map(lambda x: x[0], micro), rng, teacher_inputs)
     zeros = (jnp.zeros((), jnp.float32), jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), aux0),
              jax.tree.map(jnp.zeros_like, trainable))
     (loss, aux, g), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(accum)))
@@ -58,10 +75,10 @@ def make_step(setup: Setup, loss_fn: LossFn) -> Callable:
     return (loss * scale, jax.tree.map(lambda a: a * scale, aux)), jax.tree.map(
         lambda x: x * scale, g)
 
-  def step(state, batch, rng):
+  def step(state, batch, rng, teacher_inputs=None):
     trainable, frozen = optim.split_trainable(state['params'], freeze)
     rng = jax.random.fold_in(rng, state['step'])
-    (loss, aux), grads = gradients(trainable, frozen, batch, rng)
+    (loss, aux), grads = gradients(trainable, frozen, batch, rng, teacher_inputs)
     leaf_finite = jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
     ok = jnp.all(leaf_finite) & jnp.isfinite(loss)
     updates, new_opt = tx.update(grads, state['opt_state'], trainable)
@@ -90,17 +107,20 @@ def compile_step(setup: Setup, loss_fn: LossFn, batch_spec: dict) -> Any:
   mesh = setup.mesh
   batch_shardings = {k: NamedSharding(mesh, P(sharding.BATCH_AXES)) for k in batch_spec}
   replicated = NamedSharding(mesh, P())
+  teacher = () if setup.teacher is None else (setup.teacher.input_shardings(),)
   return jax.jit(
       make_step(setup, loss_fn),
-      in_shardings=(setup.state_shardings, batch_shardings, replicated),
+      in_shardings=(setup.state_shardings, batch_shardings, replicated, *teacher),
       out_shardings=(setup.state_shardings, replicated),
       donate_argnums=(0,))
 
 
 def abstract_args(setup: Setup, batch_spec: dict) -> tuple:
-  """The (state, batch, rng) ShapeDtypeStructs the compiled step is lowered for."""
+  """The (state, batch, rng[, teacher inputs]) ShapeDtypeStructs the compiled step is
+  lowered for."""
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch_spec.items()}
-  return setup.abstract_state, batch, jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+  teacher = () if setup.teacher is None else (setup.teacher.abstract_inputs(),)
+  return setup.abstract_state, batch, jax.ShapeDtypeStruct((), jax.random.key(0).dtype), *teacher
 
 
 def trainable_leaf_names(setup: Setup) -> list[str]:

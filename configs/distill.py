@@ -1,0 +1,47 @@
+r"""Stage 4: distil the instruct-stage model into the small student (ViT-Ti-class,
+heads basic / compound / intensity / valence-arousal). The teacher's label
+distributions (normalised likelihood of each label answer, evaluators/likelihood.py)
+are computed in the train step on the same augmented view the student sees; loss
+weights in `config.distill.weights` (train/distill_losses.py).
+
+  unifer train --config configs/distill.py:demo --workdir W/distill \
+      --config.distill.teacher_workdir=W/instruct --config.input.data_dir=W/data
+
+then `unifer export --workdir W/distill --out W/export --format onnx`.
+Expected (demo, 2-core CPU, ~1.5 min): the student's basic label agrees with the
+teacher's (argmax of its label likelihood) on >= 95 % of the held-out basic faces
+(`agree_basic` in metrics.jsonl tracks it on training batches), and runs >= 50x faster
+per image (`unifer demo` measures both, distill_demo.py).
+Args: the student preset: demo (64 px / patch 16, 4 x 128) or tiny (tests).
+"""
+
+import ml_collections
+
+from unifer_jax import config_lib
+from unifer_jax.models import student
+
+STUDENTS = {
+    # 16 patches of 16 px at the demo teacher's 64 px: the encoder costs ~1/50 of the
+    # teacher's ViT + Q-Former + LLM label pass.
+    'demo': dict(image_size=64, patch_size=16, width=128, depth=4, heads=4, mlp_dim=256),
+    'tiny': dict(image_size=32, patch_size=16, width=32, depth=1, heads=2, mlp_dim=64),
+}
+
+
+def get_config(arg: str = 'demo'):
+  arg = arg or 'demo'
+  if arg not in STUDENTS:
+    raise ValueError(f'configs/distill.py:{arg}: expected one of {sorted(STUDENTS)}')
+  c = config_lib.stage_config('distill', 'tiny', steps=300, batch_size=32, peak_lr=2e-3,
+                              freeze='')
+  c.model = student.default_config(encoder=STUDENTS[arg])
+  c.model.feature_dim = 0   # > 0 (the teacher's embed_dim) turns the feature loss on
+  c.input.augment.enabled = True
+  c.distill = ml_collections.ConfigDict(dict(
+      teacher_workdir='',      # the instruct stage's workdir (config.json + checkpoints)
+      tokenizer='',            # '' = the teacher's config.input.tokenizer
+      temperature=1.0,
+      weights=dict(kl_basic=1.0, kl_compound=1.0, ce_basic=0.1, ce_compound=0.1,
+                   intensity=1.0, va=1.0, feature=0.0),
+  ))
+  return c

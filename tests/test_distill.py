@@ -1,0 +1,129 @@
+"""The distill stage on the shared step: the teacher is read from an instruct-style
+workdir (config.json + orbax checkpoint + tokenizer) as a frozen step input, never part
+of the train state; the loss's KL term equals one computed by hand from the scorer's
+distributions; a few steps on a fixed batch lower the loss."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from unifer_jax import config_lib, sharding
+from unifer_jax.data import instructions, labels
+from unifer_jax.data import tokenizer as tok_lib
+from unifer_jax.evaluators import likelihood
+from unifer_jax.models import presets
+from unifer_jax.models.unifer import UniFER
+from unifer_jax.train import checkpoint as ckpt_lib
+from unifer_jax.train import distill_losses, losses, optim
+from unifer_jax.train import state as state_lib, step as step_lib
+
+import model_util
+
+REPO_CONFIGS = __import__('pathlib').Path(__file__).resolve().parents[1] / 'configs'
+B = 8
+
+
+@pytest.fixture(scope='module')
+def teacher_workdir(tmp_path_factory):
+  root = tmp_path_factory.mktemp('teacher')
+  texts = instructions.template_texts() + [f'<answer>{n}</answer>' for n in
+                                           labels.BASIC + labels.COMPOUND]
+  tok_lib.train(texts * 2, root / 'tokenizer', vocab_size=600)
+  model_cfg = presets.get('tiny')
+  model_cfg.llm.vocab_size = 640
+  model_cfg.llm.max_seq_len = 128
+  model_cfg.lora.rank = 2
+  cfg = config_lib.base(model=model_cfg)
+  cfg.input.tokenizer = str(root / 'tokenizer')
+  (root / 'instruct').mkdir()
+  (root / 'instruct' / 'config.json').write_text(config_lib.to_json(cfg))
+  model = model_util.random_module(lambda: UniFER(model_cfg, rngs=nnx.Rngs(0)), seed=5)
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  ckpt = ckpt_lib.Checkpointer(root / 'instruct' / 'checkpoints', cfg.checkpoint)
+  ckpt.save(7, {'step': np.int32(7), 'params': params, 'opt_state': {}}, {}, {}, force=True)
+  ckpt.close()
+  return root, params
+
+
+@pytest.fixture(scope='module')
+def setup_and_teacher(teacher_workdir):
+  root, _ = teacher_workdir
+  config = config_lib.load(str(REPO_CONFIGS / 'distill.py') + ':tiny', [
+      f'--config.distill.teacher_workdir={root / "instruct"}', '--config.input.batch_size=8',
+      '--config.total_steps=10', '--config.distill.weights.ce_basic=0.0',
+      '--config.distill.weights.ce_compound=0.0'])
+  config.model.feature_dim = 16   # the tiny teacher's embed_dim: feature loss on
+  config.distill.weights.feature = 0.5
+  # One device: the sharded step is tested elsewhere; compiling for 8 costs ~3x here.
+  setup = state_lib.build(config, sharding.make_mesh(config.mesh, jax.devices()[:1]))
+  return setup, setup.teacher.load()
+
+
+def _batch():
+  rng = np.random.default_rng(0)
+  expression = np.array([0, 1, 2, 3, -1, -1, 5, 7], np.int32)
+  return {'image': rng.standard_normal((B, 32, 32, 3)).astype(np.float32),
+          'expression': expression,
+          'compound': np.where(expression < 0, np.array([0, 1, 2, 3, 4, 5, 6, 7]), -1).astype(np.int32),
+          'intensity': rng.uniform(0, 1, B).astype(np.float32),
+          'valence': np.where(np.arange(B) == 2, np.nan, rng.uniform(-1, 1, B)).astype(np.float32),
+          'arousal': rng.uniform(-1, 1, B).astype(np.float32)}
+
+
+def test_teacher_is_a_frozen_input_not_state(setup_and_teacher, teacher_workdir):
+  setup, inputs = setup_and_teacher
+  _, saved = teacher_workdir
+  assert 'encoder' in setup.abstract_state['params']           # the state is the student's
+  assert not any(k in setup.abstract_state['params'] for k in ('vit', 'llm', 'qformer'))
+  for path, value in optim.flat(saved).items():                # the teacher as saved
+    np.testing.assert_array_equal(np.asarray(optim.flat(inputs['params'])[path]), value)
+  assert set(inputs['prompts']) == {'basic', 'compound'}
+
+
+def test_kl_matches_the_scorer_and_steps_lower_the_loss(setup_and_teacher):
+  setup, inputs = setup_and_teacher
+  batch = _batch()
+  spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
+  compiled = step_lib.compile_step(setup, losses.get('distill'), spec)
+  # A random student (setup.init_state's jitted initialiser would cost ~6 CPU-s more).
+  student = model_util.random_module(
+      lambda: state_lib.model_class(setup.model_cfg)(setup.model_cfg, rngs=nnx.Rngs(0)), scale=0.1)
+  params = nnx.to_pure_dict(nnx.state(student, nnx.Param))
+  state = {'step': jax.numpy.zeros((), jax.numpy.int32), 'params': params,
+           'opt_state': setup.tx.init(params)}
+
+  @jax.jit
+  def reference(student_params, teacher_inputs, images):
+    teacher = setup.teacher.bind(teacher_inputs)
+    p = likelihood.label_distributions(teacher, images,
+                                       {'basic': teacher_inputs['prompts']['basic']})['basic']
+    logits = state_lib.bind(setup.graphdef, student_params)(images)['basic']
+    return p, jax.nn.log_softmax(logits)
+
+  # By hand: KL(p_teacher || softmax(student logits)) on rows with a basic label.
+  p, q = (np.asarray(x, np.float64) for x in reference(state['params'], inputs, batch['image']))
+  has = batch['expression'] >= 0
+  want_kl = (p * (np.log(p) - q)).sum(-1)[has].mean()
+
+  losses_seen = []
+  for _ in range(6):
+    state, metrics = compiled(state, batch, jax.random.key(0), inputs)
+    metrics = jax.device_get(metrics)
+    losses_seen.append(float(metrics['loss']))
+    if len(losses_seen) == 1:
+      np.testing.assert_allclose(metrics['kl_basic'], want_kl, rtol=1e-4)
+      assert metrics['finite'] and np.isfinite(metrics['va_mse'])
+      assert 0 <= metrics['feature'] <= 2
+  assert losses_seen[-1] < losses_seen[0]
+
+
+def test_teacher_workdir_errors_are_clear(tmp_path):
+  config = config_lib.load(str(REPO_CONFIGS / 'distill.py') + ':tiny')
+  with pytest.raises(ValueError, match='teacher_workdir is empty'):
+    state_lib.build(config, sharding.make_mesh(config.mesh))
+  config.distill.teacher_workdir = str(tmp_path)
+  with pytest.raises(FileNotFoundError, match='no config.json'):
+    state_lib.build(config, sharding.make_mesh(config.mesh))

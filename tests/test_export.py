@@ -1,0 +1,107 @@
+"""Student export: ONNX (onnxruntime), StableHLO (jax.export round trip) and safetensors,
+each parity-checked in its runtime; a real mismatch (the int8 model against 1e-4) fails
+loudly; the standalone predictor imports only onnxruntime / numpy / pillow (checked on
+its source, then run in a subprocess where importing jax is impossible) and matches the
+JAX student on the training pipeline's own eval preprocessing."""
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from unifer_jax import config_lib
+from unifer_jax.data import augment, labels
+from unifer_jax.export import commands, onnx_export, standalone, student_fn
+from unifer_jax.train import checkpoint as ckpt_lib, state as state_lib
+
+import model_util
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope='module')
+def exported(tmp_path_factory):
+  root = tmp_path_factory.mktemp('export')
+  config = config_lib.load(str(REPO / 'configs' / 'distill.py') + ':tiny')
+  config.input.image_mean = (0.4, 0.5, 0.6)   # non-default: meta.json must carry it
+  (root / 'distill').mkdir()
+  (root / 'distill' / 'config.json').write_text(config_lib.to_json(config))
+  model_cfg = state_lib.model_config(config)
+  model = model_util.random_module(
+      lambda: state_lib.model_class(model_cfg)(model_cfg, rngs=nnx.Rngs(0)), seed=2, scale=0.3)
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  ckpt = ckpt_lib.Checkpointer(root / 'distill' / 'checkpoints', config.checkpoint)
+  ckpt.save(3, {'step': np.int32(3), 'params': params, 'opt_state': {}}, {}, {}, force=True)
+  ckpt.close()
+  reports = commands.export(root / 'distill', root / 'out', ['onnx', 'stablehlo', 'safetensors'],
+                            int8=True)
+  return root, reports
+
+
+def test_every_format_matches_the_jax_student(exported):
+  root, reports = exported
+  assert reports['onnx']['onnx_max_abs_diff'] <= 1e-4
+  assert reports['stablehlo']['stablehlo_max_abs_diff'] <= 1e-4
+  assert reports['safetensors']['safetensors_max_abs_diff'] <= 1e-4
+  meta = json.loads((root / 'out' / 'meta.json').read_text())
+  assert meta['image_size'] == 32 and meta['preprocessing']['mean'] == [0.4, 0.5, 0.6]
+  assert meta['outputs']['compound']['labels'] == list(labels.COMPOUND)
+  for f in meta['files'].values():
+    assert (root / 'out' / f).stat().st_size > 0
+  assert 0 <= reports['onnx']['int8_basic_agreement_with_f32'] <= 1
+
+
+def test_a_real_mismatch_fails_loudly(exported):
+  root, _ = exported
+  student = student_fn.load(root / 'distill')
+  images = student_fn.parity_images(student)
+  reference = jax.device_get(jax.jit(student_fn.predict_fn(student))(images))
+  int8 = onnx_export.run(onnx_export.session(root / 'out' / onnx_export.INT8_FILE), images)
+  with pytest.raises(student_fn.ParityError, match='exceeds'):
+    student_fn.check_parity('int8', reference, int8, atol=1e-7)
+  with pytest.raises(FileNotFoundError, match='no config.json'):
+    student_fn.load(root)
+
+
+def test_standalone_imports_only_its_runtime():
+  tree = ast.parse(Path(standalone.__file__).read_text())
+  roots = {(n.module if isinstance(n, ast.ImportFrom) else a.name).split('.')[0]
+           for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
+           for a in (n.names if isinstance(n, ast.Import) else [n])}
+  assert roots <= {'__future__', 'json', 'pathlib', 'numpy', 'onnxruntime', 'PIL'}, roots
+
+
+def test_standalone_predicts_what_the_student_does(exported):
+  root, _ = exported
+  rng = np.random.default_rng(0)
+  faces = rng.integers(0, 256, (3, 40, 48, 3), dtype=np.uint8)   # not square: centre crop
+  np.save(root / 'faces.npy', faces)
+  code = (
+      'import sys, json, importlib.util, numpy as np\n'
+      'sys.modules["jax"] = None; sys.modules["unifer_jax"] = None  # must not be needed\n'
+      f'spec = importlib.util.spec_from_file_location("standalone", {str(standalone.__file__)!r})\n'
+      'mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)\n'
+      f'p = mod.load({str(root / "out")!r})\n'
+      f'print(json.dumps(p(np.load({str(root / "faces.npy")!r}))))\n')
+  proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                        timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  results = json.loads(proc.stdout.strip().splitlines()[-1])
+  # The JAX student on the training pipeline's eval preprocessing of the same faces.
+  student = student_fn.load(root / 'distill')
+  x = np.stack([augment.model_image(f, 32, mean=(0.4, 0.5, 0.6)) for f in faces])
+  want = jax.device_get(jax.jit(student_fn.predict_fn(student))(x))
+  for i, r in enumerate(results):
+    np.testing.assert_allclose([r['basic'][n] for n in labels.BASIC], want['basic'][i], atol=1e-4)
+    assert r['label'] == labels.BASIC[int(np.argmax(want['basic'][i]))]
+    assert r['compound'] == labels.COMPOUND[int(np.argmax(want['compound'][i]))]
+    np.testing.assert_allclose(r['intensity'], want['intensity'][i], atol=1e-4)
+    np.testing.assert_allclose([r['valence'], r['arousal']], want['va'][i], atol=1e-4)
+  with pytest.raises(ValueError, match='uint8'):
+    standalone.load(root / 'out')(np.zeros((2, 8, 8, 3), np.float32))

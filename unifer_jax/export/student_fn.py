@@ -1,0 +1,135 @@
+"""The trained student as one pure function, the thing every export format carries.
+
+``load(workdir)`` reads a distill workdir (``config.json`` + newest checkpoint, params
+only -- the teacher is not needed). ``predict_fn(student)`` maps normalised NHWC f32
+images to the deployable outputs (probabilities, not logits, so every runtime returns
+what a user reads):
+
+  basic     [B, 8]   softmax over labels.BASIC
+  compound  [B, 11]  softmax over labels.COMPOUND
+  intensity [B]      in [0, 1]
+  va        [B, 2]   valence, arousal in [-1, 1]
+
+``meta(student)`` is what a runtime needs around it: label names, image size,
+preprocessing (centre square crop, bilinear resize, /255, (x - mean) / std, RGB NHWC),
+output names -- written as ``meta.json`` next to every export.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from unifer_jax.data import labels
+from unifer_jax.models import presets
+from unifer_jax.train import checkpoint as ckpt_lib, state as state_lib
+
+OUTPUTS = ('basic', 'compound', 'intensity', 'va')
+
+
+@dataclasses.dataclass
+class TrainedStudent:
+  workdir: Path
+  step: int
+  model_cfg: ml_collections.ConfigDict
+  input_cfg: ml_collections.ConfigDict
+  graphdef: Any
+  params: Any
+
+  @property
+  def image_size(self) -> int:
+    return int(presets.vision_config(self.model_cfg).image_size)
+
+
+def load(workdir: str | Path) -> TrainedStudent:
+  workdir = Path(workdir).absolute()
+  path = workdir / 'config.json'
+  if not path.is_file():
+    raise FileNotFoundError(f'--workdir {workdir}: no config.json (expected a distill-stage '
+                            f'workdir)')
+  config = ml_collections.ConfigDict(json.loads(path.read_text()))
+  model_cfg = state_lib.model_config(config)
+  if model_cfg.get('kind') != 'student':
+    raise ValueError(f'{path}: model.kind={model_cfg.get("kind", "unifer")!r}; export takes '
+                     f'a distill workdir (model.kind=\'student\')')
+  abstract = nnx.eval_shape(
+      lambda: state_lib.model_class(model_cfg)(model_cfg, rngs=nnx.Rngs(0)))
+  graphdef, param_state = nnx.split(abstract, nnx.Param)
+  step, params = ckpt_lib.load_params(workdir, nnx.to_pure_dict(param_state))
+  return TrainedStudent(workdir, step, model_cfg, config.input, graphdef, params)
+
+
+def predict_fn(student: TrainedStudent) -> Callable[[jax.Array], dict]:
+  """images [B, S, S, 3] f32 (normalised) -> {basic, compound, intensity, va}; the
+  parameters are closed over (they become constants of the exported program)."""
+  graphdef, params = student.graphdef, student.params
+
+  def predict(images):
+    out = nnx.merge(graphdef, params)(images)
+    return {'basic': jax.nn.softmax(out['basic'], -1),
+            'compound': jax.nn.softmax(out['compound'], -1),
+            'intensity': out['intensity'], 'va': out['va']}
+
+  return predict
+
+
+def meta(student: TrainedStudent) -> dict:
+  cfg = student.input_cfg
+  return {
+      'format_version': 1,
+      'source_workdir': str(student.workdir), 'source_step': student.step,
+      'image_size': student.image_size,
+      'preprocessing': {
+          'color': 'RGB', 'layout': 'NHWC', 'dtype': 'float32',
+          'crop': 'centre_square', 'resize': 'bilinear',
+          'scale': 1 / 255, 'mean': list(cfg.get('image_mean', (0.5, 0.5, 0.5))),
+          'std': list(cfg.get('image_std', (0.5, 0.5, 0.5))),
+          'formula': '(resize(centre_square(rgb)) / 255 - mean) / std'},
+      'outputs': {'basic': {'shape': ['B', len(labels.BASIC)], 'kind': 'probabilities',
+                            'labels': list(labels.BASIC)},
+                  'compound': {'shape': ['B', len(labels.COMPOUND)], 'kind': 'probabilities',
+                               'labels': list(labels.COMPOUND)},
+                  'intensity': {'shape': ['B'], 'kind': 'value in [0, 1]'},
+                  'va': {'shape': ['B', 2], 'kind': 'valence, arousal in [-1, 1]'}},
+  }
+
+
+def parity_images(student: TrainedStudent, n: int = 8, seed: int = 0) -> np.ndarray:
+  """Held-out faces of the student's corpus when its data is there, else random images
+  in the normalised range (parity does not depend on realism, but faces are checked
+  where we can)."""
+  cfg = student.input_cfg
+  try:
+    from unifer_jax.evaluators import data as eval_data  # pylint: disable=g-import-not-at-top
+    images = eval_data.load_split(cfg, 'test', student.image_size, limit=n)['image']
+    if len(images) == n:
+      return images.astype(np.float32)
+  except Exception:  # the corpus may have moved; random faces-range inputs still test parity
+    pass
+  rng = np.random.default_rng(seed)
+  s = student.image_size
+  return rng.uniform(-1, 1, (n, s, s, 3)).astype(np.float32)
+
+
+class ParityError(RuntimeError):
+  pass
+
+
+def check_parity(name: str, reference: dict, got: dict, atol: float) -> float:
+  """Max abs diff over the outputs; raises ParityError above ``atol``."""
+  worst = 0.0
+  for k in OUTPUTS:
+    a, b = np.asarray(reference[k], np.float64), np.asarray(got[k], np.float64)
+    if a.shape != b.shape:
+      raise ParityError(f'{name}: output {k!r} has shape {b.shape}, JAX gives {a.shape}')
+    worst = max(worst, float(np.max(np.abs(a - b))))
+  if not worst <= atol:
+    raise ParityError(f'{name}: max abs diff {worst:.3g} vs the JAX student exceeds {atol:g}')
+  return worst
