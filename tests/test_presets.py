@@ -27,10 +27,10 @@ def test_params_command_prints_counts():
   assert '7b: 7,2' in lines[1]
 
 
-def test_unbuilt_subcommand_says_so_and_exits_2():
+def test_export_without_its_arguments_names_them_and_exits_2():
   done = subprocess.run([sys.executable, '-m', 'unifer_jax.cli', 'export'], capture_output=True,
                         text=True)
-  assert done.returncode == 2 and 'not built yet' in done.stderr
+  assert done.returncode == 2 and '--workdir' in done.stderr and '--format' in done.stderr
 
 
 def test_config_overrides_are_typed_and_named():
