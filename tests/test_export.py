@@ -61,7 +61,7 @@ def test_a_real_mismatch_fails_loudly(exported):
   root, _ = exported
   student = student_fn.load(root / 'distill')
   images = student_fn.parity_images(student)
-  reference = jax.device_get(jax.jit(student_fn.predict_fn(student))(images))
+  reference = jax.device_get(jax.jit(student_fn.predict_fn(student, unroll=False))(images))
   int8 = onnx_export.run(onnx_export.session(root / 'out' / onnx_export.INT8_FILE), images)
   with pytest.raises(student_fn.ParityError, match='exceeds'):
     student_fn.check_parity('int8', reference, int8, atol=1e-7)
@@ -96,7 +96,7 @@ def test_standalone_predicts_what_the_student_does(exported):
   # The JAX student on the training pipeline's eval preprocessing of the same faces.
   student = student_fn.load(root / 'distill')
   x = np.stack([augment.model_image(f, 32, mean=(0.4, 0.5, 0.6)) for f in faces])
-  want = jax.device_get(jax.jit(student_fn.predict_fn(student))(x))
+  want = jax.device_get(jax.jit(student_fn.predict_fn(student, unroll=False))(x))
   for i, r in enumerate(results):
     np.testing.assert_allclose([r['basic'][n] for n in labels.BASIC], want['basic'][i], atol=1e-4)
     assert r['label'] == labels.BASIC[int(np.argmax(want['basic'][i]))]

@@ -25,11 +25,11 @@ from typing import Any, Callable
 import jax
 import ml_collections
 import numpy as np
-from flax import nnx
+from flax import nnx, traverse_util
 
 from unifer_jax.data import labels
 from unifer_jax.models import presets
-from unifer_jax.train import checkpoint as ckpt_lib, state as state_lib
+from unifer_jax.train import checkpoint as ckpt_lib, optim, state as state_lib
 
 OUTPUTS = ('basic', 'compound', 'intensity', 'va')
 
@@ -66,10 +66,35 @@ def load(workdir: str | Path) -> TrainedStudent:
   return TrainedStudent(workdir, step, model_cfg, config.input, graphdef, params)
 
 
-def predict_fn(student: TrainedStudent) -> Callable[[jax.Array], dict]:
+def unrolled(student: TrainedStudent) -> tuple[Any, Any]:
+  """(graphdef, params) of the same student with its layer stack unrolled: exported
+  graphs then hold plain per-layer ops (a scan becomes an ONNX Loop, which onnxruntime
+  runs slowly and its quantiser cannot see into)."""
+  cfg = ml_collections.ConfigDict(student.model_cfg.to_dict())
+  for tower in state_lib.towers(cfg):
+    cfg[tower].scan_layers = False
+  abstract = nnx.eval_shape(lambda: state_lib.model_class(cfg)(cfg, rngs=nnx.Rngs(0)))
+  graphdef, param_state = nnx.split(abstract, nnx.Param)
+  stacked = optim.flat(student.params)
+  flat = {}
+  for path, a in optim.flat(nnx.to_pure_dict(param_state)).items():
+    parts = path.split('/')
+    layer = next((i for i, p in enumerate(parts) if p.isdigit()), None)
+    if layer is None:
+      value = stacked[path]
+    else:  # 'encoder/blocks/3/mlp/...' is row 3 of the scanned 'encoder/blocks/mlp/...'
+      value = stacked['/'.join(parts[:layer] + parts[layer + 1:])][int(parts[layer])]
+    if tuple(value.shape) != tuple(a.shape):
+      raise ValueError(f'unrolling {path}: {value.shape} vs {a.shape}')
+    flat[tuple(int(p) if p.isdigit() else p for p in parts)] = value
+  return graphdef, traverse_util.unflatten_dict(flat)
+
+
+def predict_fn(student: TrainedStudent, unroll: bool = True) -> Callable[[jax.Array], dict]:
   """images [B, S, S, 3] f32 (normalised) -> {basic, compound, intensity, va}; the
-  parameters are closed over (they become constants of the exported program)."""
-  graphdef, params = student.graphdef, student.params
+  parameters are closed over (they become constants of the exported program).
+  ``unroll=False``: the student exactly as trained (the parity reference)."""
+  graphdef, params = unrolled(student) if unroll else (student.graphdef, student.params)
 
   def predict(images):
     out = nnx.merge(graphdef, params)(images)
