@@ -175,11 +175,14 @@ def run(workdir: str | Path, size: int = 20000, overrides: dict | None = None,
   timings['eval_instruct_s'] = time.monotonic() - t
   report.update(metrics)
   (workdir / 'answers.json').write_text(json.dumps(raw, indent=1))
+  _banner('distill -> ONNX export -> student vs teacher on the held-out split')
+  from unifer_jax import distill_demo  # pylint: disable=g-import-not-at-top
+  report.update(distill_demo.run_distill_and_export(workdir, overrides.get('distill', ()), test))
   plots.loss_curves({s: workdir / s for s in STAGES}, workdir / 'loss_curves.png')
   report['timings'] = timings
   report['wall_s'] = time.monotonic() - t0
   (workdir / 'report.json').write_text(json.dumps(report, indent=2, sort_keys=True))
-  (workdir / 'report.md').write_text(markdown(report))
+  (workdir / 'report.md').write_text(markdown(report) + distill_demo.markdown(report))
   _banner(f'done in {report["wall_s"]:.0f} s: {workdir / "report.md"}')
   return report
 
