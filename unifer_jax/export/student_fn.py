@@ -29,7 +29,7 @@ from flax import nnx, traverse_util
 
 from unifer_jax.data import labels
 from unifer_jax.models import presets
-from unifer_jax.train import checkpoint as ckpt_lib, optim, state as state_lib
+from unifer_jax.train import optim, param_restore, state as state_lib
 
 OUTPUTS = ('basic', 'compound', 'intensity', 'va')
 
@@ -62,7 +62,7 @@ def load(workdir: str | Path) -> TrainedStudent:
   abstract = nnx.eval_shape(
       lambda: state_lib.model_class(model_cfg)(model_cfg, rngs=nnx.Rngs(0)))
   graphdef, param_state = nnx.split(abstract, nnx.Param)
-  step, params = ckpt_lib.load_params(workdir, nnx.to_pure_dict(param_state))
+  step, params = param_restore.load_params(workdir, nnx.to_pure_dict(param_state))
   return TrainedStudent(workdir, step, model_cfg, config.input, graphdef, params)
 
 

@@ -27,7 +27,7 @@ from unifer_jax.data import tokenizer as tokenizer_lib
 from unifer_jax.evaluators import likelihood
 from unifer_jax.models import presets
 from unifer_jax.models.unifer import UniFER
-from unifer_jax.train import checkpoint as ckpt_lib, state as state_lib
+from unifer_jax.train import param_restore, state as state_lib
 
 LABEL_TASKS = ('basic', 'compound')
 
@@ -53,7 +53,7 @@ class Teacher:
   def load(self) -> dict:
     """The concrete step input: parameters from the newest checkpoint + prompt arrays."""
     try:
-      step, params = ckpt_lib.load_params(self.workdir, self.abstract_params)
+      step, params = param_restore.load_params(self.workdir, self.abstract_params)
     except FileNotFoundError as e:
       raise FileNotFoundError(f'config.distill.teacher_workdir: {e}') from None
     prompts = jax.device_put({t: p.arrays() for t, p in self.prompts.items()}, self.replicated)
