@@ -17,6 +17,7 @@ from flax import nnx
 
 from unifer_jax import config_lib
 from unifer_jax.data import augment, labels
+import unifer_jax.export as export_pkg
 from unifer_jax.export import commands, onnx_export, standalone, student_fn
 from unifer_jax.train import checkpoint as ckpt_lib, state as state_lib
 
@@ -103,5 +104,8 @@ def test_standalone_predicts_what_the_student_does(exported):
     assert r['compound'] == labels.COMPOUND[int(np.argmax(want['compound'][i]))]
     np.testing.assert_allclose(r['intensity'], want['intensity'][i], atol=1e-4)
     np.testing.assert_allclose([r['valence'], r['arousal']], want['va'][i], atol=1e-4)
+  predictor = export_pkg.load(root / 'out')    # the entry `unifer predict` uses
+  assert predictor.image_size == 32
+  assert predictor(faces)[0]['label'] == results[0]['label']
   with pytest.raises(ValueError, match='uint8'):
-    standalone.load(root / 'out')(np.zeros((2, 8, 8, 3), np.float32))
+    predictor(np.zeros((2, 8, 8, 3), np.float32))

@@ -46,7 +46,7 @@ class Predictor:
       opts.intra_op_num_threads = threads
     self.session = ort.InferenceSession(str(export_dir / files[key]), opts,
                                         providers=['CPUExecutionProvider'])
-    self.size = int(self.meta['image_size'])
+    self.image_size = int(self.meta['image_size'])
     pre = self.meta['preprocessing']
     self.mean = np.asarray(pre['mean'], np.float32)
     self.std = np.asarray(pre['std'], np.float32)
@@ -66,7 +66,7 @@ class Predictor:
     w, h = image.size
     side = min(w, h)
     x0, y0 = (w - side) / 2, (h - side) / 2
-    image = image.resize((self.size, self.size), Image.BILINEAR,
+    image = image.resize((self.image_size, self.image_size), Image.BILINEAR,
                          box=(x0, y0, x0 + side, y0 + side))
     x = np.asarray(image, np.float32) / 255.0
     return (x - self.mean) / self.std
