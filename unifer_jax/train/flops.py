@@ -9,7 +9,6 @@ seconds. The unrolled and scanned steps compute the same thing.
 
 from __future__ import annotations
 
-import jax
 import ml_collections
 
 from unifer_jax.train import state as state_lib
