@@ -23,6 +23,7 @@ def get_config(arg: str = 'tiny'):
   c.input.image_size = model.vit.image_size
   c.input.pool = 2
   c.total_steps = 20
+  c.checkpoint.replica_parallel = False  # tiny arrays: slicing them costs more than it saves
   c.log_every_steps = 1
   c.schedule = dict(name='cosine', peak_lr=3e-3, warmup_steps=2, end_lr_ratio=0.1)
   if c.model in ('base', '7b'):

@@ -24,7 +24,7 @@ from unifer_jax.train import loop
 
 REPO = Path(__file__).resolve().parents[1]
 UNIFER = [sys.executable, '-m', 'unifer_jax.cli']
-STEPS = 16
+STEPS = 20  # the issue's must-show: 20 steps
 
 
 def _overrides(total=STEPS, every=4, **extra):
@@ -142,7 +142,7 @@ def test_uninterrupted_run_writes_the_workdir_contract(reference_run, reference)
   assert json.loads((workdir / 'config.json').read_text())['total_steps'] == STEPS
   assert list((workdir / 'tensorboard').iterdir())
   saved = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
-  assert saved == [8, 12, 16]  # every 4 steps, keep 3
+  assert saved == [12, 16, 20]  # every 4 steps, keep 3
 
 
 def test_resume_continues_exactly(reference, tmp_path, register_input):
@@ -180,7 +180,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, cache_dir):
 
 
 @pytest.mark.multiprocess
-def test_two_processes_match_one_and_survive_kill9(reference, tmp_path, cache_dir):
+def test_two_processes_match_one_and_survive_kill9(reference, tmp_path, cache_dir, capsys):
   env = _env(cache_dir, processes=2)
   # 2 processes x 4 devices, uninterrupted: same per-step losses as 1 x 8.
   two = tmp_path / 'two'
@@ -192,30 +192,25 @@ def test_two_processes_match_one_and_survive_kill9(reference, tmp_path, cache_di
     assert abs(got[s] - reference[s]) <= 1e-5, s
   # kill -9 at a random step, run the same command again: resumes, same losses.
   killed = tmp_path / 'killed'
-  kill_at = random.Random().randint(4, STEPS - 3)
+  kill_at = random.Random().randint(5, STEPS - 3)  # after checkpoint 4 (for the resume below)
   code, out = _run_until(_train_cmd(killed, processes=2), env, killed, kill_at, signal.SIGKILL)
   assert code != 0, out
+  cross = tmp_path / 'cross'
+  shutil.copytree(killed, cross)
   done = subprocess.run(_train_cmd(killed, processes=2), env=env, cwd=REPO, capture_output=True,
                         text=True, timeout=600)
   assert done.returncode == 0, done.stdout[-3000:]
   got = _losses(killed)
   for s in range(1, STEPS + 1):
     assert abs(got[s] - reference[s]) <= 1e-5, (kill_at, s)
-  # A checkpoint written by 1 process x 8 devices resumes under 2 processes x 4.
-  cross = tmp_path / 'cross'
-  with pytest.raises(_Crash):
-    inputs_lib.INPUTS['crash7'] = _crashing_input(at=7)
-    try:
-      loop.train(_config(**{'input.type': 'crash7'}), cross)  # checkpoint 4 from 1 x 8
-    finally:
-      del inputs_lib.INPUTS['crash7']
-  done = subprocess.run(_train_cmd(cross, processes=2), env=env, cwd=REPO, capture_output=True,
-                        text=True, timeout=600)
-  assert done.returncode == 0, done.stdout[-3000:]
-  assert 'resumed from checkpoint step 4' in done.stdout
+  # The same checkpoints (written by 2 processes x 4 devices) resume under 1 process x 8,
+  # here in-process: a 2-process launch is the slowest thing in the suite.
+  saved = max(int(p.name) for p in (cross / 'checkpoints').iterdir() if p.name.isdigit())
+  loop.train(_config(), cross)
+  assert f'resumed from checkpoint step {saved}' in capsys.readouterr().out
   got = _losses(cross)
-  for s in range(5, STEPS + 1):
-    assert abs(got[s] - reference[s]) <= 1e-5, s
+  for s in range(saved + 1, STEPS + 1):
+    assert abs(got[s] - reference[s]) <= 1e-5, (saved, s)
 
 
 def test_unreadable_newest_checkpoint_falls_back(reference, tmp_path, capsys, register_input):

@@ -32,6 +32,15 @@ def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
+def _use_replica_parallel(on: bool):
+  """orbax reads the jax.Array handler from a process-wide registry: re-register it
+  only when the setting changes (each override logs a warning)."""
+  current = ocp.type_handlers.get_type_handler(jax.Array)
+  if getattr(current, '_use_replica_parallel', None) != on:
+    ocp.type_handlers.register_type_handler(
+        jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=on), override=True)
+
+
 class Checkpointer:
 
   def __init__(self, directory: str | Path, cfg):
@@ -39,6 +48,7 @@ class Checkpointer:
     self.every_steps = int(cfg.get('every_steps', 0) or 0)
     self.every_minutes = float(cfg.get('every_minutes', 0) or 0)
     self._last_time = time.monotonic()
+    _use_replica_parallel(bool(cfg.get('replica_parallel', True)))
     options = ocp.CheckpointManagerOptions(
         max_to_keep=int(cfg.get('keep', 2)) or None,
         keep_period=int(cfg.get('keep_every', 0)) or None,
