@@ -96,6 +96,7 @@ def test_unifer_eval_writes_the_workdir_report(workdir, ferbench_items, tmp_path
                image_root={ferbench_items['image_root']!r}), decoding=dict(max_new_tokens=6),
                batch_size=8),
       probe=dict(type='linear_probe', C=0.5),
+      lik=dict(type='likelihood'),
       ret=dict(type='retrieval', ks=[1, 5]),
       tasks=dict(type='instruct', tasks=['compound'], max_per_task=4, batch_size=4),
       broken=dict(type='zero_shot', templates=['no placeholder']),
@@ -109,13 +110,14 @@ def test_unifer_eval_writes_the_workdir_report(workdir, ferbench_items, tmp_path
   report = json.loads((w / 'report.json').read_text())
   assert report['step'] == 1
   ev = report['evals']
-  for name in ('zs', 'raf', 'probe'):
+  for name in ('zs', 'raf', 'probe', 'lik'):
     r = ev[name]
     assert 0 <= r['acc_weighted'] <= 1 and 0 <= r['acc_mean_class'] <= 1
     assert np.asarray(r['confusion']).sum() == r['n']
     assert (w / f'{name}_confusion.png').stat().st_size > 0
   assert ev['raf']['n'] == ferbench_items['n']          # the missing image was skipped
   assert ev['zs']['calibration']['temperature'] > 0     # fitted on the validation split
+  assert ev['lik']['calibration']['temperature'] > 0
   assert (w / 'zs_reliability.png').exists() and (w / 'raf_answers.jsonl').exists()
   assert 0 <= ev['ret']['i2t_r1'] <= ev['ret']['i2t_r5'] <= 1
   assert ev['tasks']['compound_n'] == 4 and 'acc_mean_class' in ev['tasks']['compound']
@@ -225,7 +227,12 @@ def test_predict_on_a_photo_reports_every_field(workdir, tmp_path, capsys):
   assert list(probs) == ['neutral', 'happiness', 'sadness', 'surprise', 'fear', 'disgust',
                          'anger', 'contempt']
   assert sum(probs.values()) == pytest.approx(1.0) and face['label'] == max(probs, key=probs.get)
-  for key in ('answer_label', 'compound', 'intensity', 'valence', 'arousal'):
+  assert sum(face['zero_shot_probabilities'].values()) == pytest.approx(1.0)
+  compound = face['compound']
+  assert sum(compound['probabilities'].values()) == pytest.approx(1.0)
+  assert compound['value'] == max(compound['probabilities'], key=compound['probabilities'].get)
+  assert isinstance(compound['answer'], str) and 'answered' in compound
+  for key in ('answer_label', 'intensity', 'valence', 'arousal'):
     assert set(face[key]) == {'value', 'answer'} and isinstance(face[key]['answer'], str)
   assert set(face['rationale']) == {'action_units', 'text'}
   unc = face['uncertainty']

@@ -5,10 +5,11 @@ builders use), cropped, and each crop is asked every FER task. Per face (JSON):
 
 | field | full model (a training workdir) | how |
 |---|---|---|
-| label_probabilities | {basic label: p} | zero-shot over the 8 basic labels: ITC scores of the Q-Former against a prompt ensemble, softmax at the model's learned temperature |
+| label_probabilities | {basic label: p} | the LLM's likelihood of each label answer to the 'basic' instruction, normalised over the 8 labels (the distillation teacher's distribution) |
 | label | the most probable basic label | |
+| zero_shot_probabilities | {basic label: p} | ITC scores of the Q-Former against a prompt ensemble, softmax at the learned temperature |
 | answer_label | the label the LLM names when asked | 'basic' instruction, greedy |
-| compound | a compound label or null | 'compound' instruction |
+| compound | the most likely of the 11 compounds, their probabilities, and the one the LLM names when asked | likelihood as above; 'compound' instruction |
 | intensity | 0..1 or null | 'intensity' instruction |
 | valence, arousal | -1..1 or null | 'valence_arousal' instruction |
 | rationale | {'action_units': [...], 'text': answer} | 'rationale' instruction |
@@ -32,6 +33,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from unifer_jax.data import faces, instructions, labels
+from unifer_jax.evaluators import label_likelihood
 
 TASKS = ('basic', 'compound', 'intensity', 'valence_arousal', 'rationale', 'uncertainty')
 MAX_NEW = 64   # new tokens per answer (the rationale is the longest)
@@ -101,8 +103,11 @@ class FullModel:
     x = m.normalise(crops_uint8)
     logits = np.einsum('nqe,ce->ncq', m.image_features(x), self.class_feats).max(-1)
     z = logits / m.temperature()
-    probs = np.exp(z - z.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
+    itc = np.exp(z - z.max(-1, keepdims=True))
+    itc /= itc.sum(-1, keepdims=True)
+    # The LLM's own distribution over the label answers (the distillation teacher's).
+    probs = np.exp(label_likelihood.log_probs(m, x, ('basic',))['basic'])
+    compound = np.exp(label_likelihood.log_probs(m, x, ('compound',))['compound'])
     # Every task of every face in one padded batch: one compiled generation, not six.
     n = len(x)
     flat = m.generate(np.repeat(x, len(TASKS), axis=0),
@@ -119,11 +124,14 @@ class FullModel:
       out.append({
           'label_probabilities': {n: float(v) for n, v in zip(labels.BASIC, p)},
           'label': labels.BASIC[int(top[0])],
-          'label_source': 'zero-shot ITC (Q-Former) over the 8 basic labels, softmax at the '
-                          'learned temperature',
+          'label_source': 'likelihood of each basic label answer under the LLM, normalised '
+                          'over the 8 labels',
+          'zero_shot_probabilities': {n: float(v) for n, v in zip(labels.BASIC, itc[i])},
           'answer_label': {'value': None if parsed['basic'] is None else labels.BASIC[parsed['basic']],
                            'answer': a['basic']},
-          'compound': {'value': None if parsed['compound'] is None
+          'compound': {'value': labels.COMPOUND[int(compound[i].argmax())],
+                       'probabilities': {n: float(v) for n, v in zip(labels.COMPOUND, compound[i])},
+                       'answered': None if parsed['compound'] is None
                        else labels.COMPOUND[parsed['compound']], 'answer': a['compound']},
           'intensity': {'value': parsed['intensity'], 'answer': a['intensity']},
           'valence': {'value': None if va is None else va[0], 'answer': a['valence_arousal']},
@@ -140,25 +148,37 @@ class FullModel:
 
 
 class ExportedStudent:
-  """An export directory of the distilled student (onnxruntime only)."""
+  """A `unifer export --format onnx` directory (meta.json + ONNX): the distilled
+  student run by onnxruntime (export/standalone.py). It has heads for the basic and
+  compound labels, intensity and valence/arousal; what only the LLM gives is reported
+  as absent, with the reason."""
 
   kind = 'exported student'
-  ABSENT = {'answer_label': 'the student has no text decoder',
-            'rationale': 'the student has no text decoder'}
+  NO_DECODER = 'the exported student has no text decoder'
 
   def __init__(self, export_dir: str):
     from unifer_jax import export  # pylint: disable=g-import-not-at-top
-    if not hasattr(export, 'load'):
-      raise PredictError(f'{export_dir}: unifer_jax.export has no predictor yet (issue 8); '
-                         f'pass a training workdir instead')
     self.predictor = export.load(export_dir)
-    self.image_size = int(getattr(self.predictor, 'image_size', 0) or 112)
+    self.image_size = int(self.predictor.image_size)
 
   def __call__(self, crops_uint8: np.ndarray) -> list[dict]:
-    out = self.predictor(crops_uint8)
-    for face in out:
-      for key, why in self.ABSENT.items():
-        face.setdefault(key, {'value': None, 'absent': why})
+    out = []
+    for r in self.predictor(crops_uint8):
+      p = np.asarray(list(r['basic'].values()))
+      top = np.sort(p)[::-1]
+      out.append({
+          'label_probabilities': r['basic'], 'label': r['label'],
+          'label_source': 'the exported student: softmax of its basic-expression head',
+          'zero_shot_probabilities': {'absent': 'the exported student has no text tower'},
+          'answer_label': {'value': None, 'absent': self.NO_DECODER},
+          'compound': {'value': r['compound'], 'probabilities': r['compound_probabilities']},
+          'intensity': {'value': r['intensity']},
+          'valence': {'value': r['valence']}, 'arousal': {'value': r['arousal']},
+          'rationale': {'action_units': None, 'absent': self.NO_DECODER},
+          'uncertainty': {'entropy': float(-(p * np.log(np.maximum(p, 1e-12))).sum() / np.log(len(p))),
+                          'margin': float(top[0] - top[1]),
+                          'stated': {'absent': self.NO_DECODER}},
+      })
     return out
 
 
@@ -166,10 +186,10 @@ def load_model(path: str, step: int | None = None):
   p = Path(path)
   if (p / 'config.json').is_file() and (p / 'checkpoints').is_dir():
     return FullModel(path, step)
-  if p.is_dir() and any(p.glob('*.onnx')):
+  if (p / 'meta.json').is_file():
     return ExportedStudent(path)
   raise PredictError(f'{path}: neither a training workdir (config.json + checkpoints/) nor '
-                     f'an exported student (*.onnx)')
+                     f'an exported student (`unifer export --format onnx`: meta.json + ONNX)')
 
 
 # ---- driver ---------------------------------------------------------------------------
@@ -238,6 +258,10 @@ def main(args) -> int:
     model = load_model(args.model, args.step)
   except (PredictError, FileNotFoundError, ValueError) as e:
     print(f'unifer predict: {e}', file=sys.stderr)
+    return 2
+  except ImportError as e:
+    print(f'unifer predict: {args.model}: {e} (an exported student needs onnxruntime: '
+          f'pip install -e ".[export]")', file=sys.stderr)
     return 2
   report_dir = Path(args.report) if args.report else None
   if report_dir is not None:

@@ -1,5 +1,6 @@
 r"""Every evaluator on the held-out split of the built-in corpus (or of whatever tfds
-dataset the workdir trained on): zero-shot with a prompt ensemble, generative answers
+dataset the workdir trained on): zero-shot with a prompt ensemble, the LLM's
+likelihood of each candidate label (calibrated like a classifier), generative answers
 under the FERBench protocol (RAF-DB's 7 candidate words), the instruct tasks
 (compound accuracy, intensity MAE, valence/arousal CCC and RMSE, rationale AU F1),
 a linear probe, image-text retrieval; calibration on the validation split.
@@ -25,6 +26,7 @@ def get_config(arg: str = ''):
   c = ml_collections.ConfigDict()
   c.evals = dict(
       zero_shot=dict(type='zero_shot', dataset=test),
+      likelihood=dict(type='likelihood', dataset=test),
       generative=dict(type='generative', dataset=test, prompt='ferbench',
                       decoding=dict(max_new_tokens=64)),
       instruct=dict(type='instruct', dataset=test, max_per_task=n),

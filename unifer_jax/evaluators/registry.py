@@ -9,8 +9,6 @@
 Each entry: ``type`` (a key of EVALUATORS), ``every_steps`` (inside training; 0 = only
 standalone ``unifer eval``), ``dataset`` (eval_sets spec; default the training
 input's 'test' split), and the type's own keys (see each evaluator's module).
-Likelihood scoring over candidate labels joins when the distillation scorer lands
-(one batched scorer for the project, not two).
 """
 
 from __future__ import annotations
@@ -19,10 +17,11 @@ import time
 import traceback
 from pathlib import Path
 
-from unifer_jax.evaluators import alignment, classify, generative, instruct
+from unifer_jax.evaluators import alignment, classify, generative, instruct, label_likelihood
 
 EVALUATORS = {
     'zero_shot': classify.ZeroShot,
+    'likelihood': label_likelihood.Likelihood,
     'linear_probe': classify.LinearProbe,
     'generative': generative.Generative,
     'instruct': instruct.InstructTasks,
