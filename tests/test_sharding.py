@@ -12,7 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 from unifer_jax import config_lib, sharding
 from unifer_jax.data import random_batches
-from unifer_jax.train import losses, optim, state as state_lib, step as step_lib
+from unifer_jax.train import losses, optim, state as state_lib, step as step_lib, step_cost
 
 MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 4, 2)]
 
@@ -119,3 +119,63 @@ def test_logical_to_spec_rules():
   with pytest.raises(ValueError, match='needs 6 devices'):
     sharding.mesh_shape({'data': 2, 'fsdp': 3, 'tensor': 1}, 8)
   assert sharding.mesh_shape({'data': -1, 'fsdp': 2, 'tensor': 2}, 8) == (2, 2, 2)
+
+
+# -- activation constraints ----------------------------------------------------------
+
+ACT = ('activation_batch', 'activation_length', 'activation_embed')
+
+
+def _spec(s):
+  """A PartitionSpec as a tuple without trailing Nones (P('a') == P('a', None))."""
+  t = tuple(s)
+  while t and t[-1] is None:
+    t = t[:-1]
+  return t
+
+
+def _constraints(jaxpr, in_scan=False):
+  """(inside a scan body?, operand shape, PartitionSpec) of every sharding constraint."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == 'sharding_constraint':
+      yield in_scan, eqn.invars[0].aval.shape, _spec(eqn.params['sharding'].spec)
+    for sub in step_cost._sub_jaxprs(list(eqn.params.values())):
+      yield from _constraints(sub, in_scan or eqn.primitive.name == 'scan')
+
+
+def test_constrain_is_a_no_op_without_a_mesh():
+  x = jnp.ones((8, 4, 6))
+  assert sharding.constrain(x, ACT) is x
+  jaxpr = jax.make_jaxpr(lambda a: sharding.constrain(a, ACT) * 2)(x).jaxpr
+  assert not list(_constraints(jaxpr))
+  with pytest.raises(ValueError, match=r'3 logical axes .* shape \(4, 6\)'):
+    sharding.constrain(x[0], ACT)
+  # With a mesh set the jax way (jax.set_mesh), the default rules apply.
+  mesh = sharding.make_mesh({'data': 2, 'fsdp': 4, 'tensor': 1})
+  with jax.set_mesh(mesh):
+    jaxpr = jax.make_jaxpr(lambda a: sharding.constrain(a, ACT) * 2)(x).jaxpr
+  assert [c[2] for c in _constraints(jaxpr)] == [(('data', 'fsdp'),)]
+
+
+@pytest.mark.parametrize('mesh_shape', [(1, 4, 2)], ids=lambda m: 'x'.join(map(str, m)))
+def test_train_step_pins_activations_to_the_batch_axes(mesh_shape):
+  """The traced train step carries the constraints: the layer-scan carry (forward and
+  backward) split over the batch axes, logits' vocab over tensor. Without them XLA's
+  propagation decides, and on a pod it replicated the batch inside the scan (base on
+  v5e-16 did not fit)."""
+  config = _config(mesh_shape)
+  mesh = sharding.make_mesh(config.mesh)
+  setup = state_lib.build(config, mesh)
+  spec = {k: jax.ShapeDtypeStruct(s, d) for k, (s, d) in
+          random_batches.batch_spec(config, setup.model_cfg).items()}
+  traced = step_lib.compile_step(setup, losses.get(config.stage), spec).trace(
+      *step_lib.abstract_args(setup, spec))
+  found = list(_constraints(traced.jaxpr.jaxpr))
+  b = config.input.batch_size
+  scan_carries = [(shape, s) for in_scan, shape, s in found if in_scan and len(shape) == 3]
+  assert scan_carries and all(s == ('fsdp',) and shape[0] == b for shape, s in scan_carries)
+  towers = {shape[1:] for shape, _ in scan_carries}  # ViT, Q-Former and LLM widths/lengths
+  assert len(towers) >= 3, towers
+  vocab = setup.model_cfg.llm.vocab_size
+  logits = [s for _, shape, s in found if shape[-1] == vocab and len(shape) == 3]
+  assert logits and all(s == ('fsdp', None, 'tensor') for s in logits)

@@ -8,10 +8,19 @@ config edit: the model code never names a mesh axis.
 The mesh always has the three axes ``('data', 'fsdp', 'tensor')``; batches are split over
 ``('data', 'fsdp')`` (FSDP shards parameters *and* data), weights over ``fsdp`` and
 ``tensor`` according to the rules.
+
+Activations get the same treatment (MaxText's ``nn.with_logical_constraint``): the models
+call :func:`constrain` with ``activation_*`` logical names at the few places where
+XLA's sharding propagation would otherwise be free to replicate them (embedding
+outputs, the layer-scan carry, logits). It is a no-op unless a mesh is active, so
+single-device code never sees it; the train step activates its mesh and the config's
+rules table with :func:`use_mesh` while it is traced.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -41,7 +50,20 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ('queries', None),
     ('classes', None),
     ('kv', None),
+    # Activations. Batch over the batch axes, the residual stream replicated over
+    # tensor (Megatron: each tensor shard sees whole tokens), and the dimensions a
+    # tensor-parallel matmul splits (heads, mlp, vocab) over tensor.
+    ('activation_batch', ('data', 'fsdp')),
+    ('activation_length', None),
+    ('activation_embed', None),
+    ('activation_heads', 'tensor'),
+    ('activation_mlp', 'tensor'),
+    ('activation_vocab', 'tensor'),
 )
+
+# Rules that constrain() uses; set with the mesh by use_mesh (DEFAULT_RULES otherwise).
+_ACTIVE_RULES: contextvars.ContextVar = contextvars.ContextVar('unifer_sharding_rules',
+                                                                default=None)
 
 
 def mesh_shape(axis_sizes: Mapping[str, int] | Sequence[int], num_devices: int) -> tuple[int, ...]:
@@ -109,7 +131,7 @@ def logical_to_spec(logical_axes: Sequence[str | None] | None, rules: Iterable,
   spec = []
   for name in logical_axes:
     axes = tuple(a for a in table.get(name, ()) if a not in used
-                 and (mesh is None or mesh.shape[a] > 1)) if name is not None else ()
+                 and (mesh is None or mesh.shape.get(a, 1) > 1)) if name is not None else ()
     used.update(axes)
     spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
   while spec and spec[-1] is None:
@@ -135,9 +157,43 @@ def _fit_to_shape(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
   fitted = []
   for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
     names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-    size = math.prod(mesh.shape[a] for a in names)
+    size = math.prod(mesh.shape.get(a, 1) for a in names)
     fitted.append(axes if names and dim % size == 0 else None)
   return P(*fitted)
+
+
+@contextlib.contextmanager
+def use_mesh(mesh, rules: Iterable | None = None):
+  """Makes ``mesh`` (a Mesh or AbstractMesh) and ``rules`` the ones :func:`constrain`
+  applies. Unlike ``jax.set_mesh`` it may be entered inside ``jax.jit`` tracing (it sets
+  only the abstract mesh), which is how the train step uses it."""
+  token = _ACTIVE_RULES.set(None if rules is None else tuple(tuple(r) for r in rules))
+  try:
+    with jax.sharding.use_abstract_mesh(getattr(mesh, 'abstract_mesh', mesh)):
+      yield
+  finally:
+    _ACTIVE_RULES.reset(token)
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+  """``with_sharding_constraint`` of an activation by its logical axis names.
+
+  Maps ``logical_axes`` through the active rules table (:func:`use_mesh`, else
+  ``DEFAULT_RULES``) onto the active mesh (``use_mesh`` or ``jax.set_mesh``); without
+  a mesh, or on one device, ``x`` is returned untouched. A mesh axis that does not
+  divide its dimension (3 heads over tensor=2, a batch of 2 over 8 devices) is left
+  out, as for weights.
+  """
+  if len(logical_axes) != x.ndim:
+    raise ValueError(f'constrain: {len(logical_axes)} logical axes {tuple(logical_axes)} '
+                     f'for an array of shape {tuple(x.shape)}')
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return x
+  rules = _ACTIVE_RULES.get()
+  spec = logical_to_spec(logical_axes, DEFAULT_RULES if rules is None else rules, mesh)
+  spec = _fit_to_shape(spec, tuple(x.shape), mesh)
+  return jax.lax.with_sharding_constraint(x, spec)
 
 
 def state_shardings(state: nnx.State, mesh: Mesh, rules: Iterable) -> Any:

@@ -8,7 +8,9 @@ Conventions every model in ``unifer_jax.models`` follows:
 * every ``nnx.Param`` carries logical axis names (``sharding.DEFAULT_RULES`` lists them);
 * kernels are ``[in, out]`` (torch Linear weights are ``[out, in]``; the converters
   transpose);
-* activations are ``[batch, length, features]``; images are NHWC.
+* activations are ``[batch, length, features]``; images are NHWC. Where propagation
+  could replicate them (embedding outputs, the layer-scan carry, logits) they are
+  pinned by logical name with ``sharding.constrain`` (a no-op without a mesh).
 """
 
 from __future__ import annotations
@@ -19,7 +21,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from unifer_jax import sharding
+
 Dtype = Any
+
+# Logical names of a [batch, length, features] activation (the residual stream).
+HIDDEN_AXES = ('activation_batch', 'activation_length', 'activation_embed')
+
+
+def constrain_hidden(x: jax.Array) -> jax.Array:
+  """Pins a ``[B, T, D]`` activation: batch over the batch axes, the rest per the rules."""
+  return sharding.constrain(x, HIDDEN_AXES)
 
 default_kernel_init = nnx.initializers.normal(0.02)
 zeros = nnx.initializers.zeros_init()
@@ -73,7 +85,10 @@ class Embed(nnx.Module):
                            dtype_of(param_dtype))
 
   def __call__(self, ids: jax.Array) -> jax.Array:
-    return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+    x = jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+    # A gather from an fsdp-sharded table: without this, XLA may keep the result
+    # replicated over the batch axes.
+    return sharding.constrain(x, HIDDEN_AXES[:ids.ndim] + HIDDEN_AXES[-1:])
 
   def attend(self, x: jax.Array) -> jax.Array:
     return jnp.dot(x.astype(self.dtype), self.embedding[...].astype(self.dtype).T)
@@ -173,17 +188,22 @@ def run_stack(stack, x: jax.Array, layer_fn: Callable, *, scan: bool, remat: str
   ``layer_fn(layer, carry, per_layer_input) -> (carry, per_layer_output)``. Under scan
   the layer parameters are split off the stacked module and fed to ``jax.lax.scan``
   (one traced layer however deep the model: a 32-layer LLM compiles in seconds).
+  The carry ``x`` is a ``[B, T, D]`` activation, pinned on the way in and after every
+  layer: inside a scan body XLA cannot see the caller's sharding and would otherwise
+  be free to replicate the batch (and store replicated remat residuals).
   """
   policy = remat_policy(remat)
   do_remat = remat not in (None, '', 'none')
 
+  x = constrain_hidden(x)
+  pinned = lambda fn: lambda layer, h, x_i: _pin_carry(fn(layer, h, x_i))
   if not scan:
     outs = []
     for i, layer in enumerate(stack):
       x_i = None if xs is None else jax.tree.map(lambda a: a[i], xs)
-      fn = layer_fn
+      fn = pinned(layer_fn)
       if do_remat:
-        fn = nnx.remat(layer_fn, policy=policy)
+        fn = nnx.remat(fn, policy=policy)
       x, out = fn(layer, x, x_i)
       outs.append(out)
     stacked = None if outs[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
@@ -194,11 +214,16 @@ def run_stack(stack, x: jax.Array, layer_fn: Callable, *, scan: bool, remat: str
   def body(carry, inp):
     layer_state, x_i = inp
     layer = nnx.merge(graphdef, layer_state)
-    return layer_fn(layer, carry, x_i)
+    return pinned(layer_fn)(layer, carry, x_i)
 
   if do_remat:
     body = jax.checkpoint(body, policy=policy, prevent_cse=False)
   return jax.lax.scan(body, x, (state, xs))
+
+
+def _pin_carry(out):
+  carry, per_layer = out
+  return constrain_hidden(carry), per_layer
 
 
 def num_layers_of(stack) -> int:

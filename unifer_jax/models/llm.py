@@ -39,7 +39,11 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from unifer_jax import sharding
 from unifer_jax.models import layers
+
+# Logical names of [batch, length, vocab] logits.
+LOGIT_AXES = ('activation_batch', 'activation_length', 'activation_vocab')
 
 Cache = dict[str, jax.Array]
 
@@ -183,9 +187,14 @@ class LLM(nnx.Module):
     return self.token_embed(input_ids)
 
   def logits_from_hidden(self, h: jax.Array) -> jax.Array:
+    """f32 logits ``[B, (T,) V]``, the vocab dimension over the rules' tensor axis (the
+    largest activation of a step: never let it be replicated)."""
     if self.lm_head is None:
-      return self.token_embed.attend(h).astype(jnp.float32)
-    return self.lm_head(h).astype(jnp.float32)
+      logits = self.token_embed.attend(h).astype(jnp.float32)
+    else:
+      logits = self.lm_head(h).astype(jnp.float32)
+    axes = LOGIT_AXES if logits.ndim == 3 else (LOGIT_AXES[0], LOGIT_AXES[2])
+    return sharding.constrain(logits, axes)
 
   def _inputs(self, input_ids, inputs_embeds, attention_mask):
     if (input_ids is None) == (inputs_embeds is None):

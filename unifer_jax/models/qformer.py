@@ -222,7 +222,8 @@ class QFormer(nnx.Module):
                   'this Q-Former has no learned queries (num_queries=0, e.g. converted from a '
                   'Blip2QFormerModel); call model(query_embeds, image_tokens) instead')
     q = self.query_tokens[...].astype(self.dtype)
-    return jnp.broadcast_to(q[None], (batch, *q.shape))
+    # Broadcast from a replicated parameter: pinned, or every device holds all rows.
+    return layers.constrain_hidden(jnp.broadcast_to(q[None], (batch, *q.shape)))
 
   def _text_embeddings(self, input_ids: jax.Array, token_type_ids=None) -> jax.Array:
     """word + token type + position (BERT's order); LayerNorm comes later, jointly with
@@ -243,9 +244,10 @@ class QFormer(nnx.Module):
     if num_query and self.has_cross and image is None:
       raise ValueError('QFormer: image tokens (encoder_hidden_states) are required for '
                        'query positions')
-    image = None if image is None else image.astype(self.dtype)
+    # The cross-attention keys/values: per example, like the query/text stream.
+    image = None if image is None else layers.constrain_hidden(image.astype(self.dtype))
     image_mask = None if image_mask is None else layers.padding_mask(image_mask)
-    x = self.embed_norm(x)
+    x = layers.constrain_hidden(self.embed_norm(x))
     fn = lambda block, h, _: (block(h, mask, num_query, image, image_mask), None)
     x, _ = layers.run_stack(self.blocks, x, fn, scan=self.scan, remat=self.remat)
     return x

@@ -176,7 +176,7 @@ class ViT(nnx.Module):
     if self.cls_token is not None:
       cls = jnp.broadcast_to(self.cls_token[...].astype(self.dtype), (b, 1, cfg.width))
       x = jnp.concatenate([cls, x], axis=1)
-    return x + self.pos_embed[...].astype(self.dtype)
+    return layers.constrain_hidden(x + self.pos_embed[...].astype(self.dtype))
 
   def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
     """Last hidden state ``[B, N, D]`` (HF ``last_hidden_state``). ``train`` is accepted

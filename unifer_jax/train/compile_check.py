@@ -15,7 +15,7 @@ the step does not fit.
 Where the numbers come from:
 * memory: ``compiled.memory_analysis()`` of the target's compiler (peak = its buffer
   assignment peak, at least arguments + outputs - donated aliases + temporaries).
-* FLOPs (:func:`step_cost.matmul_cost`): matmul FLOPs of the step's jaxpr, scan bodies
+* FLOPs (:func:`step_cost.step_flops`): matmul FLOPs of the step's jaxpr, scan bodies
   times their length; *model* FLOPs (MFU's numerator) from the step traced with
   ``remat='none'``, *executed* FLOPs from the step as configured (remat recompute
   included). Not XLA's cost analysis: it counts each loop body once (and returns nothing
@@ -40,10 +40,9 @@ import numpy as np
 
 from unifer_jax import config_lib, sharding
 from unifer_jax.data import inputs as inputs_lib
-from unifer_jax.train import aot_targets, losses
-from unifer_jax.train import state as state_lib, step as step_lib
+from unifer_jax.train import aot_targets, step_cost
+from unifer_jax.train import state as state_lib
 from unifer_jax.train.aot_targets import GiB, resolve_topology
-from unifer_jax.train.step_cost import collective_stats, matmul_cost
 
 
 def _bytes_per_device(tree) -> int:
@@ -151,11 +150,6 @@ def _compile_once(lowered, target, notes: list, log):
     return lowered.compile(compiler_options={'xla_gpu_enable_triton_gemm': False})
 
 
-def _has_remat(model_cfg) -> bool:
-  return any(model_cfg[t].get('remat', 'none') not in ('', 'none', None)
-             for t in ('vit', 'qformer', 'llm'))
-
-
 def run(config, topology: str, *, hbm_gib: float | None = None, log=None,
         hlo_path: str | None = None) -> Report:
   """Builds, lowers and compiles ``config``'s train step for ``topology``.
@@ -176,23 +170,11 @@ def run(config, topology: str, *, hbm_gib: float | None = None, log=None,
                      f'axes data*fsdp={batch_shards} of mesh {dict(mesh.shape)}')
   log(f'{target.describe()}: {len(devices)} devices, mesh {dict(mesh.shape)}')
 
-  # The same construction as train/loop.py: state.build -> compile_step -> lower.
-  def traced_step(cfg):
-    setup = state_lib.build(cfg, mesh)
-    batch_spec = inputs_lib.make_input(cfg, setup.model_cfg).batch_spec()
-    jitted = step_lib.compile_step(setup, losses.get(cfg.stage), batch_spec)
-    return setup, jitted.trace(*step_lib.abstract_args(setup, batch_spec))
-
-  accum = int(config.optimizer.get('grad_accum_steps', 1))
-  batch_sizes = {batch_size, batch_size // accum}
+  # The same construction as train/loop.py: state.build -> compile_step -> trace.
   t0 = time.perf_counter()
-  setup, traced = traced_step(config)
-  executed, traffic = matmul_cost(traced.jaxpr, batch_sizes, batch_shards)
-  model = executed
-  if _has_remat(setup.model_cfg):  # the same step without recompute: MFU's numerator
-    no_remat = config.copy_and_resolve_references()
-    no_remat.remat = 'none'
-    model, _ = matmul_cost(traced_step(no_remat)[1].jaxpr, batch_sizes, batch_shards)
+  batch_spec = inputs_lib.make_input(config, state_lib.model_config(config)).batch_spec()
+  setup, traced = step_cost.trace_step(config, mesh, batch_spec)
+  cost = step_cost.step_flops(config, mesh, batch_spec, traced)
   t1 = time.perf_counter()
   log(f'traced in {t1 - t0:.1f} s; lowering')
   lowered = traced.lower()
@@ -222,7 +204,7 @@ def run(config, topology: str, *, hbm_gib: float | None = None, log=None,
     if hlo_path:
       with open(hlo_path, 'w') as f:
         f.write(hlo)
-    collectives, biggest = collective_stats(hlo)
+    collectives, biggest = step_cost.collective_stats(hlo)
   else:  # the compiler's own out-of-memory verdict: what it needed beyond the state
     needed = re.search(r'temporaries \(([\d.]+)G\)', compile_error)
     args = out = alias = param_bytes + opt_bytes
@@ -236,8 +218,8 @@ def run(config, topology: str, *, hbm_gib: float | None = None, log=None,
       param_bytes=param_bytes, opt_bytes=opt_bytes,
       argument_bytes=args, output_bytes=out, alias_bytes=alias, temp_bytes=temp,
       peak_bytes=peak, hbm_bytes=int(hbm if hbm_gib is None else hbm_gib * GiB),
-      model_flops=model / n, executed_flops=executed / n,
-      hbm_traffic_bytes=traffic + args + out,
+      model_flops=cost.model_flops / n, executed_flops=cost.executed_flops / n,
+      hbm_traffic_bytes=cost.hbm_traffic_bytes + args + out,
       xla_flops=cost.get('flops'), xla_bytes=cost.get('bytes accessed'),
       collectives=collectives, biggest_collectives=biggest, peak_flops=peak_flops,
       hbm_bytes_per_s=bandwidth, link_bytes_per_s=link,

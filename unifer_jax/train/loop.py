@@ -19,8 +19,8 @@ from jax.experimental import multihost_utils
 from unifer_jax import config_lib, distributed, sharding
 from unifer_jax.data import inputs as inputs_lib
 from unifer_jax.train import checkpoint as ckpt_lib
-from unifer_jax.train import flops as flops_lib, losses, metrics as metrics_lib
-from unifer_jax.train import state as state_lib, step as step_lib
+from unifer_jax.train import losses, metrics as metrics_lib
+from unifer_jax.train import state as state_lib, step as step_lib, step_cost
 
 
 class NonFiniteLossError(RuntimeError):
@@ -88,11 +88,13 @@ def train(config, workdir: str | Path) -> dict:
   loss_fn = losses.get(config.stage)
   batch_spec = data.batch_spec()
   train_step = step_lib.compile_step(setup, loss_fn, batch_spec)
-  compiled = train_step.lower(*step_lib.abstract_args(setup, batch_spec)).compile()
+  traced = train_step.trace(*step_lib.abstract_args(setup, batch_spec))
+  compiled = traced.lower().compile()
   # Distill: the frozen teacher (params + label prompts) is the step's extra input.
   teacher_inputs = () if setup.teacher is None else (setup.teacher.load(),)
-  # Model FLOPs from the unrolled step (XLA counts a scanned layer stack once).
-  flops_per_device = flops_lib.step_flops(config, mesh, loss_fn, batch_spec) / mesh.size
+  # Model FLOPs from the step's jaxpr, scanned layers counted per layer (XLA's cost
+  # analysis counts a loop body once).
+  flops_per_device = step_cost.step_flops(config, mesh, batch_spec, traced).model_flops / mesh.size
   peak = metrics_lib.device_peak_flops()
   leaf_names = step_lib.trainable_leaf_names(setup)
   rng = jax.random.key(config.seed)

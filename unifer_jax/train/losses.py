@@ -15,12 +15,17 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from unifer_jax import sharding
+from unifer_jax.models.llm import LOGIT_AXES
 from unifer_jax.train import align_losses, distill_losses
 
 
 def token_nll(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> tuple[jax.Array, dict]:
   """Mean next-token NLL over masked positions (f32), plus token count and accuracy."""
-  logits = logits.astype(jnp.float32)
+  # Pinned like the logits: a slice (hidden[:, q-1:-1]) must not lose the batch split.
+  logits = sharding.constrain(logits.astype(jnp.float32), LOGIT_AXES)
+  targets = sharding.constrain(targets, LOGIT_AXES[:2])
+  mask = sharding.constrain(mask, LOGIT_AXES[:2])
   nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
   mask = mask.astype(jnp.float32)
   count = jnp.maximum(mask.sum(), 1.0)

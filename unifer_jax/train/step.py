@@ -6,7 +6,8 @@ Gradients are taken only with respect to the trainable parameters (XLA then neve
 computes what a frozen tower's weights would have received). Gradient accumulation
 scans over micro-batches. A step whose loss or gradients are not finite leaves the
 state untouched and reports which gradient leaves were bad (the loop applies
-``config.nan_policy``), so a NaN never reaches a checkpoint.
+``config.nan_policy``), so a NaN never reaches a checkpoint. The step is traced inside
+``sharding.use_mesh`` so the models' activation constraints take effect.
 
 With a teacher (``setup.teacher``, the distill stage) the step takes a fourth argument,
 the teacher's frozen inputs (parameters + label prompts), and the loss receives a
@@ -75,7 +76,15 @@ def make_step(setup: Setup, loss_fn: LossFn) -> Callable:
     return (loss * scale, jax.tree.map(lambda a: a * scale, aux)), jax.tree.map(
         lambda x: x * scale, g)
 
+  rules = [tuple(r) for r in config.sharding.rules]
+
   def step(state, batch, rng, teacher_inputs=None):
+    # Traced with the mesh and rules active, so the models' activation constraints
+    # (sharding.constrain) apply in the loop, compile-check and tests alike.
+    with sharding.use_mesh(setup.mesh, rules):
+      return unconstrained_step(state, batch, rng, teacher_inputs)
+
+  def unconstrained_step(state, batch, rng, teacher_inputs):
     trainable, frozen = optim.split_trainable(state['params'], freeze)
     rng = jax.random.fold_in(rng, state['step'])
     (loss, aux), grads = gradients(trainable, frozen, batch, rng, teacher_inputs)

@@ -1,17 +1,68 @@
-"""What one compiled train step costs: matmul FLOPs and bytes from its jaxpr, and the
+"""What one train step costs: matmul FLOPs and bytes from its jaxpr, and the
 collectives XLA inserted, from its compiled HLO text (per device, loops expanded).
 
-XLA's ``cost_analysis()`` counts the body of a while loop once, so for a model whose
-layers run under ``lax.scan`` it undercounts FLOPs and bytes by about the layer count;
-these counters multiply loop bodies by their trip counts instead.
+The one FLOP counter of the code base: the train loop's MFU and ``unifer
+compile-check`` both use :func:`step_flops`. XLA's ``cost_analysis()`` counts the body
+of a while loop once, so for a model whose layers run under ``lax.scan`` (or a
+gradient-accumulation scan) it undercounts FLOPs and bytes by about the trip count, and
+it returns nothing for GPU targets; these counters read the jaxpr and multiply loop
+bodies by their lengths instead.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 
 import numpy as np
+
+from unifer_jax import sharding
+from unifer_jax.train import losses
+from unifer_jax.train import state as state_lib, step as step_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class StepCost:
+  """Matmul cost of one train step (FLOPs over all devices, traffic per device)."""
+  model_flops: float        # without remat recompute: what MFU counts
+  executed_flops: float     # with remat recompute: what the chips run
+  hbm_traffic_bytes: float  # per device, see matmul_cost
+
+
+def trace_step(config, mesh, batch_spec: dict):
+  """(Setup, the traced jitted train step) for ``config`` on ``mesh``."""
+  setup = state_lib.build(config, mesh)
+  jitted = step_lib.compile_step(setup, losses.get(config.stage), batch_spec)
+  return setup, jitted.trace(*step_lib.abstract_args(setup, batch_spec))
+
+
+def _has_remat(model_cfg) -> bool:
+  return any(model_cfg[t].get('remat', 'none') not in ('', 'none', None)
+             for t in state_lib.towers(model_cfg))
+
+
+def step_flops(config, mesh, batch_spec: dict, traced=None) -> StepCost:
+  """The matmul cost of ``config``'s train step on ``mesh``.
+
+  ``traced``: the step as it will run (``jax.jit(...).trace(...)``), traced here if not
+  given. With remat configured the step is traced again with ``remat='none'`` for the
+  model FLOPs (tracing only: seconds even for a 7B model).
+  """
+  batch = int(config.input.batch_size)
+  accum = int(config.optimizer.get('grad_accum_steps', 1))
+  batch_sizes = {batch, batch // accum}
+  batch_shards = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
+  if traced is None:
+    traced = trace_step(config, mesh, batch_spec)[1]
+  executed, traffic = matmul_cost(traced.jaxpr, batch_sizes, batch_shards)
+  model = executed
+  if _has_remat(state_lib.model_config(config)):
+    no_remat = config.copy_and_resolve_references()
+    no_remat.remat = 'none'
+    model, _ = matmul_cost(trace_step(no_remat, mesh, batch_spec)[1].jaxpr, batch_sizes,
+                           batch_shards)
+  return StepCost(model_flops=model, executed_flops=executed, hbm_traffic_bytes=traffic)
 
 
 def _sub_jaxprs(value):
