@@ -174,7 +174,7 @@ def run(config, topology: str, *, hbm_gib: float | None = None, log=None,
   t0 = time.perf_counter()
   batch_spec = inputs_lib.make_input(config, state_lib.model_config(config)).batch_spec()
   setup, traced = step_cost.trace_step(config, mesh, batch_spec)
-  cost = step_cost.step_flops(config, mesh, batch_spec, traced)
+  matmuls = step_cost.step_flops(config, mesh, batch_spec, traced)
   t1 = time.perf_counter()
   log(f'traced in {t1 - t0:.1f} s; lowering')
   lowered = traced.lower()
@@ -218,8 +218,8 @@ def run(config, topology: str, *, hbm_gib: float | None = None, log=None,
       param_bytes=param_bytes, opt_bytes=opt_bytes,
       argument_bytes=args, output_bytes=out, alias_bytes=alias, temp_bytes=temp,
       peak_bytes=peak, hbm_bytes=int(hbm if hbm_gib is None else hbm_gib * GiB),
-      model_flops=cost.model_flops / n, executed_flops=cost.executed_flops / n,
-      hbm_traffic_bytes=cost.hbm_traffic_bytes + args + out,
+      model_flops=matmuls.model_flops / n, executed_flops=matmuls.executed_flops / n,
+      hbm_traffic_bytes=matmuls.hbm_traffic_bytes + args + out,
       xla_flops=cost.get('flops'), xla_bytes=cost.get('bytes accessed'),
       collectives=collectives, biggest_collectives=biggest, peak_flops=peak_flops,
       hbm_bytes_per_s=bandwidth, link_bytes_per_s=link,
