@@ -60,7 +60,7 @@ def export(student: student_fn.TrainedStudent, out: Path, *, atol: float = 1e-4,
             'onnx_dense_matmuls': rewrites,
             'onnx_convert_s': time.monotonic() - t}
   images = student_fn.parity_images(student)
-  reference = jax.device_get(jax.jit(student_fn.predict_fn(student, unroll=False))(images))
+  reference = student_fn.reference_outputs(student, images)
   sess = session(out / FILE)
   report['onnx_max_abs_diff'] = student_fn.check_parity('onnx', reference, run(sess, images),
                                                         atol)

@@ -26,7 +26,7 @@ def export(student: student_fn.TrainedStudent, out: Path, *, atol: float = 1e-4)
   params = traverse_util.unflatten_dict(
       {tuple(int(p) if p.isdigit() else p for p in k.split('/')): v for k, v in loaded.items()})
   images = student_fn.parity_images(student)
-  reference = jax.device_get(jax.jit(student_fn.predict_fn(student, unroll=False))(images))
+  reference = student_fn.reference_outputs(student, images)
   reloaded = student_fn.TrainedStudent(student.workdir, student.step, student.model_cfg,
                                        student.input_cfg, student.graphdef, params)
   got = jax.device_get(jax.jit(student_fn.predict_fn(reloaded, unroll=False))(images))

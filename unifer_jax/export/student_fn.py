@@ -129,7 +129,14 @@ def meta(student: TrainedStudent) -> dict:
 def parity_images(student: TrainedStudent, n: int = 8, seed: int = 0) -> np.ndarray:
   """Held-out faces of the student's corpus when its data is there, else random images
   in the normalised range (parity does not depend on realism, but faces are checked
-  where we can)."""
+  where we can). Read once per student."""
+  cache = student.__dict__.setdefault('_parity_images', {})
+  if (n, seed) not in cache:
+    cache[(n, seed)] = _parity_images(student, n, seed)
+  return cache[(n, seed)]
+
+
+def _parity_images(student: TrainedStudent, n: int, seed: int) -> np.ndarray:
   cfg = student.input_cfg
   try:
     from unifer_jax.evaluators import data as eval_data  # pylint: disable=g-import-not-at-top
@@ -141,6 +148,16 @@ def parity_images(student: TrainedStudent, n: int = 8, seed: int = 0) -> np.ndar
   rng = np.random.default_rng(seed)
   s = student.image_size
   return rng.uniform(-1, 1, (n, s, s, 3)).astype(np.float32)
+
+
+def reference_outputs(student: TrainedStudent, images: np.ndarray) -> dict:
+  """The trained (scanned) student's outputs on ``images``: what every format must match
+  (computed once per student and image batch)."""
+  key = (images.shape, hash(images.tobytes()))
+  cache = student.__dict__.setdefault('_reference', {})
+  if key not in cache:
+    cache[key] = jax.device_get(jax.jit(predict_fn(student, unroll=False))(images))
+  return cache[key]
 
 
 class ParityError(RuntimeError):
