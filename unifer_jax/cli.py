@@ -119,13 +119,19 @@ def build_parser() -> argparse.ArgumentParser:
   return p
 
 
+def _only_config_overrides(command: str, unknown: list[str]) -> bool:
+  """Commands driven by a config accept ``--config.key=value`` beyond their own flags."""
+  bad = [u for u in unknown if not u.startswith('--config.')]
+  if bad:
+    print(f'unifer {command}: unknown arguments {bad}', file=sys.stderr)
+  return not bad
+
+
 def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   args, unknown = build_parser().parse_known_args(argv)
   if args.command == 'train':
-    bad = [u for u in unknown if not u.startswith('--config.')]
-    if bad:
-      print(f'unifer train: unknown arguments {bad}', file=sys.stderr)
+    if not _only_config_overrides('train', unknown):
       return 2
     return _train(args, unknown)
   if args.command == 'demo':
@@ -136,23 +142,17 @@ def main(argv=None) -> int:
     from data_prep import commands as prep_commands
     return prep_commands.run(args, beam_args=unknown)
   if args.command == 'compile-check':
-    bad = [u for u in unknown if not u.startswith('--config.')]
-    if bad:
-      print(f'unifer compile-check: unknown arguments {bad}', file=sys.stderr)
+    if not _only_config_overrides('compile-check', unknown):
       return 2
     from unifer_jax.train import compile_check
     return compile_check.main(args, unknown)
   if args.command == 'eval':
-    bad = [u for u in unknown if not u.startswith('--config.')]
-    if bad:
-      print(f'unifer eval: unknown arguments {bad}', file=sys.stderr)
+    if not _only_config_overrides('eval', unknown):
       return 2
     from unifer_jax.evaluators import standalone
     return standalone.main(args, unknown)
   if args.command == 'sweep':
-    bad = [u for u in unknown if not u.startswith('--config.')]
-    if bad:
-      print(f'unifer sweep: unknown arguments {bad}', file=sys.stderr)
+    if not _only_config_overrides('sweep', unknown):
       return 2
     from unifer_jax.evaluators import sweep
     args.overrides = unknown
