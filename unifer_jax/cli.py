@@ -119,9 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
   return p
 
 
-def _only_config_overrides(command: str, unknown: list[str]) -> bool:
-  """Commands driven by a config accept ``--config.key=value`` beyond their own flags."""
-  bad = [u for u in unknown if not u.startswith('--config.')]
+def _extras_ok(command: str, unknown: list[str], config_overrides: bool = True) -> bool:
+  """Arguments argparse did not know: ``--config.key=value`` for config-driven commands,
+  nothing for the others."""
+  bad = [u for u in unknown if not (config_overrides and u.startswith('--config.'))]
   if bad:
     print(f'unifer {command}: unknown arguments {bad}', file=sys.stderr)
   return not bad
@@ -131,7 +132,7 @@ def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   args, unknown = build_parser().parse_known_args(argv)
   if args.command == 'train':
-    if not _only_config_overrides('train', unknown):
+    if not _extras_ok('train', unknown):
       return 2
     return _train(args, unknown)
   if args.command == 'demo':
@@ -142,24 +143,23 @@ def main(argv=None) -> int:
     from data_prep import commands as prep_commands
     return prep_commands.run(args, beam_args=unknown)
   if args.command == 'compile-check':
-    if not _only_config_overrides('compile-check', unknown):
+    if not _extras_ok('compile-check', unknown):
       return 2
     from unifer_jax.train import compile_check
     return compile_check.main(args, unknown)
   if args.command == 'eval':
-    if not _only_config_overrides('eval', unknown):
+    if not _extras_ok('eval', unknown):
       return 2
     from unifer_jax.evaluators import standalone
     return standalone.main(args, unknown)
   if args.command == 'sweep':
-    if not _only_config_overrides('sweep', unknown):
+    if not _extras_ok('sweep', unknown):
       return 2
     from unifer_jax.evaluators import sweep
     args.overrides = unknown
     return sweep.main(args)
   if args.command == 'predict':
-    if unknown:
-      print(f'unifer predict: unknown arguments {unknown}', file=sys.stderr)
+    if not _extras_ok('predict', unknown, config_overrides=False):
       return 2
     from unifer_jax import predict
     return predict.main(args)
@@ -167,14 +167,12 @@ def main(argv=None) -> int:
     args.overrides = list(args.overrides) + unknown
     return _params(args)
   if args.command == 'export':
-    if unknown:
-      print(f'unifer export: unknown arguments {unknown}', file=sys.stderr)
+    if not _extras_ok('export', unknown, config_overrides=False):
       return 2
     from unifer_jax.export import commands as export_commands
     return export_commands.run(args)
   if args.command == 'convert':
-    if unknown:
-      print(f'unifer convert: unknown arguments {unknown}', file=sys.stderr)
+    if not _extras_ok('convert', unknown, config_overrides=False):
       return 2
     from unifer_jax.convert import commands
     return commands.run(args)
