@@ -140,7 +140,7 @@ def test_train_state_holds_the_towers_and_minilm_starts_the_qformer(dirs, capsys
             'qformer/blocks/layers/0/cross_attention/norm/bias'}
   lm_head = {'qformer/lm_head/dense/kernel', 'qformer/lm_head/dense/bias',
              'qformer/lm_head/norm/scale', 'qformer/lm_head/norm/bias', 'qformer/lm_head/bias'}
-  heads = {f'{m}/{p}' for m in ('vision_proj', 'text_proj', 'itm_head', 'llm_proj')
+  heads = {f'{m}/{p}' for m in ('vision_proj', 'text_proj', 'itm_head', 'label_head', 'llm_proj')
            for p in ('kernel', 'bias')} | {'vision_norm/scale', 'vision_norm/bias', 'temp'}
   assert set(report.fresh) == cross | lm_head | heads | {'qformer/query_tokens'}
   assert report.note['qformer'] == 'BLIP-2 init from BERT'

@@ -82,3 +82,30 @@ def test_answer_only_lm_loss_counts_masked_tokens_only():
   loss, aux = losses.token_nll(logits, targets, mask)
   np.testing.assert_allclose(loss, -(np.log(.1) + np.log(.8)) / 2, rtol=1e-5)
   assert float(aux['tokens']) == 2 and float(aux['token_acc']) == 0.5
+
+
+class _FixedLabels:
+  """Stands in for UniFER.label_logits: returns the given logits whatever the images."""
+
+  def __init__(self, basic, compound):
+    self.out = (jnp.asarray(basic), jnp.asarray(compound))
+
+  def label_logits(self, images):
+    del images
+    return self.out
+
+
+def test_vision_loss_is_ce_on_each_row_s_own_label_kind():
+  basic = [[2.0, 0.0] + [0.0] * 6, [0.0] * 8, [0.0, 1.0] + [0.0] * 6]
+  compound = [[0.0] * 11, [3.0] + [0.0] * 10, [0.0] * 11]
+  batch = {'image': jnp.zeros((3, 1, 1, 3)), 'expression': jnp.array([0, -1, 0]),
+           'compound': jnp.array([-1, 0, -1])}
+  loss, aux = losses.vision_loss(_FixedLabels(basic, compound), batch, None)
+  ce0 = -_log_softmax(basic[0])[0]
+  ce2 = -_log_softmax(basic[2])[0]
+  ce1 = -_log_softmax(compound[1])[0]
+  # Every labelled row counts once: mean over the 3 rows of their own label's CE.
+  np.testing.assert_allclose(loss, (ce0 + ce1 + ce2) / 3, rtol=1e-6)
+  np.testing.assert_allclose(aux['ce_basic'], (ce0 + ce2) / 2, rtol=1e-6)
+  np.testing.assert_allclose(aux['ce_compound'], ce1, rtol=1e-6)
+  assert float(aux['acc_basic']) == 0.5 and float(aux['acc_compound']) == 1.0

@@ -23,7 +23,7 @@ from unifer_jax.evaluators import alignment, data as eval_data, instruct as inst
 from unifer_jax.train import checkpoint as ckpt_lib, loop, state as state_lib
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ('lm', 'align', 'generate', 'instruct')
+STAGES = ('lm', 'vision', 'align', 'generate', 'instruct')
 ZERO_SHOT_TEMPLATES = ('a {adj} face.', 'a face showing {noun}.', 'a photo of a {adj} person.',
                        'a close-up of a face with a {adj} expression.')
 

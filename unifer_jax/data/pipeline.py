@@ -43,7 +43,7 @@ from unifer_jax.models import presets
 
 log = logging.getLogger(__name__)
 
-STAGE_FORMATS = {'lm': 'lm', 'align': 'align', 'generate': 'generate',
+STAGE_FORMATS = {'lm': 'lm', 'vision': 'eval', 'align': 'align', 'generate': 'generate',
                  'instruct': 'instruct', 'distill': 'eval'}
 
 

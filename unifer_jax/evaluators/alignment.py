@@ -21,7 +21,7 @@ def image_features(model, images: jax.Array) -> jax.Array:
 
 def text_features(model, text_ids: jax.Array, text_mask: jax.Array) -> jax.Array:
   """[B, E] normalised text embeddings."""
-  return model.text_embedding(model.qformer.encode_text(text_ids, text_mask))
+  return model.text_embedding(model.qformer.encode_text(text_ids, text_mask), text_mask)
 
 
 def class_embeddings(text_feats: jax.Array, prompt_class: np.ndarray, num_classes: int) -> jax.Array:

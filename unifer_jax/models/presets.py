@@ -36,12 +36,16 @@ def _llm(**kw):
   return llm.default_config(**base)
 
 
-def _unifer(vit, qformer, llm, embed_dim=256):
+def _unifer(vit, qformer, llm, embed_dim=256, from_scratch=False):
   qformer.encoder_width = vit.width
   # LoRA on the LLM (rank 0 = off; the instruct stage turns it on by config).
   adapters = dict(rank=0, alpha=16.0, targets=r'attn/(q|k|v|o)$|mlp/(gate|up|down)$')
   return ml_collections.ConfigDict(dict(vit=vit, qformer=qformer, llm=llm, embed_dim=embed_dim,
-                                        vision_layernorm=True, lora=adapters))
+                                        vision_layernorm=True, lora=adapters,
+                                        # Towers trained from scratch (no HF
+                                        # checkpoint) need both; see models/unifer.py.
+                                        vision_token_gain=from_scratch,
+                                        text_pool='mean' if from_scratch else 'cls'))
 
 
 def get(name: str) -> ml_collections.ConfigDict:
@@ -63,7 +67,7 @@ def get(name: str) -> ml_collections.ConfigDict:
                  cross_attention_freq=1, vocab_size=2048, max_position=128),
         _llm(vocab_size=2048, hidden=192, depth=4, heads=4, kv_heads=2, head_dim=48,
              mlp_dim=512, max_seq_len=256, tie_embeddings=True),
-        embed_dim=128)
+        embed_dim=128, from_scratch=True)
   if name == 'base':
     return set_compute_dtype(_unifer(
         _vit(),

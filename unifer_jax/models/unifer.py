@@ -12,6 +12,7 @@ import ml_collections
 import jax.numpy as jnp
 from flax import nnx
 
+from unifer_jax.data import labels
 from unifer_jax.models import layers, lora
 from unifer_jax.models.llm import LLM
 from unifer_jax.models.qformer import QFormer
@@ -31,10 +32,24 @@ class UniFER(nnx.Module):
     # BLIP-2's ln_vision: the frozen ViT's tokens are normalised before the Q-Former.
     self.vision_norm = layers.LayerNorm(v.width, eps=1e-5, **common) \
         if cfg.get('vision_layernorm', True) else None
+    # A from-scratch tower's tokens carry the expression only in WHERE a feature is
+    # (brows vs mouth); the Q-Former's cross-attention starts uniform, i.e. as a global
+    # average pool, which throws that away, and ITC then collapses. A per-position,
+    # per-channel gain drawn N(0, 1) gives pooling a spatial readout from step 0 (first
+    # order in its weights, unlike attention). Off for pretrained towers (it would
+    # scramble their tokens); the demo preset turns it on.
+    self.token_gain = (layers.param(rngs, nnx.initializers.normal(1.0),
+                                    (self.vit.num_tokens, v.width), (None, 'embed'),
+                                    layers.dtype_of(v.param_dtype))
+                       if cfg.get('vision_token_gain', False) else None)
     self.qformer = QFormer(q, rngs=rngs)
     self.vision_proj = layers.Dense(q.hidden, cfg.embed_dim, axes=('embed', 'mlp'), **common)
     self.text_proj = layers.Dense(q.hidden, cfg.embed_dim, axes=('embed', 'mlp'), **common)
     self.itm_head = layers.Dense(q.hidden, 2, axes=('embed', 'classes'), **common)
+    # The `vision` stage's expression classifier on the pooled queries: 8 basic then 11
+    # compound logits (it pretrains the image path where no pretrained tower exists).
+    self.label_head = layers.Dense(q.hidden, len(labels.BASIC) + len(labels.COMPOUND),
+                                   axes=('embed', 'classes'), **common)
     # ITC temperature, learned in BLIP-2 (clipped to [0.001, 0.5] by the loss).
     self.temp = nnx.Param(jnp.asarray(0.07, layers.dtype_of(q.param_dtype)), out_sharding=(),
                           eager_sharding=False)
@@ -49,7 +64,10 @@ class UniFER(nnx.Module):
   def image_tokens(self, images: jax.Array) -> jax.Array:
     """NHWC images -> ViT tokens [B, N, Dv] (after ln_vision)."""
     x = self.vit(images)
-    return self.vision_norm(x) if self.vision_norm is not None else x
+    x = self.vision_norm(x) if self.vision_norm is not None else x
+    if self.token_gain is not None:
+      x = x * self.token_gain[...].astype(x.dtype)
+    return x
 
   def image_queries(self, images: jax.Array) -> jax.Array:
     """The Q-Former's learned queries after attending to the image: [B, Q, Dq]."""
@@ -84,9 +102,25 @@ class UniFER(nnx.Module):
     """ITC image side: per-query normalised embeddings [B, Q, E]."""
     return _l2_normalize(self.vision_proj(queries))
 
-  def text_embedding(self, text_states: jax.Array) -> jax.Array:
-    """ITC text side: the [CLS] (first) token's normalised embedding [B, E]."""
-    return _l2_normalize(self.text_proj(text_states[:, 0]))
+  def text_embedding(self, text_states: jax.Array, text_mask: jax.Array | None = None):
+    """ITC text side, normalised ``[B, E]``: the [CLS] (first) token's state (BLIP-2,
+    whose BERT is pretrained), or with ``text_pool='mean'`` the mean over valid tokens.
+    A from-scratch text encoder needs the mean: at init every caption's [CLS] state is
+    nearly the same vector (its own embedding dominates a near-uniform attention), so
+    ITC sees equal texts, the image side gets no gradient, and both sides stay collapsed
+    (sentence-transformers pool the same way)."""
+    if self.cfg.get('text_pool', 'cls') == 'mean':
+      w = (jnp.ones(text_states.shape[:2]) if text_mask is None else text_mask)
+      w = w.astype(jnp.float32)[..., None]
+      pooled = (text_states.astype(jnp.float32) * w).sum(1) / jnp.maximum(w.sum(1), 1.0)
+    else:
+      pooled = text_states[:, 0]
+    return _l2_normalize(self.text_proj(pooled))
+
+  def label_logits(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(basic [B, 8], compound [B, 11]) logits from the mean of the image queries."""
+    logits = self.label_head(self.image_queries(images).mean(axis=1)).astype(jnp.float32)
+    return logits[:, :len(labels.BASIC)], logits[:, len(labels.BASIC):]
 
   def itm_logits(self, match_queries: jax.Array) -> jax.Array:
     """ITM: mean over queries of the 2-way head, as BLIP-2 does: [B, 2]."""

@@ -145,6 +145,7 @@ class ViT(nnx.Module):
     d, p = cfg.width, cfg.patch_size
     self.num_patches = (cfg.image_size // p) ** 2
     self.has_cls = cfg.variant in ('vit', 'clip')
+    self.num_tokens = self.num_patches + self.has_cls  # the last hidden state's length
 
     # A conv with stride = kernel = patch is a Dense over flattened (row, col, channel)
     # patches; the converter reorders HF's [out, in, kh, kw] conv weight to match.

@@ -88,7 +88,7 @@ def align_loss(model, batch: dict, rng: jax.Array, weights=(1.0, 1.0, 1.0)):
   text_ids, text_mask = batch['text_ids'], batch['text_mask']
   # ITC: uni-modal passes (queries see the image, text sees only text).
   image_feats = model.image_embeddings(model.qformer.encode_queries(image_tokens))
-  text_feat = model.text_embedding(model.qformer.encode_text(text_ids, text_mask))
+  text_feat = model.text_embedding(model.qformer.encode_text(text_ids, text_mask), text_mask)
   temp = jnp.clip(model.temp[...], *TEMP_RANGE)
   sim = similarity(image_feats, text_feat, temp)
   positives = same_text(text_ids, text_mask)

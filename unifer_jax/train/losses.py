@@ -57,8 +57,28 @@ def lm_loss(model, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
   return token_nll(logits, tokens[:, 1:], mask[:, 1:])
 
 
+def vision_loss(model, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
+  """Supervised pretraining of the image path (ViT -> Q-Former queries -> label head):
+  cross-entropy on the basic label of basic faces and the compound label of compound
+  faces (a record without one has -1 there)."""
+  del rng
+  logits = dict(zip(('basic', 'compound'), model.label_logits(batch['image'])))
+  loss, aux = jnp.zeros((), jnp.float32), {}
+  for task, key in (('basic', 'expression'), ('compound', 'compound')):
+    labels = batch[key]
+    has = (labels >= 0).astype(jnp.float32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits[task], jnp.maximum(labels, 0))
+    n = jnp.maximum(has.sum(), 1.0)
+    aux[f'ce_{task}'] = (ce * has).sum() / n
+    aux[f'acc_{task}'] = ((logits[task].argmax(-1) == labels) * has).sum() / n
+    # Weighted by each kind's share of the batch: the mean CE over all labelled rows.
+    loss = loss + (ce * has).sum() / jnp.maximum(labels.shape[0], 1)
+  return loss, aux
+
+
 LOSSES: dict[str, Callable] = {
     'lm': lm_loss,
+    'vision': vision_loss,
     'align': align_losses.align_loss,
     'generate': generate_loss,
     # Instruction tuning is the generate loss with loss_mask on the answer tokens only.

@@ -1,0 +1,23 @@
+r"""Stage 0b: supervised pretraining of the image path -- ViT -> Q-Former queries ->
+label head, cross-entropy on the corpus's basic and compound labels. It stands in for
+the pretrained tower BLIP-2 starts from: trained from scratch, stage 1's ITC collapses
+(both towers' features start nearly constant, and ITC is lowest for uninformative
+images when every feature is the same), so the image side must carry the expression
+before align. Real runs load a pretrained tower instead (`--config.init.vision=`) and
+skip this stage, or run it on a labelled FER dataset (`--config.input.name=rafdb`).
+
+  unifer train --config configs/vision.py:demo --workdir W/vision \
+      --config.input.data_dir=W/data --config.init.checkpoint=W/lm
+
+Expected (demo preset, 2-core CPU): basic-label accuracy on training batches
+(`acc_basic` in metrics.jsonl) well above chance (0.125); see `unifer demo`'s report.
+Args: the model preset (default demo).
+"""
+
+from unifer_jax import config_lib
+
+
+def get_config(arg: str = 'demo'):
+  c = config_lib.stage_config('vision', arg or 'demo', steps=1200, batch_size=32,
+                              peak_lr=1e-3, freeze=config_lib.NOT_IMAGE_PATH)
+  return c
