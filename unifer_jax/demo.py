@@ -1,6 +1,6 @@
 """`unifer demo`: the whole pipeline on the built-in procedural FACS corpus, on a CPU.
 
-corpus -> tokenizer -> lm -> align -> (zero-shot, retrieval) -> generate -> instruct ->
+corpus -> tokenizer -> lm -> vision -> align -> (zero-shot, retrieval) -> generate -> instruct ->
 (answers to every FER task) -> report.md / report.json / PNGs in the workdir.
 Every stage is the real config in configs/ run by the one train loop, warm-started from
 the stage before it (``config.init.checkpoint``). Rerunning resumes: finished stages
@@ -97,6 +97,20 @@ def evaluate_alignment(config, workdir: Path, test: dict, tok, out: Path) -> dic
           'zero_shot_confusion': cm.tolist()}
 
 
+def evaluate_vision(config, workdir: Path, test: dict) -> dict:
+  """Accuracy of the vision stage's label head on the held-out basic / compound faces."""
+  setup, params = restore_params(config, workdir)
+  graphdef = setup.graphdef
+  fn = jax.jit(lambda p, x: state_lib.bind(graphdef, p).label_logits(x))
+  out = {}
+  for head, (task, key) in enumerate((('basic', 'expression'), ('compound', 'compound'))):
+    has = test[key] >= 0
+    logits = alignment.encode_in_batches(lambda x, h=head: fn(params, x)[h],
+                                         [test['image'][has]], 64)
+    out[f'vision_{task}_acc'] = float(np.mean(np.argmax(logits, -1) == test[key][has]))
+  return out
+
+
 def evaluate_instruct(config, workdir: Path, test: dict, tok, out: Path, max_per_task: int):
   setup, params = restore_params(config, workdir)
   metrics, raw = instruct_eval.evaluate(setup.graphdef, params, test, tok,
@@ -159,11 +173,14 @@ def run(workdir: str | Path, size: int = 20000, overrides: dict | None = None,
     timings[f'{stage}_s'] = time.monotonic() - t
     report[f'{stage}_final'] = {k: v for k, v in last.items() if isinstance(v, (int, float))}
     previous = workdir / stage
+    if stage == 'vision':
+      test = eval_data.load_split(config.input, 'test', config.model.vit.image_size,
+                                  limit=eval_limit)
+      report.update(evaluate_vision(config, workdir / 'vision', test))
+      print({k: report[k] for k in ('vision_basic_acc', 'vision_compound_acc')}, flush=True)
     if stage == 'align':
       _banner('eval: zero-shot and retrieval after align')
       t = time.monotonic()
-      test = eval_data.load_split(config.input, 'test', configs['align'].model.vit.image_size,
-                                  limit=eval_limit)
       report.update(evaluate_alignment(config, workdir / 'align', test, tok, workdir))
       timings['eval_align_s'] = time.monotonic() - t
       print({k: report[k] for k in ('zero_shot_acc', 'retrieval_r1')}, flush=True)
@@ -190,7 +207,9 @@ def run(workdir: str | Path, size: int = 20000, overrides: dict | None = None,
 def markdown(r: dict) -> str:
   def f(key, fmt='{:.3f}'):
     return fmt.format(r[key]) if isinstance(r.get(key), (int, float)) else 'n/a'
-  rows = [('zero-shot accuracy, 8 basic classes (chance 0.125)', f('zero_shot_acc')),
+  rows = [('vision stage: basic / compound label-head accuracy',
+           f'{f("vision_basic_acc")} / {f("vision_compound_acc")}'),
+          ('zero-shot accuracy, 8 basic classes (chance 0.125)', f('zero_shot_acc')),
           ('image->text retrieval R@1 / R@5', f'{f("retrieval_r1")} / {f("retrieval_r5")}'),
           ('instructed basic label accuracy', f('instruct_basic_acc')),
           ('instructed compound label accuracy (chance 0.09)', f('instruct_compound_acc')),
