@@ -145,10 +145,40 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | Non
   """Multi-head attention on ``[B, T, N, H]`` queries and ``[B, S, K, H]`` keys/values.
 
   ``K`` may divide ``N`` (grouped-query / multi-query attention). ``mask`` is boolean,
-  broadcastable to ``[B, N, T, S]``, True = attend. Goes through
-  ``jax.nn.dot_product_attention`` so TPU/GPU get their fused kernels.
+  broadcastable to ``[B, N, T, S]``, True = attend. On GPU (and with ``bias`` or
+  ``is_causal``) this is ``jax.nn.dot_product_attention``, so cuDNN's fused kernel can
+  be picked; elsewhere :func:`grouped_attention`, the same math as its XLA path.
   """
-  return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, is_causal=is_causal)
+  if bias is not None or is_causal or jax.default_backend() == 'gpu':
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, is_causal=is_causal)
+  return grouped_attention(q, k, v, mask)
+
+
+def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                      mask: jax.Array | None = None) -> jax.Array:
+  """``jax.nn.dot_product_attention``'s XLA path (f32 logits and softmax, head n = kv head
+  n // G, masked logits set to the same large negative) laid out for plain batched
+  matmuls: each kv head's G query heads are stacked along the rows, ``[B, K, G*T, H] @
+  [B, K, H, S]``, and the mask broadcasts inside the select. Its XLA path vmaps over G
+  (strided operands) and materialises the mask at the full ``[B, N, T, S]`` size. At
+  the demo LLM's shapes (B 32, T 144, 4:2 heads of 48) on XLA:CPU, forward + backward:
+  97 -> 40 ms (best of 15, shared 2-core box)."""
+  b, t, n, h = q.shape
+  s, kv = k.shape[1], k.shape[2]
+  g = n // kv
+  rows = lambda x: x.transpose(0, 2, 1, 3)  # [B, L, K, H] -> [B, K, L, H]
+  qg = q.reshape(b, t, kv, g, h).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, h)
+  logits = jnp.einsum('bkqh,bksh->bkqs', qg, rows(k), preferred_element_type=jnp.float32)
+  logits = logits.reshape(b, kv, g, t, s) * jnp.float32(h ** -0.5)
+  if mask is not None:
+    mask = jnp.asarray(mask, bool)
+    mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+    mb, mn, mt, ms = mask.shape
+    mask = mask[:, :, None] if mn == 1 else mask.reshape(mb, kv, g, mt, ms)
+    logits = jnp.where(mask, logits, -0.7 * jnp.finfo(jnp.float32).max)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype).reshape(b, kv, g * t, s)
+  out = jnp.einsum('bkqs,bksh->bkqh', probs, rows(v)).reshape(b, kv, g, t, h)
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
 def padding_mask(valid: jax.Array) -> jax.Array:
