@@ -1,5 +1,5 @@
 """Decoder LLM: KV-cache decoding == full forward, greedy generate == repeated argmax,
-scan == unscanned, grouped attention == jax.nn's, padding invariance, tied
+scan == unscanned == unrolled, grouped attention == jax.nn's, padding invariance, tied
 embeddings, bf16, remat gradients.
 
 Compiles dominate the run time, so every test uses a few shapes (3 rows, a 6-token
@@ -184,6 +184,28 @@ def test_scan_and_unscanned_agree_on_identical_params():
   ids, mask = left_padded(tokens(3, PROMPT + NEW))
   np.testing.assert_allclose(call(_logits, unscanned, ids, mask),
                              call(_logits, scanned, ids, mask), atol=1e-6)
+
+
+def test_unrolled_stack_equals_the_scan_on_the_same_stacked_params():
+  """unroll_layers keeps the stacked parameter tree and runs it as straight-line code:
+  same logits, same gradients, same cached decoding."""
+  scanned, unrolled = make(True), make(True, unroll_layers=True)
+  assert jax.tree.map(np.shape, nnx.to_pure_dict(nnx.state(unrolled, nnx.Param))) == \
+      jax.tree.map(np.shape, nnx.to_pure_dict(nnx.state(scanned, nnx.Param)))
+  ids, mask = left_padded(tokens(3, PROMPT + NEW))
+  np.testing.assert_allclose(call(_logits, unrolled, ids, mask),
+                             call(_logits, scanned, ids, mask), atol=1e-6)
+  prompt, prompt_mask = ids[:, :PROMPT], mask[:, :PROMPT]
+  np.testing.assert_array_equal(call(_generate, unrolled, prompt, prompt_mask, -1, 0),
+                                call(_generate, scanned, prompt, prompt_mask, -1, 0))
+
+  def grads(model):
+    graphdef, state = nnx.split(model)
+    loss = lambda st: jnp.sum(nnx.merge(graphdef, st)(ids, attention_mask=mask) ** 2)
+    return jax.jit(jax.grad(loss))(state)
+
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+               grads(unrolled), grads(scanned))
 
 
 @pytest.mark.parametrize('heads,kv_heads', [(4, 2), (4, 4), (6, 1)])
