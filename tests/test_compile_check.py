@@ -78,6 +78,19 @@ def test_matmul_cost_counts_scan_iterations_remat_and_grads():
   assert xla < 2 * one
 
 
+def test_matmul_cost_counts_a_switch_at_its_costliest_or_its_taken_branch():
+  def f(x, w, n):  # the branch (how many rows go through the matmul) depends on data
+    return jax.lax.switch(n, [lambda x: (x[:2] @ w).sum(), lambda x: (x @ w).sum()], x)
+
+  x, w = jnp.ones((8, 16)), jnp.ones((16, 4))
+  closed = jax.make_jaxpr(f)(x, w, 0)
+  assert step_cost.matmul_cost(closed)[0] == 2 * 8 * 16 * 4  # upper bound
+  for n, rows in ((0, 2), (1, 8)):
+    taken = step_cost.taken_branches(closed, (x, w, jnp.int32(n)))
+    assert list(taken.values()) == [n]
+    assert step_cost.matmul_cost(closed, branches=taken)[0] == 2 * rows * 16 * 4
+
+
 def test_collective_stats_multiply_loop_bodies_by_their_trip_count():
   devices = aot_targets.topology_devices(aot_targets.resolve_topology('v5e:2x2'))
   mesh = Mesh(np.array(devices), ('x',))

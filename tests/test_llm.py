@@ -1,5 +1,6 @@
 """Decoder LLM: KV-cache decoding == full forward, greedy generate == repeated argmax,
-scan == unscanned, padding invariance, tied embeddings, bf16, remat gradients.
+scan == unscanned == unrolled, grouped attention == jax.nn's, padding invariance, tied
+embeddings, bf16, remat gradients.
 
 Compiles dominate the run time, so every test uses a few shapes (3 rows, a 6-token
 prompt, 5 new tokens) and module-level functions jitted with the graphdef static:
@@ -183,6 +184,49 @@ def test_scan_and_unscanned_agree_on_identical_params():
   ids, mask = left_padded(tokens(3, PROMPT + NEW))
   np.testing.assert_allclose(call(_logits, unscanned, ids, mask),
                              call(_logits, scanned, ids, mask), atol=1e-6)
+
+
+def test_unrolled_stack_equals_the_scan_on_the_same_stacked_params():
+  """unroll_layers keeps the stacked parameter tree and runs it as straight-line code:
+  same logits, same gradients, same cached decoding."""
+  scanned, unrolled = make(True), make(True, unroll_layers=True)
+  assert jax.tree.map(np.shape, nnx.to_pure_dict(nnx.state(unrolled, nnx.Param))) == \
+      jax.tree.map(np.shape, nnx.to_pure_dict(nnx.state(scanned, nnx.Param)))
+  ids, mask = left_padded(tokens(3, PROMPT + NEW))
+  np.testing.assert_allclose(call(_logits, unrolled, ids, mask),
+                             call(_logits, scanned, ids, mask), atol=1e-6)
+  prompt, prompt_mask = ids[:, :PROMPT], mask[:, :PROMPT]
+  np.testing.assert_array_equal(call(_generate, unrolled, prompt, prompt_mask, -1, 0),
+                                call(_generate, scanned, prompt, prompt_mask, -1, 0))
+
+  def grads(model):
+    graphdef, state = nnx.split(model)
+    loss = lambda st: jnp.sum(nnx.merge(graphdef, st)(ids, attention_mask=mask) ** 2)
+    return jax.jit(jax.grad(loss))(state)
+
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+               grads(unrolled), grads(scanned))
+
+
+@pytest.mark.parametrize('heads,kv_heads', [(4, 2), (4, 4), (6, 1)])
+def test_grouped_attention_equals_jax_dot_product_attention(heads, kv_heads):
+  """The CPU/TPU attention (layers.grouped_attention) against jax.nn's XLA path, with
+  and without padding/causal/per-head/all-masked masks, forward and gradients."""
+  from unifer_jax.models import layers
+  r = np.random.default_rng(heads + kv_heads)
+  b, t, s, h = 2, 5, 7, 8
+  q = jnp.asarray(r.standard_normal((b, t, heads, h)), jnp.float32)
+  k, v = (jnp.asarray(r.standard_normal((b, s, kv_heads, h)), jnp.float32) for _ in range(2))
+  valid = jnp.asarray(r.random((b, s)) > 0.3).at[:, 0].set(True)
+  masks = [None, layers.padding_mask(valid), layers.causal_mask(t, s) & layers.padding_mask(valid),
+           jnp.asarray(r.random((b, heads, t, s)) > 0.5), jnp.zeros((b, 1, t, s), bool)]
+  for mask in masks:
+    ref = lambda q, k, v, m=mask: jax.nn.dot_product_attention(q, k, v, mask=m)
+    got = lambda q, k, v, m=mask: layers.grouped_attention(q, k, v, m)
+    np.testing.assert_allclose(got(q, k, v), ref(q, k, v), rtol=1e-5, atol=1e-6)
+    square = lambda f: jax.grad(lambda *a: jnp.sum(f(*a) ** 2), (0, 1, 2))(q, k, v)
+    jax.tree.map(lambda a, c: np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-5),
+                 square(got), square(ref))
 
 
 def _logits_and_hidden(m, ids):

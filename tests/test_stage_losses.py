@@ -109,3 +109,47 @@ def test_vision_loss_is_ce_on_each_row_s_own_label_kind():
   np.testing.assert_allclose(aux['ce_basic'], (ce0 + ce2) / 2, rtol=1e-6)
   np.testing.assert_allclose(aux['ce_compound'], ce1, rtol=1e-6)
   assert float(aux['acc_basic']) == 0.5 and float(aux['acc_compound']) == 1.0
+
+
+def test_target_nll_equals_the_full_projection_for_every_target_count():
+  """The generate/instruct loss projects only target positions (gathered into a static
+  bucket picked by a switch on the mask) with a fused backward: loss, metrics and
+  gradients (hidden states and a trainable head alike) must equal the plain path."""
+  from flax import nnx
+  from unifer_jax.models import llm as llm_lib
+  from unifer_jax.train import target_loss
+  assert target_loss.target_buckets(16) == [2, 4, 8, 16]
+  rng = np.random.default_rng(0)
+  t, v, d = 16, 64, 32
+  for tie in (True, False):
+    cfg = llm_lib.default_config(vocab_size=v, hidden=d, depth=1, heads=4, kv_heads=2,
+                                 tie_embeddings=tie)
+    graphdef, params = nnx.split(llm_lib.LLM(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+    hidden = jnp.asarray(rng.standard_normal((3, t, d)), jnp.float32)
+    for most in (1, 3, 4, 9, 16):  # every bucket, including a full row
+      mask = np.zeros((3, t), np.float32)
+      for row, n in enumerate((most, rng.integers(0, most + 1), 0)):
+        start = rng.integers(0, t - n + 1)
+        mask[row, start:start + n] = 1
+      targets = rng.integers(0, v, (3, t)).astype(np.int32)
+      # Make some targets the argmax, so token_acc is not trivially 0.
+      logits = np.asarray(nnx.merge(graphdef, params).logits_from_hidden(hidden))
+      targets[:, ::2] = logits.argmax(-1)[:, ::2]
+
+      def plain(p, h):
+        return losses.token_nll(nnx.merge(graphdef, p).logits_from_hidden(h), targets, mask)
+
+      def gathered(p, h):
+        return target_loss.target_nll(nnx.merge(graphdef, p), h, jnp.asarray(targets),
+                                      jnp.asarray(mask))
+
+      grad = lambda f: jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))
+      (want, want_aux), want_g = grad(plain)(params, hidden)
+      (got, got_aux), got_g = grad(gathered)(params, hidden)
+      np.testing.assert_allclose(got, want, rtol=1e-5)
+      np.testing.assert_allclose(jax.jit(gathered)(params, hidden)[0], want, rtol=1e-5)
+      for key in ('tokens', 'token_acc'):
+        np.testing.assert_allclose(got_aux[key], want_aux[key], rtol=1e-6)
+      assert float(want_aux['token_acc']) > 0 or not mask.sum()
+      jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7),
+                   got_g, want_g)

@@ -7,7 +7,7 @@ Each entry names a Hugging Face model directory or a converted tower directory
 * :func:`model_config_with_init` -- the towers' architectures come from the checkpoints'
   configs (the vision tower's width decides ``qformer.encoder_width``; the LLM's hidden
   size decides ``llm_proj``); run-level keys (``dtype``, ``param_dtype``, ``scan_layers``,
-  ``remat``) stay the model config's.
+  ``unroll_layers``, ``remat``) stay the model config's.
 * :func:`apply_init` -- after the random init, each named tower's weights replace the
   random ones (cast to the parameter dtype, placed in the existing shardings); returns an
   :class:`InitReport` saying which parameters were loaded and which stay fresh.
@@ -38,7 +38,7 @@ INIT_KEYS = ('vision', 'qformer', 'llm')
 # config.init key -> the UniFER submodule (and model config key) it initialises.
 SUBMODULE = {'vision': 'vit', 'qformer': 'qformer', 'llm': 'llm'}
 # Keys of a tower config that belong to the run, not to the checkpoint's architecture.
-RUN_KEYS = ('dtype', 'param_dtype', 'scan_layers', 'remat')
+RUN_KEYS = ('dtype', 'param_dtype', 'scan_layers', 'unroll_layers', 'remat')
 # What a BERT and a Q-Former checkpoint decide about our Q-Former config.
 _BERT_KEYS = ('hidden', 'depth', 'heads', 'mlp_dim', 'max_position', 'layer_norm_eps', 'act')
 _QFORMER_KEYS = ('hidden', 'depth', 'heads', 'mlp_dim', 'layer_norm_eps', 'act',

@@ -58,7 +58,8 @@ def default_config(**overrides) -> ml_collections.ConfigDict:
       rope_high_freq_factor=4.0, rope_original_max_len=8192,
       rms_eps=1e-6, qkv_bias=False, o_bias=False, mlp_bias=False, tie_embeddings=False,
       max_seq_len=2048, dtype='float32', param_dtype='float32', scan_layers=True,
-      remat='none'))
+      # With scan_layers: run the stacked layers unrolled (layers.run_stack).
+      unroll_layers=False, remat='none'))
   cfg.update(overrides)
   return cfg
 
@@ -213,7 +214,8 @@ class LLM(nnx.Module):
       return layer(h, positions, mask, inv_freq, kv, index)
 
     return layers.run_stack(self.layers, x, layer_fn, scan=self.scan,
-                            remat=self.cfg.get('remat', 'none'), xs=cache_kv)
+                            remat=self.cfg.get('remat', 'none'), xs=cache_kv,
+                            unroll=self.cfg.get('unroll_layers', False))
 
   def hidden_states(self, input_ids=None, *, inputs_embeds=None, attention_mask=None,
                     positions=None) -> jax.Array:

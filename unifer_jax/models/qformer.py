@@ -51,7 +51,8 @@ def default_config(**overrides) -> ml_collections.ConfigDict:
       hidden=768, depth=12, heads=12, mlp_dim=3072, num_queries=32, cross_attention_freq=2,
       encoder_width=1408, vocab_size=30522, max_position=512, type_vocab_size=0,
       layer_norm_eps=1e-12, act='gelu', lm_head=None, pooler=False,
-      dtype='float32', param_dtype='float32', scan_layers=True, remat='none'))
+      dtype='float32', param_dtype='float32', scan_layers=True, unroll_layers=False,
+      remat='none'))
   unknown = sorted(set(overrides) - set(cfg))
   if unknown:
     raise ValueError(f'qformer.default_config: unknown keys {unknown}; expected {sorted(cfg)}')
@@ -190,6 +191,7 @@ class QFormer(nnx.Module):
     self.num_queries = int(cfg.num_queries)
     self.max_position = int(cfg.max_position)
     self.scan, self.remat = bool(cfg.scan_layers), cfg.remat
+    self.unroll = bool(cfg.get('unroll_layers', False))
     self.has_cross = cfg.cross_attention_freq > 0
     self.dtype = layers.dtype_of(cfg.dtype)
     d, pd = cfg.hidden, layers.dtype_of(cfg.param_dtype)
@@ -249,7 +251,8 @@ class QFormer(nnx.Module):
     image_mask = None if image_mask is None else layers.padding_mask(image_mask)
     x = layers.constrain_hidden(self.embed_norm(x))
     fn = lambda block, h, _: (block(h, mask, num_query, image, image_mask), None)
-    x, _ = layers.run_stack(self.blocks, x, fn, scan=self.scan, remat=self.remat)
+    x, _ = layers.run_stack(self.blocks, x, fn, scan=self.scan, remat=self.remat,
+                            unroll=self.unroll)
     return x
 
   def _queries_and_text(self, input_ids, text_mask):

@@ -40,7 +40,7 @@ def default_config(**overrides) -> ml_collections.ConfigDict:
       image_size=224, patch_size=16, num_channels=3, width=768, depth=12, heads=12,
       mlp_dim=3072, variant='clip', pool='none', act='gelu', layer_norm_eps=1e-5,
       qkv_bias=True, pooler=False, dtype='float32', param_dtype='float32',
-      scan_layers=True, remat='none'))
+      scan_layers=True, unroll_layers=False, remat='none'))
   cfg.update(overrides)
   return cfg
 
@@ -187,7 +187,8 @@ class ViT(nnx.Module):
     if self.pre_norm is not None:
       x = self.pre_norm(x)
     x, _ = layers.run_stack(self.blocks, x, lambda blk, h, _: (blk(h), None),
-                            scan=self.cfg.scan_layers, remat=self.cfg.remat)
+                            scan=self.cfg.scan_layers, remat=self.cfg.remat,
+                            unroll=self.cfg.get('unroll_layers', False))
     if self.final_norm is not None:
       x = self.final_norm(x)
     return x

@@ -4,7 +4,8 @@
 Batches are dicts of arrays. Token batches use ``tokens`` [B, T] and ``loss_mask``
 [B, T] (1 where the token is a prediction target); the token at position i is predicted
 from everything before it. Logits are computed only at the positions that predict a
-text token (the image-prefix positions are never projected onto the vocabulary).
+text token (the image-prefix positions are never projected onto the vocabulary; in
+``generate``/``instruct`` only the target positions are, ``target_loss``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import optax
 
 from unifer_jax import sharding
 from unifer_jax.models.llm import LOGIT_AXES
-from unifer_jax.train import align_losses, distill_losses
+from unifer_jax.train import align_losses, distill_losses, target_loss
 
 
 def token_nll(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> tuple[jax.Array, dict]:
@@ -41,10 +42,9 @@ def generate_loss(model, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
   embeds, full_mask = model.prefixed_inputs(batch['image'], tokens, attn)
   q = embeds.shape[1] - tokens.shape[1]
   hidden = model.llm.hidden_states(inputs_embeds=embeds, attention_mask=full_mask)
-  # Position q-1+i predicts token i: only these T positions are projected to the vocab.
-  logits = model.llm.logits_from_hidden(hidden[:, q - 1:-1])
-  loss, aux = token_nll(logits, tokens, mask)
-  return loss, aux
+  # Position q-1+i predicts token i; of these T positions only the targets are projected
+  # onto the vocabulary.
+  return target_loss.target_nll(model.llm, hidden[:, q - 1:-1], tokens, mask)
 
 
 def lm_loss(model, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:

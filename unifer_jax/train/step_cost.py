@@ -15,6 +15,7 @@ import dataclasses
 import math
 import re
 
+import jax
 import numpy as np
 
 from unifer_jax import sharding
@@ -42,12 +43,15 @@ def _has_remat(model_cfg) -> bool:
              for t in state_lib.towers(model_cfg))
 
 
-def step_flops(config, mesh, batch_spec: dict, traced=None) -> StepCost:
+def step_flops(config, mesh, batch_spec: dict, traced=None, args=None) -> StepCost:
   """The matmul cost of ``config``'s train step on ``mesh``.
 
   ``traced``: the step as it will run (``jax.jit(...).trace(...)``), traced here if not
   given. With remat configured the step is traced again with ``remat='none'`` for the
-  model FLOPs (tracing only: seconds even for a 7B model).
+  model FLOPs (tracing only: seconds even for a 7B model). A data-dependent ``cond`` /
+  ``switch`` (the generate/instruct loss picks its target bucket from the mask) counts
+  its costliest branch -- an upper bound -- unless ``args`` (concrete ``(state, batch,
+  rng)``) are given: then the top-level ones count the branch these args take.
   """
   batch = int(config.input.batch_size)
   accum = int(config.optimizer.get('grad_accum_steps', 1))
@@ -55,14 +59,40 @@ def step_flops(config, mesh, batch_spec: dict, traced=None) -> StepCost:
   batch_shards = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
   if traced is None:
     traced = trace_step(config, mesh, batch_spec)[1]
-  executed, traffic = matmul_cost(traced.jaxpr, batch_sizes, batch_shards)
+  taken = lambda t: None if args is None else taken_branches(t.jaxpr, args)
+  executed, traffic = matmul_cost(traced.jaxpr, batch_sizes, batch_shards, taken(traced))
   model = executed
   if _has_remat(state_lib.model_config(config)):
     no_remat = config.copy_and_resolve_references()
     no_remat.remat = 'none'
-    model, _ = matmul_cost(trace_step(no_remat, mesh, batch_spec)[1].jaxpr, batch_sizes,
-                           batch_shards)
+    plain = trace_step(no_remat, mesh, batch_spec)[1]
+    model, _ = matmul_cost(plain.jaxpr, batch_sizes, batch_shards, taken(plain))
   return StepCost(model_flops=model, executed_flops=executed, hbm_traffic_bytes=traffic)
+
+
+def taken_branches(closed_jaxpr, args) -> dict[int, int]:
+  """{eqn index: branch index} of the top-level ``cond`` eqns of ``closed_jaxpr`` on the
+  concrete ``args`` (its flattened inputs). Evaluates eagerly only the eqns the branch
+  indices depend on (for the target switch: a sum and a max over the loss mask)."""
+  from jax.extend import core as jcore  # pylint: disable=g-import-not-at-top
+  jaxpr = closed_jaxpr.jaxpr
+  conds = [i for i, e in enumerate(jaxpr.eqns) if e.primitive.name == 'cond']
+  producer = {v: i for i, e in enumerate(jaxpr.eqns) for v in e.outvars}
+  needed, todo = set(), [jaxpr.eqns[i].invars[0] for i in conds]
+  while todo:
+    v = todo.pop()
+    i = None if isinstance(v, jcore.Literal) else producer.get(v)
+    if i is not None and i not in needed:
+      needed.add(i)
+      todo.extend(jaxpr.eqns[i].invars)
+  env = dict(zip(jaxpr.constvars, closed_jaxpr.consts))
+  env.update(zip(jaxpr.invars, jax.tree.leaves(args)))
+  read = lambda v: v.val if isinstance(v, jcore.Literal) else env[v]
+  for i in sorted(needed):
+    eqn = jaxpr.eqns[i]
+    out = eqn.primitive.bind(*map(read, eqn.invars), **eqn.primitive.get_bind_params(eqn.params))
+    env.update(zip(eqn.outvars, out if eqn.primitive.multiple_results else [out]))
+  return {i: int(read(jaxpr.eqns[i].invars[0])) for i in conds}
 
 
 def _sub_jaxprs(value):
@@ -75,14 +105,16 @@ def _sub_jaxprs(value):
       yield from _sub_jaxprs(v)
 
 
-def matmul_cost(jaxpr, batch_sizes=(), batch_shards: int = 1) -> tuple[float, float]:
+def matmul_cost(jaxpr, batch_sizes=(), batch_shards: int = 1,
+                branches: dict[int, int] | None = None) -> tuple[float, float]:
   """(FLOPs on all devices, HBM bytes per device) of the dot_general/conv ops of a jaxpr.
 
   FLOPs: 2*M*N*K per matmul. Bytes: each matmul reads its operands and writes its result
   once; an array whose leading dimension is a batch size (``batch_sizes``) is split
   over ``batch_shards`` devices, any other (weights, weight gradients) is whole on each
   device, as under data parallelism / FSDP. A scan body counts ``length`` times, a cond
-  its costliest branch, a while body once (no static trip count; the step has none).
+  its costliest branch (or, for the top-level eqn index ``i`` in ``branches``, branch
+  ``branches[i]``), a while body once (no static trip count; the step has none).
   XLA's own cost analysis counts every loop body once, so it undercounts scanned layers.
   """
   def nbytes(aval):
@@ -91,7 +123,7 @@ def matmul_cost(jaxpr, batch_sizes=(), batch_shards: int = 1) -> tuple[float, fl
 
   jaxpr = getattr(jaxpr, 'jaxpr', jaxpr)
   flops = traffic = 0.0
-  for eqn in jaxpr.eqns:
+  for index, eqn in enumerate(jaxpr.eqns):
     name = eqn.primitive.name
     if name in ('dot_general', 'conv_general_dilated'):
       lhs, rhs = eqn.invars[0].aval, eqn.invars[1].aval
@@ -108,7 +140,7 @@ def matmul_cost(jaxpr, batch_sizes=(), batch_shards: int = 1) -> tuple[float, fl
       continue
     costs = [matmul_cost(s, batch_sizes, batch_shards) for s in subs]
     if name == 'cond':
-      f, b = max(costs)
+      f, b = costs[branches[index]] if branches and index in branches else max(costs)
     else:
       times = eqn.params.get('length', 1)
       f, b = times * sum(c[0] for c in costs), times * sum(c[1] for c in costs)
