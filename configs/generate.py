@@ -16,6 +16,6 @@ from unifer_jax import config_lib
 def get_config(arg: str = 'demo'):
   c = config_lib.stage_config(
       'generate', arg or 'demo', steps=200, batch_size=32, peak_lr=1e-3,
-      freeze=config_lib.VISION_STAGE1_HEADS_AND_LLM)
+      freeze=config_lib.VISION_STAGE1_HEADS_AND_LLM + '|' + config_lib.QFORMER_TEXT_SIDE)
   c.input.seq_len = 48
   return c

@@ -18,7 +18,8 @@ from unifer_jax import config_lib
 def get_config(arg: str = 'demo'):
   c = config_lib.stage_config(
       'instruct', arg or 'demo', steps=500, batch_size=32, peak_lr=1e-3,
-      freeze=config_lib.VISION_AND_STAGE1_HEADS + '|' + config_lib.LLM_BUT_LORA)
+      freeze='|'.join((config_lib.VISION_AND_STAGE1_HEADS, config_lib.QFORMER_TEXT_SIDE,
+                       config_lib.LLM_BUT_LORA)))
   c.model.lora.rank = 16
   c.input.seq_len = 128
   if (arg or 'demo') == 'demo':

@@ -118,9 +118,11 @@ def to_json(config: ml_collections.ConfigDict) -> str:
 # Parameter-path regexes for what each stage freezes (everything else trains).
 NOT_LLM = r'^(?!llm/)'
 LLM_PROJ_AND_LABEL_HEAD = r'^(llm|llm_proj|label_head)(/|$)'
+# The Q-Former's text side: only stage 1 (ITC/ITM/ITG) uses it; frozen elsewhere so that
+# weight decay does not shrink parameters that get no gradient.
+QFORMER_TEXT_SIDE = r'^qformer/(word_embed|pos_embed|type_embed|lm_head|pooler)(/|$)|/text_mlp/'
 # Everything outside the image path (ViT -> token gain -> Q-Former queries -> label head).
-NOT_IMAGE_PATH = (r'^(llm|llm_proj|vision_proj|text_proj|itm_head|temp)(/|$)'
-                  r'|^qformer/(word_embed|pos_embed|type_embed|lm_head|pooler)(/|$)|/text_mlp/')
+NOT_IMAGE_PATH = r'^(llm|llm_proj|vision_proj|text_proj|itm_head|temp)(/|$)|' + QFORMER_TEXT_SIDE
 VISION_AND_STAGE1_HEADS = (r'^(vit|token_gain|vision_norm|vision_proj|text_proj|itm_head|'
                            r'label_head|temp)(/|$)')
 VISION_STAGE1_HEADS_AND_LLM = (r'^(vit|token_gain|vision_norm|vision_proj|text_proj|itm_head|'
