@@ -151,9 +151,9 @@ def stage_config(stage: str, model: str, *, steps: int, batch_size: int,
 def keep_faces_in_place(c: ml_collections.ConfigDict) -> None:
   """No random resized crop (flip, colour and occlusion stay). A from-scratch image path
   reads the expression from WHERE features are (the vision token gain); random crops move
-  the brows and mouth by up to a patch. On the demo corpus's held-out faces the vision
-  stage reached 26 % basic accuracy at step 360 without crops vs 19 % with them (a
-  longer cosine in the second run; 2026-12-01). The corpus already varies pose, scale
-  and shift."""
+  the brows and mouth by up to a patch. The demo's vision stage reached 26 % basic
+  accuracy on training batches (steps 261-360) without crops vs 19 % with them (2026-12-01;
+  the run with crops had a longer cosine). The corpus already varies pose, scale and
+  shift."""
   c.input.augment.crop_scale = (1.0, 1.0)
   c.input.augment.crop_ratio = (1.0, 1.0)
