@@ -47,9 +47,16 @@ def _losses(workdir) -> dict[int, float]:
   return out
 
 
+def xla_flags(devices: int) -> str:
+  """This process's XLA flags (conftest's: the same compiles, so bit-equal losses) with
+  `devices` fake CPU devices."""
+  flags = [f for f in os.environ.get('XLA_FLAGS', '').split()
+           if not f.startswith('--xla_force_host_platform_device_count')]
+  return ' '.join(flags + [f'--xla_force_host_platform_device_count={devices}'])
+
+
 def _env(cache_dir, devices=8, processes=1):
-  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO),
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO), XLA_FLAGS=xla_flags(devices),
              JAX_COMPILATION_CACHE_DIR=str(cache_dir),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
