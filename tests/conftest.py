@@ -5,10 +5,11 @@ tests, subprocesses) compile once.
 XLA's CPU backend compiles at LLVM -O0 here (``TEST_XLA_FLAGS``). The suite's programs are
 tiny, so compiling them is most of its CPU time and running them almost none: -O0 halves
 the compile of the sharded tiny train step (15 -> 7.6 CPU-s) and takes test_sharding.py
-from 150 to 100 CPU-s. The HLO the tests check (shardings, collectives, FLOPs) is the same
-at every level; only LLVM's machine-code optimisation is skipped. Subprocesses that set
-their own XLA_FLAGS start from TEST_XLA_FLAGS so they compile the same way (trainer tests
-compare their losses bit for bit with in-process runs)."""
+from 150 to 100 CPU-s. The level sets how hard LLVM optimises the machine code XLA emits
+for this CPU (the TPU AOT compiles of test_compile_check pass unchanged under it).
+Subprocesses that set their own device count keep the other flags (test_train.xla_flags,
+launch/local.py), so they compile the same way: trainer tests compare their losses bit
+for bit with in-process runs."""
 
 import os
 from pathlib import Path
