@@ -46,6 +46,11 @@ def main(argv=None) -> int:
     p.error(f'--devices {args.devices} is not divisible by -n {args.num_processes}')
   port = args.port or free_port()
   per_process = args.devices // args.num_processes
+  # The caller's other XLA flags (dumps, optimisation level, ...) reach every process;
+  # only the fake device count is ours.
+  xla_flags = [f for f in os.environ.get('XLA_FLAGS', '').split()
+               if not f.startswith('--xla_force_host_platform_device_count')]
+  xla_flags.append(f'--xla_force_host_platform_device_count={per_process}')
   procs = []
   for i in range(args.num_processes):
     env = dict(os.environ,
@@ -53,7 +58,7 @@ def main(argv=None) -> int:
                UNIFER_NUM_PROCESSES=str(args.num_processes),
                UNIFER_PROCESS_ID=str(i),
                JAX_PLATFORMS='cpu',
-               XLA_FLAGS=f'--xla_force_host_platform_device_count={per_process}')
+               XLA_FLAGS=' '.join(xla_flags))
     # Same process group as the launcher: `kill -9 -PGID` of the job takes every process.
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     threading.Thread(target=_pump, args=(proc.stdout, f'[p{i}]'), daemon=True).start()

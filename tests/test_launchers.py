@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+import test_train
+
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = ['unifer', 'train', '--config', 'configs/smoke.py:7b', '--workdir', 'gs://bkt/runs/7b a',
          '--config.optimizer.name=adafactor']
@@ -151,7 +153,7 @@ def test_sbatch_runs_unifer_train_as_slurm_tasks(tmp_path):
              JAX_ENABLE_COMPILATION_CACHE='false',  # see tests/test_train.py _env
              SRUN_LOG=str(tmp_path / 'srun.log'), SLURM_JOB_ID=str(_slurm_job_id_with_free_port()),
              SLURM_SUBMIT_DIR=str(REPO), UNIFER_VENV=str(Path(sys.executable).parents[1]),
-             JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=2',
+             JAX_PLATFORMS='cpu', XLA_FLAGS=test_train.xla_flags(2),
              PYTHONPATH=str(REPO))
   done = subprocess.run(
       ['bash', str(REPO / 'launch' / 'slurm.sbatch'), 'train', '--config', 'configs/smoke.py:tiny',

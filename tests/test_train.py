@@ -47,18 +47,23 @@ def _losses(workdir) -> dict[int, float]:
   return out
 
 
-def _env(cache_dir, devices=8, processes=1):
-  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO),
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
-             JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
-  if processes > 1:
-    # Multi-process CPU jobs reading executables the single-process tests cached hung
-    # at the shutdown barrier (seen here); they compile their own.
-    env.pop('JAX_COMPILATION_CACHE_DIR')
-    env['JAX_ENABLE_COMPILATION_CACHE'] = 'false'
-  return env
+def xla_flags(devices: int) -> str:
+  """This process's XLA flags (conftest's: the same compiles, so bit-equal losses) with
+  `devices` fake CPU devices."""
+  flags = [f for f in os.environ.get('XLA_FLAGS', '').split()
+           if not f.startswith('--xla_force_host_platform_device_count')]
+  return ' '.join(flags + [f'--xla_force_host_platform_device_count={devices}'])
+
+
+def _env(cache_dir, devices=8):
+  """The environment of a `unifer train` subprocess. Multi-process jobs get a cache_dir of
+  their own: reading executables the single-process tests cached hung them at the
+  shutdown barrier (seen here) -- a 1 x 8 and a 2 x 4 step have the same cache key, but
+  the first was built without cross-process collectives."""
+  return dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO), XLA_FLAGS=xla_flags(devices),
+              JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
 
 
 def _train_cmd(workdir, processes=1, **kw):
@@ -180,8 +185,10 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, cache_dir):
 
 
 @pytest.mark.multiprocess
-def test_two_processes_match_one_and_survive_kill9(reference, tmp_path, cache_dir, capsys):
-  env = _env(cache_dir, processes=2)
+def test_two_processes_match_one_and_survive_kill9(reference, tmp_path, capsys):
+  # The three 2-process launches share a cache only they write: the 2nd and 3rd load the
+  # 1st's executables instead of compiling them again.
+  env = _env(tmp_path / 'two_process_jax_cache')
   # 2 processes x 4 devices, uninterrupted: same per-step losses as 1 x 8.
   two = tmp_path / 'two'
   done = subprocess.run(_train_cmd(two, processes=2), env=env, cwd=REPO, capture_output=True,
