@@ -56,7 +56,7 @@ def test_every_format_matches_the_jax_student(exported):
   for f in meta['files'].values():
     assert (root / 'out' / f).stat().st_size > 0
   assert 0 <= reports['onnx']['int8_basic_agreement_with_f32'] <= 1
-  # Dense layers became MatMul, so the quantiser really turned their weights into int8.
+  # Dense layers are weight MatMuls, so the quantiser really turned their weights into int8.
   assert reports['onnx']['onnx_dense_matmuls'] >= 6
   assert reports['onnx']['int8_bytes'] < 0.6 * reports['onnx']['onnx_bytes']
 

@@ -228,10 +228,15 @@ def test_template_texts_cover_every_phrasing():
 
 def test_prompt_for_matches_training_prompts():
   rec = schema.empty_record(image=b'', id='x', source='t', expression=3, rationale='AU1 x (B)')
-  prompts = {ins.make_example(rec, 'basic', np.random.default_rng(s))[0] for s in range(60)}
-  expected = {ins.prompt_for('basic', phrasing=p, think=True, hint=h)
-              for p in range(3) for h in range(len(ins._COT_HINTS))}  # pylint: disable=protected-access
-  assert prompts == expected
+  examples = [ins.make_example(rec, 'basic', np.random.default_rng(s)) for s in range(400)]
+  hints = {True: len(ins._COT_HINTS), False: len(ins._ANSWER_HINTS)}  # pylint: disable=protected-access
+  expected = {ins.prompt_for('basic', phrasing=p, think=t, hint=h)
+              for t in (True, False) for p in range(3) for h in range(hints[t])}
+  assert {prompt for prompt, _ in examples} == expected
+  # Both target forms, the answer-only one at ANSWER_ONLY_FRACTION (within 3 sigma).
+  answer_only = np.mean([not target.startswith('<think>') for _, target in examples])
+  sigma = np.sqrt(ins.ANSWER_ONLY_FRACTION * (1 - ins.ANSWER_ONLY_FRACTION) / len(examples))
+  assert abs(answer_only - ins.ANSWER_ONLY_FRACTION) < 3 * sigma, answer_only
   ferplus = ['angry', 'contempt', 'disgust', 'fear', 'happy', 'neutral', 'sad', 'surprise']
   p = ins.prompt_for('open_vocab', ferplus)
   assert 'angry, contempt, disgust, fear, happy, neutral, sad, surprise.' in p

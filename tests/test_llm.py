@@ -204,7 +204,9 @@ def test_unrolled_stack_equals_the_scan_on_the_same_stacked_params():
     loss = lambda st: jnp.sum(nnx.merge(graphdef, st)(ids, attention_mask=mask) ** 2)
     return jax.jit(jax.grad(loss))(state)
 
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+  # Gradients of a sum of squared logits reach ~100; the two programs sum in different
+  # orders (one element in 3104 differed by 3.4e-5 relative at the tests' XLA -O0).
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
                grads(unrolled), grads(scanned))
 
 

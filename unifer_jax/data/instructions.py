@@ -48,6 +48,11 @@ from unifer_jax.data.answers import (  # pylint: disable=unused-import
 
 TASK_INDEX = {t: i for i, t in enumerate(TASKS)}
 COT_TASKS = ('basic', 'compound', 'intensity', 'uncertainty', 'open_vocab')
+# The share of CoT-task examples that ask for the answer alone even where a rationale
+# exists (UniFER-CoT mixes both forms). The label-likelihood scorer -- the distillation
+# teacher and `unifer predict`'s probabilities -- reads that form; trained only on CoT
+# targets, the demo model's answer-only label was the same for every face.
+ANSWER_ONLY_FRACTION = 0.25
 
 _COT_HINTS = (
     'Reason about the facial action units between <think></think> tags, then give the '
@@ -233,7 +238,8 @@ def make_example(record, task: str, rng: np.random.Generator) -> tuple[str, str]
   if task not in available_tasks(record):
     raise ValueError(f'record {text_field(record, "id")!r} has no field for task {task!r}')
   body, cands = _answer_body(record, task, rng)
-  think = task in COT_TASKS and bool(text_field(record, 'rationale'))
+  think = (task in COT_TASKS and bool(text_field(record, 'rationale'))
+           and rng.random() >= ANSWER_ONLY_FRACTION)
   prompt = prompt_for(task, cands, phrasing=int(rng.integers(len(_PROMPTS[task]))),
                       think=think, hint=int(rng.integers(len(_COT_HINTS if think else _ANSWER_HINTS))))
   if think:

@@ -20,9 +20,14 @@ from unifer_jax.data import instructions
 from unifer_jax.models import llm as llm_lib
 
 # Task -> the label key that decides which records can be asked, and new-token budget.
-TASKS = {'basic': ('expression', 48), 'compound': ('compound', 48),
-         'intensity': ('intensity', 48), 'valence_arousal': ('valence', 24),
-         'rationale': ('aus', 64)}
+# One budget for all: a chain-of-thought answer naming six action units is ~51 demo-BPE
+# tokens before its label (a compound one) and a valence/arousal one ~43; the old 48 / 24
+# cut those off before <answer> (the demo scored 40 % of compound and 0 % of V/A answers
+# unparseable). One length is also one generation compile for every task.
+MAX_NEW_TOKENS = 72
+TASKS = {'basic': ('expression', MAX_NEW_TOKENS), 'compound': ('compound', MAX_NEW_TOKENS),
+         'intensity': ('intensity', MAX_NEW_TOKENS), 'valence_arousal': ('valence', MAX_NEW_TOKENS),
+         'rationale': ('aus', MAX_NEW_TOKENS)}
 
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'max_new', 'eos_id'))
