@@ -243,3 +243,15 @@ def test_prompt_for_matches_training_prompts():
   assert p.endswith('<answer></answer> tags.') and '<think></think>' in p
   with pytest.raises(ValueError, match='candidate labels'):
     ins.prompt_for('open_vocab')
+
+
+def test_default_prompt_is_one_training_asks():
+  """Evaluators call prompt_for(task) with defaults: that prompt must be among the ones
+  make_example writes for the task (a CoT hint on a non-CoT task never was)."""
+  rec = schema.empty_record(image=b'', id='x', source='t', expression=3, intensity=0.5,
+                            valence=0.1, arousal=0.2, rationale='AU1 x (B)')
+  for task in ('basic', 'intensity', 'valence_arousal', 'rationale'):
+    trained = {ins.make_example(rec, task, np.random.default_rng(s))[0] for s in range(200)}
+    assert ins.prompt_for(task) in trained, task
+  assert '<think>' not in ins.prompt_for('valence_arousal')
+  assert '<think>' in ins.prompt_for('basic')

@@ -247,14 +247,18 @@ def make_example(record, task: str, rng: np.random.Generator) -> tuple[str, str]
   return prompt, f'<answer>{body}</answer>'
 
 
-def prompt_for(task: str, candidates=None, *, phrasing: int = 0, think: bool = True,
+def prompt_for(task: str, candidates=None, *, phrasing: int = 0, think: bool | None = None,
                hint: int = 0) -> str:
   """A prompt of `task` exactly as training writes it (evaluators ask the same way).
 
   `candidates`: the label strings to offer (open_vocab needs them; the other label
   tasks default to their whole vocabulary in canonical order). `think` picks the
-  UniFER-CoT hint, else the answer-only one.
+  UniFER-CoT hint, else the answer-only one; by default the CoT hint for the COT_TASKS
+  and the answer-only one for the rest, as training asks them (a CoT hint on a
+  valence/arousal prompt, never seen in training, got a CoT intensity answer).
   """
+  if think is None:
+    think = task in COT_TASKS
   vocab = {'basic': labels.BASIC, 'compound': labels.COMPOUND, 'uncertainty': labels.BASIC,
            'age_group': labels.AGE_GROUPS, 'gender': labels.GENDERS}.get(task)
   shown = list(candidates) if candidates is not None else vocab
