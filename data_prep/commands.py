@@ -22,13 +22,16 @@ def add_parser(sub) -> None:
   s.add_argument('--size', type=int, default=20000, help=f'{SYNTHETIC}: number of faces')
   s.add_argument('--seed', type=int, default=0, help=f'{SYNTHETIC}: seed')
   s.add_argument('--image_size', type=int, default=112, help=f'{SYNTHETIC}: pixels')
+  s.add_argument('--no_align', dest='align', action='store_false',
+                 help=f'{SYNTHETIC}: keep the raw frames (default: eye-line aligned faces)')
 
 
 def run(args, beam_args=()) -> int:
   if args.dataset == SYNTHETIC:
     from data_prep import synthetic_faces
     counts = synthetic_faces.prepare(args.out, size=args.size, seed=args.seed,
-                                     image_size=args.image_size, workers=args.workers)
+                                     image_size=args.image_size, workers=args.workers,
+                                     align=args.align)
     print(f'{SYNTHETIC}: wrote {counts} under {args.out} (+ samples.png)')
     return 0
   from data_prep import registry

@@ -190,6 +190,19 @@ def project(points, look: Look = Look(), size: int = 112, dz=0.0, flat=False) ->
   return np.stack([px, py], -1)
 
 
+def eye_centres(look: Look, size: int = 112) -> np.ndarray:
+  """Pixel (x, y) [2, 2] of the eye centres (image-left eye first): the landmarks an
+  aligner gets from a face detector, here exact."""
+  return project([(-0.35, look.eye_y), (0.35, look.eye_y)], look, size)
+
+
+# Where eye-line alignment puts the eyes (fractions of the output): where they are on
+# an unrolled, unshifted, scale-1 frontal face with the average eye height, so aligned
+# faces keep the renderer's framing (faces.LEFT_EYE/RIGHT_EYE would zoom in ~1.3x and
+# cut the chin, which AU26 moves).
+ALIGNED_EYES = tuple(tuple(round(float(v), 4) for v in xy) for xy in eye_centres(Look(), 1))
+
+
 class _AUs:
   """Amplitude lookup: a(au) or a(au, side) for unilateral AUs."""
 

@@ -64,6 +64,11 @@ def test_align_puts_the_eyes_in_place():
   rx, ry = (round(v * size) for v in faces.RIGHT_EYE)
   assert out[ly, lx, 0] > 200 and out[ly, lx, 2] < 60
   assert out[ry, rx, 2] > 200 and out[ry, rx, 0] < 60
+  # Another template: the eyes land where it says.
+  out2 = faces.align(img, left, right, size=size, eyes_at=((0.25, 0.5), (0.75, 0.5)))
+  assert out2[50, 25, 0] > 200 and out2[50, 75, 2] > 200
+  with pytest.raises(ValueError, match='horizontal eye line'):
+    faces.align(img, left, right, size=size, eyes_at=((0.7, 0.5), (0.3, 0.5)))
   # face_crop prefers landmarks (68-point: eye centres = mean of 36-41 / 42-47).
   pts = np.tile([[100.0, 150.0]], (68, 1))
   pts[36:42], pts[42:48] = left, right

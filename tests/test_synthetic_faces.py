@@ -2,6 +2,7 @@
 (against FACS.md's tables, transcribed below), labels/V-A/captions, determinism, and the
 tfds build -> read-back round trip."""
 
+import dataclasses
 import glob
 import io
 import itertools
@@ -14,7 +15,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from data_prep import facs, render, synthetic_faces as sf
-from unifer_jax.data import labels, schema
+from unifer_jax.data import faces, labels, schema
 
 # /work/shared/FACS.md, "Basic expressions": required AUs, optional "(+ n)" AUs.
 FACS_BASIC = {
@@ -193,6 +194,27 @@ def test_records_are_deterministic_and_valid():
   nz = json.loads(a['nuisance'])
   assert {'yaw', 'roll', 'light', 'occluder', 'glasses', 'skin', 'hidden_aus'} <= set(nz)
   assert sf.make_record(0, seed=0, split='train', image_size=64)['image'] != a['image']
+
+
+def test_records_are_eye_line_aligned():
+  """Alignment undoes roll, shift and scale: a tilted, off-centre, small face comes out
+  close to the same face rendered upright, centred, at scale 1 -- far closer than the
+  raw frame is -- with the eyes at render.ALIGNED_EYES."""
+  look = dataclasses.replace(render.Look(), roll=15.0, shift=(0.04, -0.03), scale=0.88)
+  upright = render.render({12: 0.8}, render.Look(), size=112).astype(np.float32)
+  raw = render.render({12: 0.8}, look, size=112)
+  eyes = render.eye_centres(look, 112)
+  aligned = faces.align(raw, *eyes, size=112, eyes_at=render.ALIGNED_EYES).astype(np.float32)
+  centre = (slice(20, 92), slice(20, 92))  # where no padded corner reaches
+  assert np.abs(aligned - upright)[centre].mean() < 0.4 * np.abs(raw - upright)[centre].mean()
+  np.testing.assert_allclose(render.eye_centres(render.Look(), 112) / 112,
+                             render.ALIGNED_EYES, atol=1e-4)
+  rec = sf.make_record(5, seed=0, split='train')
+  nz = json.loads(rec['nuisance'])
+  assert nz['aligned'] and np.asarray(nz['eyes']).shape == (2, 2)
+  raw_rec = sf.make_record(5, seed=0, split='train', align=False)
+  assert not json.loads(raw_rec['nuisance'])['aligned'] and raw_rec['image'] != rec['image']
+  assert raw_rec['caption'] == rec['caption']  # same face, same randomness
 
 
 def test_split_sizes_and_bad_args():

@@ -117,18 +117,23 @@ def crop(image, box, *, size: int = 224, margin: float = 0.25) -> np.ndarray:
   return np.asarray(out)
 
 
-def align(image, left_eye, right_eye, *, size: int = 224) -> np.ndarray:
-  """Rotate/scale/shift so the eyes sit at LEFT_EYE/RIGHT_EYE of a size x size output."""
+def align(image, left_eye, right_eye, *, size: int = 224,
+          eyes_at: tuple = (LEFT_EYE, RIGHT_EYE)) -> np.ndarray:
+  """Rotate/scale/shift so the eyes sit at `eyes_at` (fractions of the output, left
+  then right; default LEFT_EYE/RIGHT_EYE) of a size x size output."""
   (lx, ly), (rx, ry) = sorted([tuple(map(float, left_eye)), tuple(map(float, right_eye))])
   src = np.array([rx - lx, ry - ly])
   dist = np.hypot(*src)
   if dist < 1e-6:
     raise ValueError(f'eye centres coincide: {left_eye}, {right_eye}')
-  want = (RIGHT_EYE[0] - LEFT_EYE[0]) * size
+  (tlx, tly), (trx, try_) = eyes_at
+  if abs(try_ - tly) > 1e-9 or trx <= tlx:
+    raise ValueError(f'align: eyes_at must be a horizontal eye line, left first; got {eyes_at}')
+  want = (trx - tlx) * size
   # Output -> input similarity: input = s * R(theta) @ (out - out_left) + in_left.
   s = dist / want
   c, n = src / dist
-  ox, oy = LEFT_EYE[0] * size, LEFT_EYE[1] * size
+  ox, oy = tlx * size, tly * size
   a, b = s * c, -s * n
   d, e = s * n, s * c
   coeffs = (a, b, lx - a * ox - b * oy, d, e, ly - d * ox - e * oy)
