@@ -1,14 +1,16 @@
 r"""Stage 3: FER instruction tuning -- basic and compound labels, intensity,
 valence/arousal, rationale (action units), uncertainty, open-vocabulary choice -- with
 the loss on answer tokens only. Trains the projection, the Q-Former and LoRA adapters
-on the LLM (`--config.model.lora.rank=0 --config.freeze=...` for full tuning).
+on a pretrained LLM; the demo's LLM, trained from scratch for 150 steps, is tuned in full
+(from the same generate checkpoint, 300 steps: held-out basic / compound accuracy 0.455 /
+0.189 in full vs 0.347 / 0.076 with rank-16 LoRA in 500 steps, 2026-12-02).
 
   unifer train --config configs/instruct.py:demo --workdir W/instruct \
       --config.init.checkpoint=W/generate --config.input.data_dir=W/data \
       --config.input.tokenizer=W/tokenizer
 
-Expected (demo preset, 2-core CPU, ~5 min): answers parse to the right basic label
->= 85 % and compound >= 60 % on the held-out split (`unifer demo` measures it).
+Expected (demo preset, 2-core CPU, ~3.5 min): see the numbers above (`unifer demo`
+measures them; the issue's goal, basic >= 85 % and compound >= 60 %, is not met yet).
 Args: the model preset (default demo).
 """
 
@@ -16,13 +18,14 @@ from unifer_jax import config_lib
 
 
 def get_config(arg: str = 'demo'):
+  demo = (arg or 'demo') == 'demo'
+  frozen = (config_lib.VISION_AND_STAGE1_HEADS, config_lib.QFORMER_TEXT_SIDE)
   c = config_lib.stage_config(
-      'instruct', arg or 'demo', steps=500, batch_size=32, peak_lr=1e-3,
-      freeze='|'.join((config_lib.VISION_AND_STAGE1_HEADS, config_lib.QFORMER_TEXT_SIDE,
-                       config_lib.LLM_BUT_LORA)))
-  c.model.lora.rank = 16
+      'instruct', arg or 'demo', steps=300 if demo else 500, batch_size=32, peak_lr=1e-3,
+      freeze='|'.join(frozen if demo else frozen + (config_lib.LLM_BUT_LORA,)))
+  c.model.lora.rank = 0 if demo else 16
   c.input.seq_len = 128
-  if (arg or 'demo') == 'demo':
+  if demo:
     # The 2-10-layer CPU towers run their stacked layers as straight-line code (same
     # parameters and checkpoints as the scan): no zero-filled [L, ...] residual stacks
     # (~20 % of the step's op time in a profile) -- 0-6 % faster wall on the shared

@@ -153,7 +153,7 @@ def keep_faces_in_place(c: ml_collections.ConfigDict) -> None:
   reads the expression from WHERE features are (the vision token gain); random crops move
   the brows and mouth by up to a patch. The demo's vision stage reached 26 % basic
   accuracy on training batches (steps 261-360) without crops vs 19 % with them (2026-12-01;
-  the run with crops had a longer cosine). The corpus already varies pose, scale and
-  shift."""
+  the run with crops had a longer cosine). Real aligned faces (and the corpus, stored
+  eye-line aligned) sit in place already."""
   c.input.augment.crop_scale = (1.0, 1.0)
   c.input.augment.crop_ratio = (1.0, 1.0)
