@@ -178,7 +178,7 @@ _PHRASES = {
     26: ('a {deg}dropped jaw', 'the jaw {deg}hanging open', 'the mouth {deg}dropped open'),
 }
 _UNILATERAL = {12: ('one lip corner {deg}pulled up', 'a {deg}lopsided half-smile'),
-               14: ('a {deg}dimple on one side', 'one mouth corner {deg}tightened')}
+               14: ('a {deg}dimpled cheek on one side', 'one mouth corner {deg}tightened')}
 # AU pairs that read better as one phrase (checked before the single-AU phrases).
 _COMBOS = {
     (1, 2): ('{deg}raised brows', 'brows {deg}lifted high', '{deg}raised, arched brows'),
