@@ -5,10 +5,10 @@ freeze it with `--config.freeze='^(vit|llm|llm_proj)(/|$)'`.
   unifer train --config configs/align.py:demo --workdir W/align \
       --config.input.data_dir=W/data --config.input.tokenizer=W/tokenizer
 
-Expected (demo preset, from configs/vision.py's checkpoint, 2-core CPU, ~4.5 min): ITC
-below ln(batch) = 3.47 (3.04 at step 400, i.e. not collapsed); zero-shot accuracy over the
-8 basic classes from text prompts 0.288 on the held-out split (`unifer demo`, 2026-12-01;
-the issue's goal is >= 70 %, not met -- the image path learns too slowly in this budget).
+Expected (demo preset, from configs/vision.py's checkpoint, 2-core CPU, ~4 min): ITC
+well below ln(batch) = 3.47 (2.1 at step 400); zero-shot accuracy over the 8 basic classes
+from text prompts 0.553 on the held-out split (`unifer demo`, 2026-12-02; 0.715 after a
+1000-step vision stage; the issue's goal is >= 70 %; contempt is read as neutral).
 Args: the model preset (default demo).
 """
 
