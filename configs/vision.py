@@ -9,9 +9,9 @@ skip this stage, or run it on a labelled FER dataset (`--config.input.name=rafdb
   unifer train --config configs/vision.py:demo --workdir W/vision \
       --config.input.data_dir=W/data --config.init.checkpoint=W/lm
 
-Expected (demo preset, 2-core CPU, ~2-2.5 min for 700 steps): held-out label-head accuracy
-0.806 basic / 0.614 compound (chance 0.125 / 0.09; `unifer demo`, 2026-12-02, on the
-eye-aligned corpus; 1000 steps gave 0.823 / 0.674 and a better align, zero-shot 0.715).
+Expected (demo preset, 2-core CPU, ~3 min for 1000 steps): held-out label-head accuracy
+0.823 basic / 0.674 compound (chance 0.125 / 0.09; `unifer demo`, 2026-12-02, on the
+eye-aligned corpus). 700 steps gave 0.806 / 0.614 and zero-shot after align 0.553 vs 0.673.
 Args: the model preset (default demo).
 """
 
@@ -19,7 +19,7 @@ from unifer_jax import config_lib
 
 
 def get_config(arg: str = 'demo'):
-  c = config_lib.stage_config('vision', arg or 'demo', steps=700, batch_size=32,
+  c = config_lib.stage_config('vision', arg or 'demo', steps=1000, batch_size=32,
                               peak_lr=1e-3, freeze=config_lib.NOT_IMAGE_PATH)
   config_lib.keep_faces_in_place(c)
   return c

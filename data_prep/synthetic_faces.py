@@ -14,7 +14,7 @@ budget: the same ViT -> Q-Former -> label head, 1000 supervised steps, held-out 
 compound accuracy 0.36 / 0.12 on unaligned faces, 0.91 / 0.77 aligned (2026-12-01).
 `align=False` keeps the raw frames (robustness to misalignment).
 
-Deterministic: record i of split s is a pure function of (seed, s, i, image_size,
+Deterministic: record i of split s is a pure function of (seed, s, i, image_size, align,
 compound_fraction), so generation parallelises over a process pool and the same
 arguments give the same bytes.
 
