@@ -19,5 +19,4 @@ def get_config(arg: str = 'demo'):
   c = config_lib.stage_config('align', arg or 'demo', steps=400, batch_size=32,
                               peak_lr=1e-3, freeze=config_lib.LLM_PROJ_AND_LABEL_HEAD)
   c.input.text_len = 48
-  config_lib.keep_faces_in_place(c)
   return c

@@ -21,5 +21,4 @@ from unifer_jax import config_lib
 def get_config(arg: str = 'demo'):
   c = config_lib.stage_config('vision', arg or 'demo', steps=1000, batch_size=32,
                               peak_lr=1e-3, freeze=config_lib.NOT_IMAGE_PATH)
-  config_lib.keep_faces_in_place(c)
   return c

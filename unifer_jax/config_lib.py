@@ -145,15 +145,20 @@ def stage_config(stage: str, model: str, *, steps: int, batch_size: int,
   c.schedule = dict(name='cosine', peak_lr=peak_lr, warmup_steps=max(1, steps // 20),
                     end_lr_ratio=0.05)
   c.freeze = freeze
+  keep_faces_in_place(c)
   return c
 
 
 def keep_faces_in_place(c: ml_collections.ConfigDict) -> None:
-  """No random resized crop (flip, colour and occlusion stay). A from-scratch image path
-  reads the expression from WHERE features are (the vision token gain); random crops move
-  the brows and mouth by up to a patch. The demo's vision stage reached 26 % basic
-  accuracy on training batches (steps 261-360) without crops vs 19 % with them (2026-12-01;
-  the run with crops had a longer cosine). Real aligned faces (and the corpus, stored
-  eye-line aligned) sit in place already."""
+  """No random resized crop (flip, colour and occlusion stay); every stage on images
+  (stage_config) starts so. A from-scratch image path reads the expression from WHERE
+  features are (the vision token gain); random crops move the brows and mouth by up to a
+  patch. Vision stage: 26 % basic accuracy on training batches (steps 261-360) without
+  crops vs 19 % with them (2026-12-01). Once the image path is trained in place, a stage
+  that freezes it must not crop either: instruct with crops answered 0.41 / 0.16
+  (basic / compound) on the held-out split, 0.81 / 0.53 without, from the same generate
+  checkpoint (2026-12-02) -- the frozen tower's features of a crop carry far less of the
+  label. Real aligned faces (and the corpus, stored eye-line aligned) sit in place
+  already; re-enable crops with ``--config.input.augment.crop_scale='(0.75, 1.0)'``."""
   c.input.augment.crop_scale = (1.0, 1.0)
   c.input.augment.crop_ratio = (1.0, 1.0)
