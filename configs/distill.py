@@ -35,7 +35,7 @@ def get_config(arg: str = 'demo'):
   arg = arg or 'demo'
   if arg not in STUDENTS:
     raise ValueError(f'configs/distill.py:{arg}: expected one of {sorted(STUDENTS)}')
-  c = config_lib.stage_config('distill', 'tiny', steps=100, batch_size=32, peak_lr=2e-3,
+  c = config_lib.stage_config('distill', 'tiny', steps=300, batch_size=32, peak_lr=2e-3,
                               freeze='')
   c.model = student.default_config(encoder=STUDENTS[arg])
   c.model.feature_dim = 0   # > 0 (the teacher's embed_dim) turns the feature loss on
