@@ -10,8 +10,9 @@ skip this stage, or run it on a labelled FER dataset (`--config.input.name=rafdb
       --config.input.data_dir=W/data --config.init.checkpoint=W/lm
 
 Expected (demo preset, 2-core CPU, ~3 min for 1000 steps): held-out label-head accuracy
-0.823 basic / 0.674 compound (chance 0.125 / 0.09; `unifer demo`, 2026-12-02, on the
-eye-aligned corpus). 700 steps gave 0.806 / 0.614 and zero-shot after align 0.553 vs 0.673.
+0.908 basic / 0.750 compound (chance 0.125 / 0.09; `unifer demo`, 2026-12-02, on the
+eye-aligned corpus, no augmentation). With augmentation, 700 steps gave 0.806 / 0.614
+and zero-shot after align 0.553, 1000 steps 0.823 / 0.674 and 0.673.
 Args: the model preset (default demo).
 """
 
