@@ -13,9 +13,9 @@ label likelihood) on >= 95 % of the held-out basic faces and runs >= 50x faster 
 image; `unifer demo` measures both (distill_demo.py). Measured (`unifer demo` from a
 fresh clone, 2026-12-02, 300 steps): the teacher's label likelihood is right on 0.861 of
 the held-out basic faces, but the student agrees with it on only 0.349 (its own accuracy
-0.288) -- the goal is NOT met; 58.6x faster than the teacher's generative answer, 13x
-than its likelihood pass; ONNX max abs diff 0. Without augmentation 0.370; with 8 px
-patches (27.6x faster) 0.196. `agree_basic` and `teacher_acc_basic` in metrics.jsonl
+0.288) -- the goal is NOT met; 58.6x faster than the teacher's generative answer and
+13x faster than its likelihood pass; ONNX max abs diff 0. Without augmentation 0.370;
+with 8 px patches (27.6x faster) 0.196. `agree_basic` and `teacher_acc_basic` in metrics.jsonl
 show both on training batches.
 Args: the student preset: demo (64 px / patch 16, 4 x 128) or tiny (tests).
 """
