@@ -140,8 +140,7 @@ def _slurm_job_id_with_free_port() -> int:
   raise RuntimeError('no free port in 61440..65535')
 
 
-@pytest.mark.slow  # two trainer processes compile the tiny step: ~40-60 s of CPU
-@pytest.mark.multiprocess
+@pytest.mark.multiprocess  # two trainer processes compile the tiny step: ~40-60 s of CPU
 def test_sbatch_runs_unifer_train_as_slurm_tasks(tmp_path):
   bindir = tmp_path / 'bin'
   bindir.mkdir()
