@@ -17,7 +17,7 @@ from unifer_jax.evaluators import likelihood
 from unifer_jax.models import presets
 from unifer_jax.models.unifer import UniFER
 from unifer_jax.train import checkpoint as ckpt_lib
-from unifer_jax.train import distill_losses, losses, optim
+from unifer_jax.train import distill_losses, losses, optim, teacher_targets
 from unifer_jax.train import state as state_lib, step as step_lib
 
 import model_util
@@ -127,3 +127,62 @@ def test_teacher_workdir_errors_are_clear(tmp_path):
   config.distill.teacher_workdir = str(tmp_path)
   with pytest.raises(FileNotFoundError, match='no config.json'):
     state_lib.build(config, sharding.make_mesh(config.mesh))
+
+
+@pytest.fixture(scope='module')
+def cached_config(teacher_workdir):
+  from data_prep import synthetic_faces as sf
+  root, _ = teacher_workdir
+  sf.prepare(root / 'data', size=40, seed=0, image_size=32, workers=1, samples=False)
+  return config_lib.load(str(REPO_CONFIGS / 'distill.py') + ':tiny', [
+      f'--config.distill.teacher_workdir={root / "instruct"}', '--config.input.batch_size=8',
+      f'--config.input.data_dir={root / "data"}', '--config.input.augment.enabled=False',
+      '--config.distill.targets=cached', '--config.total_steps=4',
+      '--config.checkpoint.every_steps=2', '--config.checkpoint.async_save=False'])
+
+
+def test_cached_targets_are_the_online_teachers_scores(cached_config, tmp_path, capsys):
+  from unifer_jax.data import inputs as inputs_lib
+  config = cached_config
+  table = teacher_targets.load_or_compute(config, tmp_path)
+  assert (tmp_path / teacher_targets.FILE).is_file()
+  assert np.isfinite(table['basic']).any() and np.isfinite(table['compound']).any()
+  # Every record is scored for exactly the label kinds it has.
+  assert not (np.isfinite(table['basic']).all(1) & np.isfinite(table['compound']).all(1)).any()
+  # The train input's rows carry their own records' scores: recompute them online.
+  setup = state_lib.build(config.copy_and_resolve_references(), sharding.make_mesh(
+      config.mesh, jax.devices()[:1]))
+  data = teacher_targets.CachedTargetsInput(inputs_lib.make_input(config, setup.model_cfg), table)
+  batch = data.next_local_batch()
+  assert set(data.batch_spec()) == set(batch)
+  online_cfg = config.copy_and_resolve_references()
+  online_cfg.distill.targets = 'online'
+  teacher = state_lib.build(online_cfg, sharding.make_mesh(config.mesh, jax.devices()[:1])).teacher
+  inputs = teacher.load()
+  logits = jax.jit(lambda inp, x: {t: likelihood.candidate_log_likelihoods(
+      teacher.bind(inp), teacher.bind(inp).llm_proj(teacher.bind(inp).image_queries(x)),
+      **inp['prompts'][t]) for t in ('basic', 'compound')})(inputs, batch['image'])
+  for task, key in (('basic', 'expression'), ('compound', 'compound')):
+    has = batch[key] >= 0
+    assert has.any(), task
+    np.testing.assert_allclose(batch[f'teacher_{task}'][has], np.asarray(logits[task])[has],
+                               rtol=1e-4, atol=1e-4)
+  # A second run reads the table back instead of scoring again.
+  capsys.readouterr()
+  again = teacher_targets.load_or_compute(config, tmp_path)
+  assert f'teacher targets: {tmp_path / teacher_targets.FILE}' in capsys.readouterr().out
+  np.testing.assert_array_equal(again['basic'], table['basic'])
+
+
+def test_cached_distill_trains_and_resumes(cached_config, tmp_path):
+  from unifer_jax.train import loop
+  last = loop.train(cached_config, tmp_path)
+  assert last['step'] == 4 and np.isfinite(last['loss']) and 'agree_basic' in last
+  assert (tmp_path / teacher_targets.FILE).is_file()
+
+
+def test_cached_targets_refuse_augmented_views(cached_config, tmp_path):
+  config = cached_config.copy_and_resolve_references()
+  config.input.augment.enabled = True
+  with pytest.raises(ValueError, match='augment.enabled=False'):
+    teacher_targets.load_or_compute(config, tmp_path)

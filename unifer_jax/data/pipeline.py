@@ -333,7 +333,9 @@ class TfdsInput:
     self.spec = self.pipeline.batch_spec(self.global_batch)
     self.rows = self.truncated = self.no_think = 0
 
-  def next_local_batch(self) -> dict[str, np.ndarray]:
+  def next_local_batch(self, with_index: bool = False) -> dict[str, np.ndarray]:
+    """The device keys; ``with_index`` adds the host-side ``_index`` (each row's record
+    in the split, for inputs that join per-record data, e.g. cached distill targets)."""
     batch = next(self.pipeline)
     self.rows += len(batch['_truncated'])
     cut = int(batch['_truncated'].sum())
@@ -342,7 +344,10 @@ class TfdsInput:
                   'batch); see TfdsInput.stats()', cut, len(batch['_truncated']))
     self.truncated += cut
     self.no_think += int(batch['_no_think'].sum())
-    return {k: batch[k] for k in self.spec}
+    out = {k: batch[k] for k in self.spec}
+    if with_index:
+      out['_index'] = batch['_index']
+    return out
 
   def stats(self) -> dict:
     """This process's counts: rows, rows cut at seq_len/text_len, CoT rows that dropped

@@ -7,8 +7,9 @@ intensity / valence-arousal regression and an optional feature loss.
        + w.intensity * MSE(intensity) + w.va * MSE(valence, arousal)
        + w.feature * (1 - cos(student feature, teacher image embedding))
 
-p_T = the teacher's normalised label-string likelihoods (evaluators/likelihood.py) at
-temperature T (applied to the teacher's log-likelihoods and the student's logits alike;
+p_T = the teacher's normalised label-string likelihoods (evaluators/likelihood.py),
+computed in the step or, with ``config.distill.targets='cached'``, read from the batch
+(``teacher_basic`` / ``teacher_compound``, train/teacher_targets.py), at temperature T (applied to the teacher's log-likelihoods and the student's logits alike;
 KL scaled by T^2 as Hinton et al.). Labels are masked where a record lacks them
 (-1 / NaN); a KL term counts only rows whose record has that label kind (basic faces vs
 compound faces), so the teacher is asked only what the record is about. The teacher
@@ -44,7 +45,14 @@ def distill_loss(pair, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
   cfg = pair.config
   w, t = cfg.weights, float(cfg.get('temperature', 1.0))
   images = batch['image']
-  target = teacher_targets(pair.teacher, images, pair.prompts, t)
+  if 'teacher_basic' in batch:   # cached (train/teacher_targets.py): scored once per record
+    target = {task: jax.nn.softmax(batch[f'teacher_{task}'] / t, -1)
+              for task in ('basic', 'compound')}
+  elif pair.teacher is None:
+    raise ValueError("config.distill.targets='cached' but the batch carries no teacher_basic "
+                     "/ teacher_compound (the train loop joins them in: train/teacher_targets.py)")
+  else:
+    target = teacher_targets(pair.teacher, images, pair.prompts, t)
   out = pair.student(images, train=True)
   aux, total = {}, jnp.zeros((), jnp.float32)
 

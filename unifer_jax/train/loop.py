@@ -20,7 +20,7 @@ from unifer_jax import config_lib, distributed, sharding
 from unifer_jax.data import inputs as inputs_lib
 from unifer_jax.train import checkpoint as ckpt_lib
 from unifer_jax.train import losses, metrics as metrics_lib
-from unifer_jax.train import state as state_lib, step as step_lib, step_cost
+from unifer_jax.train import state as state_lib, step as step_lib, step_cost, teacher_targets
 
 
 class NonFiniteLossError(RuntimeError):
@@ -60,6 +60,9 @@ def train(config, workdir: str | Path) -> dict:
   # Input                                                                           #
   # ------------------------------------------------------------------------------ #
   data = inputs_lib.make_input(config, setup.model_cfg)
+  if config.get('distill') and config.distill.get('targets') == 'cached':
+    data = teacher_targets.CachedTargetsInput(data, teacher_targets.load_or_compute(config,
+                                                                                    workdir))
 
   # ------------------------------------------------------------------------------ #
   # Checkpoint: resume or initialise                                                #

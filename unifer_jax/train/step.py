@@ -9,9 +9,10 @@ state untouched and reports which gradient leaves were bad (the loop applies
 ``config.nan_policy``), so a NaN never reaches a checkpoint. The step is traced inside
 ``sharding.use_mesh`` so the models' activation constraints take effect.
 
-With a teacher (``setup.teacher``, the distill stage) the step takes a fourth argument,
-the teacher's frozen inputs (parameters + label prompts), and the loss receives a
-``Distillation`` pair instead of the bare model.
+With a teacher (``setup.teacher``, online distillation) the step takes a fourth
+argument, the teacher's frozen inputs (parameters + label prompts); every distill loss
+receives a ``Distillation`` pair instead of the bare model (with cached targets its
+teacher is None and the batch carries the teacher's scores).
 """
 
 from __future__ import annotations
@@ -47,9 +48,12 @@ def make_step(setup: Setup, loss_fn: LossFn) -> Callable:
 
   def loss_of(trainable, frozen, batch, rng, teacher_inputs):
     model = bind(graphdef, optim.merge_params(trainable, frozen))
-    if setup.teacher is not None:
-      model = Distillation(student=model, teacher=setup.teacher.bind(teacher_inputs),
-                           prompts=teacher_inputs['prompts'], config=config.distill)
+    if config.get('distill'):   # without a teacher input the batch carries its targets
+      online = setup.teacher is not None
+      model = Distillation(student=model,
+                           teacher=setup.teacher.bind(teacher_inputs) if online else None,
+                           prompts=teacher_inputs['prompts'] if online else None,
+                           config=config.distill)
     loss, aux = loss_fn(model, batch, rng)
     return loss.astype(jnp.float32), aux
 
