@@ -9,8 +9,9 @@ intensity / valence-arousal regression and an optional feature loss.
 
 p_T = the teacher's normalised label-string likelihoods (evaluators/likelihood.py),
 computed in the step or, with ``config.distill.targets='cached'``, read from the batch
-(``teacher_basic`` / ``teacher_compound``, train/teacher_targets.py), at temperature T (applied to the teacher's log-likelihoods and the student's logits alike;
-KL scaled by T^2 as Hinton et al.). Labels are masked where a record lacks them
+(``teacher_basic`` / ``teacher_compound``, train/teacher_targets.py), at temperature T
+(applied to the teacher's log-likelihoods and the student's logits alike; KL scaled by
+T^2 as Hinton et al.). Labels are masked where a record lacks them
 (-1 / NaN); a KL term counts only rows whose record has that label kind (basic faces vs
 compound faces), so the teacher is asked only what the record is about. The teacher
 image embedding is the mean of its ITC query embeddings (the stage-1 image-text space).

@@ -11,6 +11,7 @@ import orbax.checkpoint as ocp
 
 
 def newest_step(workdir: str | Path) -> int:
+  """The newest checkpoint step under ``workdir/checkpoints``."""
   ckpt_dir = Path(workdir) / 'checkpoints'
   steps = sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()) \
       if ckpt_dir.is_dir() else []
