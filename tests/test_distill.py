@@ -176,6 +176,15 @@ def test_cached_targets_are_the_online_teachers_scores(cached_config, tmp_path, 
   again = teacher_targets.load_or_compute(config, tmp_path)
   assert f'teacher targets: {tmp_path / teacher_targets.FILE}' in capsys.readouterr().out
   np.testing.assert_array_equal(again['basic'], table['basic'])
+  # A table from another teacher checkpoint is not reused.
+  path = tmp_path / teacher_targets.FILE
+  with np.load(path) as stored:
+    fields = {k: stored[k] for k in stored.files}
+  fields['id_teacher_step'] = np.asarray(-1)
+  np.savez(path, **fields)
+  teacher_targets.load_or_compute(config, tmp_path)
+  out = capsys.readouterr().out
+  assert "'teacher_step': -1" in out and 'recomputing' in out and 'teacher targets: batch' in out
 
 
 def test_cached_distill_trains_and_resumes(cached_config, tmp_path, capsys):

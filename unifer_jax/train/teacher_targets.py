@@ -14,7 +14,7 @@ the loss applies the temperature).
 
 The table is written to ``<workdir>/teacher_targets.npz`` with the teacher checkpoint
 step and data it came from, so a resumed run reads it back instead of recomputing; a
-table from another teacher step or data directory is recomputed. Every process
+table from another teacher step, data directory or record count is recomputed. Every process
 computes the table on its first local device (no cross-host traffic; each host then
 looks up the rows it reads). That suits teachers that fit one device; larger ones use
 online distillation.
@@ -49,16 +49,24 @@ def check_config(config) -> None:
                      "in the step: use config.distill.targets='online'")
 
 
+def _num_records(config) -> int:
+  from unifer_jax.data import pipeline, sources  # grain / tfds: only for cached targets
+  cfg = pipeline.resolve_config(config.input)
+  return len(sources.open_split(cfg.name, cfg.split, cfg.data_dir))
+
+
 def _identity(config, teacher_step: int) -> dict:
+  """What a stored table must have come from to be reused."""
   return {'teacher_workdir': str(Path(config.distill.teacher_workdir).absolute()),
           'teacher_step': teacher_step, 'data_dir': str(config.input.data_dir),
-          'name': str(config.input.name), 'split': str(config.input.split)}
+          'name': str(config.input.name), 'split': str(config.input.split),
+          'records': _num_records(config)}
 
 
 def compute(config, batch_size: int = 64) -> tuple[dict[str, np.ndarray], int]:
   """({'basic': [N, 8], 'compound': [N, 11]} log-likelihoods, NaN rows where a record has
   no such label; teacher step) over every record of the train split."""
-  from unifer_jax.data import pipeline, sources  # grain / tfds: only when scoring
+  from unifer_jax.data import pipeline  # grain / tfds: only when scoring
   mesh = sharding.make_mesh(config.mesh, jax.local_devices()[:1])
   teacher = teacher_lib.build(config, mesh)
   step = param_restore.newest_step(teacher.workdir)
@@ -74,7 +82,7 @@ def compute(config, batch_size: int = 64) -> tuple[dict[str, np.ndarray], int]:
   pipe = pipeline.Pipeline(cfg, pipeline.STAGE_FORMATS['distill'], batch_size=batch_size,
                            image_size=teacher.model_cfg.vit.image_size, train=False,
                            shard=(0, 1), tokenizers=(None, None))
-  n = len(sources.open_split(cfg.name, cfg.split, cfg.data_dir))
+  n = _num_records(config)
   table = {t: np.full((n, len(p.candidate_ids)), np.nan, np.float32)
            for t, p in teacher.prompts.items()}
   pending = {t: ([], []) for t in TASKS}          # task -> (indices, images)
