@@ -16,11 +16,12 @@ image; `unifer demo` measures both (distill_demo.py). Measured (`make demo` from
 clone, 2026-12-02; the teacher is right on 0.861 of the held-out basic faces), 1500 steps
 with cached targets: agreement 0.883 (student accuracy 0.848), 84x faster than the
 teacher's generative answer, 20x than its likelihood pass; ONNX max abs diff 4e-7, int8
-agreement change +0.001. 2500 steps from the same teacher: 0.906 -- the goal is NOT met. Online with augmentation, 300 steps (the previous demo):
-0.349. The disagreements sit where the teacher itself is unsure: 88 % of them on faces
-whose teacher margin (top-1 minus top-2 probability) is < 0.5, mostly neutral vs
-contempt. `agree_basic` and `teacher_acc_basic` in metrics.jsonl show both on training
-batches.
+agreement change +0.001. 2500 steps from the same teacher: 0.906 -- the goal is NOT
+met. Online with augmentation, 300 steps (the previous demo): 0.349. The disagreements
+sit where the teacher's margin (top-1 minus top-2 probability) is < 0.5 (88 % of them),
+mostly neutral vs contempt; yet a linear probe on the teacher's LLM prefix predicts its
+label at 0.97, so what the student lacks is the teacher's 8 px image features.
+`agree_basic` and `teacher_acc_basic` in metrics.jsonl show both on training batches.
 Args: the student preset: demo (64 px / patch 16, 4 x 128) or tiny (tests).
 """
 
