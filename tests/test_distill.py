@@ -163,9 +163,8 @@ def test_cached_targets_are_the_online_teachers_scores(cached_config, tmp_path, 
   online_cfg.distill.targets = 'online'
   teacher = state_lib.build(online_cfg, sharding.make_mesh(config.mesh, jax.devices()[:1])).teacher
   inputs = teacher.load()
-  logits = jax.jit(lambda inp, x: {t: likelihood.candidate_log_likelihoods(
-      teacher.bind(inp), teacher.bind(inp).llm_proj(teacher.bind(inp).image_queries(x)),
-      **inp['prompts'][t]) for t in ('basic', 'compound')})(inputs, batch['image'])
+  logits = jax.jit(lambda inp, x: likelihood.label_log_likelihoods(
+      teacher.bind(inp), x, inp['prompts']))(inputs, batch['image'])
   for task, key in (('basic', 'expression'), ('compound', 'compound')):
     has = batch[key] >= 0
     assert has.any(), task

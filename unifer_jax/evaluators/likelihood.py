@@ -105,9 +105,15 @@ def candidate_log_likelihoods(model, prefix_embeds: jax.Array, prompt_ids: jax.A
   return token0 + rest.sum(-1).reshape(b, c)
 
 
-def label_distributions(model, images: jax.Array, prompts: dict) -> dict[str, jax.Array]:
-  """{task: softmax over its candidates [B, C]} for ``prompts`` = {task: arrays()}; the
+def label_log_likelihoods(model, images: jax.Array, prompts: dict) -> dict[str, jax.Array]:
+  """{task: candidate log-likelihoods [B, C]} for ``prompts`` = {task: arrays()}; the
   image prefix is computed once for all tasks."""
   prefix = model.prefix(images)
-  return {task: jax.nn.softmax(candidate_log_likelihoods(model, prefix, **arrs), -1)
+  return {task: candidate_log_likelihoods(model, prefix, **arrs)
           for task, arrs in prompts.items()}
+
+
+def label_distributions(model, images: jax.Array, prompts: dict) -> dict[str, jax.Array]:
+  """{task: softmax over its candidates [B, C]} (label_log_likelihoods normalised)."""
+  return {task: jax.nn.softmax(ll, -1)
+          for task, ll in label_log_likelihoods(model, images, prompts).items()}

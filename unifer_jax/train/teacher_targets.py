@@ -72,12 +72,8 @@ def compute(config, batch_size: int = 64) -> tuple[dict[str, np.ndarray], int]:
   step = param_restore.newest_step(teacher.workdir)
   inputs = teacher.load()
 
-  def score(inp, images, task):
-    model = teacher.bind(inp)
-    prefix = model.llm_proj(model.image_queries(images))
-    return likelihood.candidate_log_likelihoods(model, prefix, **inp['prompts'][task])
-
-  scorers = {task: jax.jit(lambda inp, x, task=task: score(inp, x, task)) for task in TASKS}
+  scorers = {task: jax.jit(lambda inp, x, task=task: likelihood.label_log_likelihoods(
+      teacher.bind(inp), x, {task: inp['prompts'][task]})[task]) for task in TASKS}
   cfg = pipeline.resolve_config(config.input)
   pipe = pipeline.Pipeline(cfg, pipeline.STAGE_FORMATS['distill'], batch_size=batch_size,
                            image_size=teacher.model_cfg.vit.image_size, train=False,
