@@ -57,6 +57,7 @@ def setup_and_teacher(teacher_workdir):
       '--config.distill.weights.ce_compound=0.0'])
   config.model.feature_dim = 16   # the tiny teacher's embed_dim: feature loss on
   config.distill.weights.feature = 0.5
+  config.distill.feature_target = 'embedding'
   # One device: the sharded step is tested elsewhere; compiling for 8 costs ~3x here.
   setup = state_lib.build(config, sharding.make_mesh(config.mesh, jax.devices()[:1]))
   return setup, setup.teacher.load()
@@ -129,6 +130,31 @@ def test_teacher_workdir_errors_are_clear(tmp_path):
     state_lib.build(config, sharding.make_mesh(config.mesh))
 
 
+def test_feature_head_must_match_the_teacher_feature(teacher_workdir):
+  root, _ = teacher_workdir
+  config = config_lib.load(str(REPO_CONFIGS / 'distill.py') + ':tiny', [
+      f'--config.distill.teacher_workdir={root / "instruct"}',
+      '--config.distill.weights.feature=1.0', '--config.model.feature_dim=16'])
+  # The tiny teacher's prefix is 4 queries x 32: 128 values, not its 16-d ITC embedding.
+  with pytest.raises(ValueError, match=r"feature_target='prefix'.*feature_dim must be 128"):
+    state_lib.build(config, sharding.make_mesh(config.mesh))
+  config.distill.feature_target = 'pixels'
+  with pytest.raises(ValueError, match="feature_target='pixels'; expected one of"):
+    state_lib.build(config, sharding.make_mesh(config.mesh))
+
+
+def test_prefix_feature_loss_is_the_mean_squared_error():
+  rng = np.random.default_rng(1)
+  target = rng.standard_normal((3, 4, 5)).astype(np.float32)
+  student = rng.standard_normal((3, 20)).astype(np.float32)
+  want = ((student.reshape(3, 4, 5) - target) ** 2).mean()
+  got = distill_losses.feature_loss(student, target, 'prefix')
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  # 'embedding' is direction only: a scaled copy of the target costs nothing.
+  np.testing.assert_allclose(distill_losses.feature_loss(3 * student, student, 'embedding'), 0,
+                             atol=1e-6)
+
+
 @pytest.fixture(scope='module')
 def cached_config(teacher_workdir):
   from data_prep import synthetic_faces as sf
@@ -138,7 +164,9 @@ def cached_config(teacher_workdir):
       f'--config.distill.teacher_workdir={root / "instruct"}', '--config.input.batch_size=8',
       f'--config.input.data_dir={root / "data"}', '--config.input.augment.enabled=False',
       '--config.distill.targets=cached', '--config.total_steps=4',
-      '--config.checkpoint.every_steps=2', '--config.checkpoint.async_save=False'])
+      '--config.checkpoint.every_steps=2', '--config.checkpoint.async_save=False',
+      # the demo's feature loss: the teacher's prefix, 4 queries x 32 for the tiny teacher
+      '--config.distill.weights.feature=1.0', '--config.model.feature_dim=128'])
 
 
 def test_cached_targets_are_the_online_teachers_scores(cached_config, tmp_path, capsys):
@@ -170,6 +198,12 @@ def test_cached_targets_are_the_online_teachers_scores(cached_config, tmp_path, 
     assert has.any(), task
     np.testing.assert_allclose(batch[f'teacher_{task}'][has], np.asarray(logits[task])[has],
                                rtol=1e-4, atol=1e-4)
+  # ... and their records' teacher prefix, standardised per token (float16 in the table).
+  feature = jax.jit(lambda inp, x: distill_losses.teacher_feature(
+      teacher.bind(inp), teacher.bind(inp).image_queries(x), 'prefix'))(inputs, batch['image'])
+  assert table['feature'].shape == (len(src), 4, 32) and table['feature'].dtype == np.float16
+  np.testing.assert_allclose(batch['teacher_feature'], np.asarray(feature), atol=4e-3)
+  np.testing.assert_allclose(np.asarray(feature).std(-1), 1.0, rtol=1e-3)
   # A second run reads the table back instead of scoring again.
   capsys.readouterr()
   again = teacher_targets.load_or_compute(config, tmp_path)
@@ -184,12 +218,18 @@ def test_cached_targets_are_the_online_teachers_scores(cached_config, tmp_path, 
   teacher_targets.load_or_compute(config, tmp_path)
   out = capsys.readouterr().out
   assert "'teacher_step': -1" in out and 'recomputing' in out and 'teacher targets: batch' in out
+  # ... nor one for another feature: without the feature loss the table holds none.
+  plain = config.copy_and_resolve_references()
+  plain.distill.weights.feature = 0.0
+  assert 'feature' not in teacher_targets.load_or_compute(plain, tmp_path)
+  assert "'feature': 'prefix'" in capsys.readouterr().out
 
 
 def test_cached_distill_trains_and_resumes(cached_config, tmp_path, capsys):
   from unifer_jax.train import loop
   last = loop.train(cached_config, tmp_path)
   assert last['step'] == 4 and np.isfinite(last['loss']) and 'agree_basic' in last
+  assert np.isfinite(last['feature'])   # the prefix regression ran on the cached features
   assert (tmp_path / teacher_targets.FILE).is_file()
   longer = cached_config.copy_and_resolve_references()
   longer.total_steps = 6

@@ -11,6 +11,12 @@ and measures on the held-out split:
   GENERATIVE answer to the basic-label prompt (how the UniFER model answers a user:
   the evaluator's greedy KV-cache decoding). ``student_speedup_vs_likelihood`` is the
   same against the teacher's one-pass label-likelihood scoring (a stricter baseline);
+* what bounds the agreement: ``student_teacher_agreement_decisive`` over the faces where
+  the teacher is decisive (top-1 minus top-2 probability >= 0.5; ``teacher_decisive_fraction``
+  of them), and ``teacher_mirror_consistency``: how often the teacher gives a face and its
+  mirror image the same label. Basic expressions are left-right symmetric labels, so a
+  teacher that changes its mind under a flip is undecided there, and no student matches
+  it on such faces better than it matches itself;
 * ``onnx_max_abs_diff`` (the export's parity check), ``int8_agreement_drop`` (student
   f32 ONNX vs int8 ONNX agreement with the teacher), sizes and ms/image;
 * the student's confusion matrix vs the true labels: ``student_basic_confusion.png``.
@@ -91,6 +97,10 @@ def run_distill_and_export(workdir: str | Path, overrides=(), test: dict | None 
       teacher.bind({'params': p}), x, prompts)['basic'])
   teacher_probs = _batches(lambda x: label_pass(teacher_inputs['params'], x), images, batch)
   teacher_pred = teacher_probs.argmax(-1)
+  top2 = np.sort(teacher_probs, -1)[:, -2:]
+  decisive = top2[:, 1] - top2[:, 0] >= 0.5
+  mirrored_pred = _batches(lambda x: label_pass(teacher_inputs['params'], x),
+                           np.ascontiguousarray(images[:, :, ::-1]), batch).argmax(-1)
 
   predict = jax.jit(student_fn.predict_fn(student))
   student_pred = _batches(lambda x: predict(x)['basic'], images, batch).argmax(-1)
@@ -123,12 +133,16 @@ def run_distill_and_export(workdir: str | Path, overrides=(), test: dict | None 
   plots.plot_confusion(cm, labels.BASIC, f'distilled student (acc {acc:.3f}, agreement with '
                        f'teacher {np.mean(student_pred == teacher_pred):.3f})',
                        workdir / 'student_basic_confusion.png')
-  agreement = float(np.mean(student_pred == teacher_pred))
+  agrees = student_pred == teacher_pred
+  agreement = float(np.mean(agrees))
   onnx_agreement = float(np.mean(onnx_pred == teacher_pred))
   int8_agreement = float(np.mean(int8_pred == teacher_pred))
   return {
       'student_teacher_agreement': agreement,
       'student_teacher_n': int(len(basic)),
+      'student_teacher_agreement_decisive': float(np.mean(agrees[decisive])),
+      'teacher_decisive_fraction': float(np.mean(decisive)),
+      'teacher_mirror_consistency': float(np.mean(mirrored_pred == teacher_pred)),
       'student_basic_acc': acc,
       'teacher_likelihood_basic_acc': float(np.mean(teacher_pred == truth)),
       'student_speedup': generative_s / student_s,
@@ -159,6 +173,9 @@ def markdown(r: dict) -> str:
   rows = [
       ('student / teacher basic-label agreement (held-out, teacher = argmax label likelihood)',
        f'{f("student_teacher_agreement")} (n={r.get("student_teacher_n")})'),
+      ('... on the faces where the teacher is decisive (margin >= 0.5; their fraction)',
+       f'{f("student_teacher_agreement_decisive")} ({f("teacher_decisive_fraction")})'),
+      ('teacher: same label for a face and its mirror image', f('teacher_mirror_consistency')),
       ('student basic accuracy / teacher (likelihood) basic accuracy',
        f'{f("student_basic_acc")} / {f("teacher_likelihood_basic_acc")}'),
       ('student speedup per image vs the teacher\'s generative answer',

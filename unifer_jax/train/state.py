@@ -147,8 +147,9 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh) -> Setup:
     targets = config.distill.get('targets', 'online')
     if targets not in ('online', 'cached'):
       raise ValueError(f"config.distill.targets={targets!r}; expected 'online' or 'cached'")
+    from unifer_jax.train import teacher as teacher_lib  # it builds on this module
+    teacher_lib.check_feature(config)
     if targets == 'online':  # 'cached': the batches carry the teacher's scores
-      from unifer_jax.train import teacher as teacher_lib  # it builds on this module
       teacher = teacher_lib.build(config, mesh)
   return Setup(config=config, model_cfg=model_cfg, mesh=mesh, graphdef=graphdef, tx=tx,
                schedule=sched, abstract_state=abstract_state,

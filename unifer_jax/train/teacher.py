@@ -27,7 +27,7 @@ from unifer_jax.data import tokenizer as tokenizer_lib
 from unifer_jax.evaluators import likelihood
 from unifer_jax.models import presets
 from unifer_jax.models.unifer import UniFER
-from unifer_jax.train import param_restore, state as state_lib
+from unifer_jax.train import distill_losses, param_restore, state as state_lib
 
 LABEL_TASKS = ('basic', 'compound')
 
@@ -72,6 +72,20 @@ def read_config(workdir: Path) -> ml_collections.ConfigDict:
     raise FileNotFoundError(f'config.distill.teacher_workdir={workdir}: no config.json (is '
                             f'it a finished instruct-stage workdir?)')
   return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def check_feature(config) -> None:
+  """With a feature loss on, the student's feature head must be the teacher feature's size."""
+  dcfg = config.distill
+  if not dcfg.weights.get('feature', 0.0) or not dcfg.get('teacher_workdir'):
+    return
+  kind = dcfg.get('feature_target', 'embedding')
+  want = distill_losses.feature_size(
+      state_lib.model_config(read_config(Path(dcfg.teacher_workdir).absolute())), kind)
+  if config.model.get('feature_dim', 0) != want:
+    raise ValueError(f"config.distill.weights.feature > 0 with feature_target={kind!r}: "
+                     f"config.model.feature_dim must be {want} for the teacher in "
+                     f"{dcfg.teacher_workdir}, not {config.model.get('feature_dim', 0)}")
 
 
 def build(config, mesh) -> Teacher:

@@ -10,7 +10,9 @@ scores every train record once -- the basic-label candidates for records with a 
 label, the compound ones for records with a compound label, the same
 ``likelihood.candidate_log_likelihoods`` the online loss uses -- and the train input
 carries each row's scores as ``teacher_basic`` / ``teacher_compound`` (log-likelihoods;
-the loss applies the temperature).
+the loss applies the temperature) and, with a feature loss on, the teacher's feature of
+every record as ``teacher_feature`` (``distill_losses.teacher_feature``, stored float16:
+the demo's 16 x 192 prefix is ~6 KB per record).
 
 The table is written to ``<workdir>/teacher_targets.npz`` with the teacher checkpoint
 step and data it came from, so a resumed run reads it back instead of recomputing; a
@@ -30,7 +32,7 @@ import numpy as np
 
 from unifer_jax import sharding
 from unifer_jax.evaluators import likelihood
-from unifer_jax.train import param_restore, teacher as teacher_lib
+from unifer_jax.train import distill_losses, param_restore, teacher as teacher_lib
 
 FILE = 'teacher_targets.npz'
 TASKS = {'basic': 'expression', 'compound': 'compound'}   # task -> the record's label key
@@ -44,9 +46,6 @@ def check_config(config) -> None:
   if config.input.get('mixture'):
     raise ValueError("config.distill.targets='cached' reads one source; config.input.mixture "
                      "must be empty")
-  if config.distill.weights.get('feature', 0.0):
-    raise ValueError("config.distill.weights.feature > 0 needs the teacher's image embedding "
-                     "in the step: use config.distill.targets='online'")
 
 
 def _num_records(config) -> int:
@@ -55,9 +54,15 @@ def _num_records(config) -> int:
   return len(sources.open_split(cfg.name, cfg.split, cfg.data_dir))
 
 
+def _feature_kind(config) -> str:
+  """The teacher feature the loss needs ('' = none)."""
+  dcfg = config.distill
+  return dcfg.get('feature_target', 'embedding') if dcfg.weights.get('feature', 0.0) else ''
+
+
 def _identity(config, teacher_step: int) -> dict:
   """What a stored table must have come from to be reused."""
-  return {'teacher_workdir': str(Path(config.distill.teacher_workdir).absolute()),
+  return {'feature': _feature_kind(config), 'teacher_workdir': str(Path(config.distill.teacher_workdir).absolute()),
           'teacher_step': teacher_step, 'data_dir': str(config.input.data_dir),
           'name': str(config.input.name), 'split': str(config.input.split),
           'records': _num_records(config)}
@@ -65,7 +70,8 @@ def _identity(config, teacher_step: int) -> dict:
 
 def compute(config, batch_size: int = 64) -> tuple[dict[str, np.ndarray], int]:
   """({'basic': [N, 8], 'compound': [N, 11]} log-likelihoods, NaN rows where a record has
-  no such label; teacher step) over every record of the train split."""
+  no such label, and 'feature' [N, ...] float16 when the loss needs it; teacher step) over
+  every record of the train split."""
   from unifer_jax.data import pipeline  # grain / tfds: only when scoring
   mesh = sharding.make_mesh(config.mesh, jax.local_devices()[:1])
   teacher = teacher_lib.build(config, mesh)
@@ -74,6 +80,12 @@ def compute(config, batch_size: int = 64) -> tuple[dict[str, np.ndarray], int]:
 
   scorers = {task: jax.jit(lambda inp, x, task=task: likelihood.label_log_likelihoods(
       teacher.bind(inp), x, {task: inp['prompts'][task]})[task]) for task in TASKS}
+  kind = _feature_kind(config)
+
+  @jax.jit
+  def featurise(inp, x):
+    model = teacher.bind(inp)
+    return distill_losses.teacher_feature(model, model.image_queries(x), kind)
   cfg = pipeline.resolve_config(config.input)
   pipe = pipeline.Pipeline(cfg, pipeline.STAGE_FORMATS['distill'], batch_size=batch_size,
                            image_size=teacher.model_cfg.vit.image_size, train=False,
@@ -96,7 +108,13 @@ def compute(config, batch_size: int = 64) -> tuple[dict[str, np.ndarray], int]:
   start, shown = time.monotonic(), 0.0
   for b in range(pipe.num_batches):
     batch = next(pipe)
-    for row in np.flatnonzero(batch['valid'] > 0):
+    rows = np.flatnonzero(batch['valid'] > 0)
+    if kind:
+      feature = np.asarray(featurise(inputs, batch['image']))[rows].astype(np.float16)
+      if 'feature' not in table:
+        table['feature'] = np.zeros((n, *feature.shape[1:]), np.float16)
+      table['feature'][batch['_index'][rows]] = feature
+    for row in rows:
       for task, key in TASKS.items():
         if batch[key][row] >= 0:
           pending[task][0].append(int(batch['_index'][row]))
@@ -129,7 +147,7 @@ def load_or_compute(config, workdir: str | Path) -> dict[str, np.ndarray]:
       if have == want:
         if main:
           print(f'teacher targets: {path} ({len(stored["basic"])} records)', flush=True)
-        return {t: stored[t] for t in TASKS}
+        return {t: stored[t] for t in stored.files if not t.startswith('id_')}
     if main:
       print(f'teacher targets: {path} is from {have}, not {want}; recomputing', flush=True)
   table, step = compute(config)
@@ -156,6 +174,8 @@ class CachedTargetsInput:
       scores = self.table[task][index]
       # Rows without this label kind carry zeros; the loss masks them by their label.
       batch[f'teacher_{task}'] = np.nan_to_num(scores, nan=0.0)
+    if 'feature' in self.table:
+      batch['teacher_feature'] = self.table['feature'][index]
     return batch
 
   def get_state(self) -> dict:
@@ -170,4 +190,7 @@ class CachedTargetsInput:
     for task in TASKS:
       spec[f'teacher_{task}'] = jax.ShapeDtypeStruct((rows, self.table[task].shape[1]),
                                                      np.float32)
+    if 'feature' in self.table:
+      feature = self.table['feature']
+      spec['teacher_feature'] = jax.ShapeDtypeStruct((rows, *feature.shape[1:]), feature.dtype)
     return spec
