@@ -20,8 +20,8 @@ the same label only 0.873 of the time. On the faces where it is decisive the stu
 agrees 0.96-0.97; where it is not, 0.73. Measured on the `make demo` teacher, 1500 steps
 from cached targets, n=684 (SE ~0.012), 2026-12-02: labels only (T=1, the previous demo)
 0.883; + the prefix feature loss 0.892; + T=0.5 (this config) 0.901, student accuracy
-0.846, 0.12-0.17 ms per image (~90x faster than the teacher's generative answer, ~19x
-than its likelihood pass); without the hard-label terms 0.886. 2500 steps: 0.913 (an
+0.846, 0.12-0.17 ms per image (70-90x faster than the teacher's generative answer,
+18-19x than its likelihood pass); without the hard-label terms 0.886. 2500 steps: 0.913 (an
 earlier session, same teacher kind). ONNX max abs diff 6e-7, int8 agreement change
 +0.003. Online with augmentation, 300 steps: 0.349. `agree_basic` and
 `teacher_acc_basic` in metrics.jsonl show both on training batches.

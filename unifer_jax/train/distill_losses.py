@@ -44,6 +44,13 @@ def _masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
 FEATURE_TARGETS = ('prefix', 'embedding')
 
 
+def feature_kind(distill_cfg) -> str:
+  """The teacher feature the loss regresses ('' = no feature loss)."""
+  if not distill_cfg.weights.get('feature', 0.0):
+    return ''
+  return distill_cfg.get('feature_target', 'embedding')
+
+
 def feature_size(teacher_cfg, kind: str) -> int:
   """The student ``feature_dim`` that feature target ``kind`` of this teacher needs."""
   if kind == 'prefix':
@@ -89,7 +96,7 @@ def distill_loss(pair, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
   del rng
   cfg = pair.config
   w, t = cfg.weights, float(cfg.get('temperature', 1.0))
-  kind = cfg.get('feature_target', 'embedding') if w.get('feature', 0.0) else None
+  kind = feature_kind(cfg)
   images = batch['image']
   if 'teacher_basic' in batch:   # cached (train/teacher_targets.py): scored once per record
     target = {task: jax.nn.softmax(batch[f'teacher_{task}'] / t, -1)

@@ -77,9 +77,9 @@ def read_config(workdir: Path) -> ml_collections.ConfigDict:
 def check_feature(config) -> None:
   """With a feature loss on, the student's feature head must be the teacher feature's size."""
   dcfg = config.distill
-  if not dcfg.weights.get('feature', 0.0) or not dcfg.get('teacher_workdir'):
+  kind = distill_losses.feature_kind(dcfg)
+  if not kind or not dcfg.get('teacher_workdir'):
     return
-  kind = dcfg.get('feature_target', 'embedding')
   want = distill_losses.feature_size(
       state_lib.model_config(read_config(Path(dcfg.teacher_workdir).absolute())), kind)
   if config.model.get('feature_dim', 0) != want:

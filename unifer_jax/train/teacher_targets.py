@@ -54,18 +54,12 @@ def _num_records(config) -> int:
   return len(sources.open_split(cfg.name, cfg.split, cfg.data_dir))
 
 
-def _feature_kind(config) -> str:
-  """The teacher feature the loss needs ('' = none)."""
-  dcfg = config.distill
-  return dcfg.get('feature_target', 'embedding') if dcfg.weights.get('feature', 0.0) else ''
-
-
 def _identity(config, teacher_step: int) -> dict:
   """What a stored table must have come from to be reused."""
-  return {'feature': _feature_kind(config), 'teacher_workdir': str(Path(config.distill.teacher_workdir).absolute()),
-          'teacher_step': teacher_step, 'data_dir': str(config.input.data_dir),
-          'name': str(config.input.name), 'split': str(config.input.split),
-          'records': _num_records(config)}
+  return {'teacher_workdir': str(Path(config.distill.teacher_workdir).absolute()),
+          'teacher_step': teacher_step, 'feature': distill_losses.feature_kind(config.distill),
+          'data_dir': str(config.input.data_dir), 'name': str(config.input.name),
+          'split': str(config.input.split), 'records': _num_records(config)}
 
 
 def compute(config, batch_size: int = 64) -> tuple[dict[str, np.ndarray], int]:
@@ -80,12 +74,13 @@ def compute(config, batch_size: int = 64) -> tuple[dict[str, np.ndarray], int]:
 
   scorers = {task: jax.jit(lambda inp, x, task=task: likelihood.label_log_likelihoods(
       teacher.bind(inp), x, {task: inp['prompts'][task]})[task]) for task in TASKS}
-  kind = _feature_kind(config)
+  kind = distill_losses.feature_kind(config.distill)
 
   @jax.jit
   def featurise(inp, x):
     model = teacher.bind(inp)
     return distill_losses.teacher_feature(model, model.image_queries(x), kind)
+
   cfg = pipeline.resolve_config(config.input)
   pipe = pipeline.Pipeline(cfg, pipeline.STAGE_FORMATS['distill'], batch_size=batch_size,
                            image_size=teacher.model_cfg.vit.image_size, train=False,
