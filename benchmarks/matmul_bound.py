@@ -17,7 +17,7 @@ matmul shapes on this machine. Prints the bound and the shapes that cost the mos
 
 Asserts nothing. Measured on the 2-core box, 2026-12-02, load ~1:
 * demo dims (49.5 GFLOP, 366 matmuls in 56 shapes): matmuls alone 273 ms/step against a
-  321 GFLOP/s peak -> MFU bound 56.6 %. The LLM's 4608 x 192 x 512 projections run at
+  321 GFLOP/s peak -> MFU bound 56.6 %; a later run, peak 383 GFLOP/s: 48.9 %. The LLM's 4608 x 192 x 512 projections run at
   the peak, but attention's [288, 144] score matmuls (24-29 %), the rank-16 LoRA weight
   gradients (9 %) and the Q-Former's 2080-row matmuls (50 %) cannot; so 65 % is out of
   reach at these sizes on this CPU whatever the fusion. Our step: 506 ms (26.7 %).
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import math
 import os
 import sys
 import time
@@ -50,40 +49,19 @@ from unifer_jax.train import step_cost  # noqa: E402
 
 
 # ------------------------------------------------------------------ the step's matmuls
-def step_matmuls(jaxpr, branches=None, times: int = 1, found=None) -> collections.Counter:
-  """Counter {(lhs aval, rhs aval, dimension_numbers, preferred dtype): runs per step}."""
-  found = collections.Counter() if found is None else found
-  jaxpr = getattr(jaxpr, 'jaxpr', jaxpr)
-  for index, eqn in enumerate(jaxpr.eqns):
-    if eqn.primitive.name == 'dot_general':
-      lhs, rhs = eqn.invars[0].aval, eqn.invars[1].aval
-      key = (lhs.shape, str(lhs.dtype), rhs.shape, str(rhs.dtype),
-             eqn.params['dimension_numbers'], str(eqn.params.get('preferred_element_type')))
-      found[key] += times
-    subs = [s for v in eqn.params.values() for s in step_cost._sub_jaxprs(v)]
-    if not subs:
-      continue
-    if eqn.primitive.name == 'cond':
-      if branches and index in branches:
-        subs = [subs[branches[index]]]
-      else:   # the costliest branch, as step_cost does
-        subs = [max(subs, key=lambda s: step_cost.matmul_cost(s)[0])]
-      for s in subs:
-        step_matmuls(s, None, times, found)
-    else:
-      for s in subs:
-        step_matmuls(s, None, times * eqn.params.get('length', 1), found)
-  return found
-
-
-def flops_of(key) -> float:
-  lhs_shape, _, rhs_shape, _, dims, _ = key
-  (contract, rhs_contract), (batch, rhs_batch) = dims
-  k = math.prod(lhs_shape[d] for d in contract)
-  b = math.prod(lhs_shape[d] for d in batch)
-  m = math.prod(s for d, s in enumerate(lhs_shape) if d not in contract and d not in batch)
-  n = math.prod(s for d, s in enumerate(rhs_shape) if d not in rhs_contract and d not in rhs_batch)
-  return 2.0 * b * m * n * k
+def step_matmuls(jaxpr, branches=None) -> tuple[collections.Counter, dict]:
+  """({(lhs shape, dtype, rhs shape, dtype, dimension_numbers, preferred dtype): runs per
+  step}, {that key: FLOPs of one run}), loops and branches as step_cost counts them."""
+  runs, flops = collections.Counter(), {}
+  for eqn, n in step_cost.matmul_eqns(jaxpr, branches):
+    if eqn.primitive.name != 'dot_general':
+      continue   # the UniFER step has no convolutions (patch embedding is a reshape + dot)
+    lhs, rhs = eqn.invars[0].aval, eqn.invars[1].aval
+    key = (lhs.shape, str(lhs.dtype), rhs.shape, str(rhs.dtype),
+           eqn.params['dimension_numbers'], str(eqn.params.get('preferred_element_type')))
+    runs[key] += n
+    flops[key] = step_cost.eqn_flops(eqn)
+  return runs, flops
 
 
 # ------------------------------------------------------------------ timing one shape
@@ -124,8 +102,8 @@ def main():
   state = setup.init_state()
   branches = step_cost.taken_branches(traced.jaxpr, (state, inputs.to_global(batch, mesh),
                                                      jax.random.key(0)))
-  matmuls = step_matmuls(traced.jaxpr, branches)
-  total_flops = sum(flops_of(k) * n for k, n in matmuls.items())
+  matmuls, flops_of = step_matmuls(traced.jaxpr, branches)
+  total_flops = sum(flops_of[k] * n for k, n in matmuls.items())
   counted = step_cost.step_flops(config, mesh, spec, traced=traced,
                                  args=(state, inputs.to_global(batch, mesh), jax.random.key(0)))
   print(f'[{args.dims}] {train_step.describe(setup.model_cfg)}')
@@ -140,10 +118,10 @@ def main():
 
   rng = np.random.default_rng(0)
   rows, start = [], time.monotonic()
-  for i, (key, runs) in enumerate(sorted(matmuls.items(), key=lambda kv: -flops_of(kv[0]) * kv[1])):
+  for i, (key, runs) in enumerate(sorted(matmuls.items(), key=lambda kv: -flops_of[kv[0]] * kv[1])):
     raw = isolated_seconds(key, rng)
     net = max(raw - dispatch, 0.1 * raw)   # what the op costs inside a fused program
-    rows.append((key, runs, flops_of(key), raw, net))
+    rows.append((key, runs, flops_of[key], raw, net))
     if (i + 1) % 10 == 0 or i + 1 == len(matmuls):
       eta = (time.monotonic() - start) / (i + 1) * (len(matmuls) - i - 1)
       print(f'  timed {i + 1}/{len(matmuls)} shapes | ETA {eta:.0f} s', flush=True)

@@ -61,7 +61,7 @@ Goal >= 1.1x faster than HF: met at the margin (1.10x wall; 1.27x in CPU time).
 Goal MFU >= 65 %: NOT met (27 % of a two-core matmul peak). At the reference dims,
 2026-12-02, load ~1, `--dims reference --no_hf`: 2513 ms wall, 282.5 GFLOP -> MFU 38.8 %
 (43.8 % per CPU-second). benchmarks/matmul_bound.py bounds what is reachable: with every
-matmul at its isolated speed and everything else free, 56.6 % (demo dims) / 71.4 %
+matmul at its isolated speed and everything else free, 49-57 % (demo dims) / 71.4 %
 (reference dims).
 """
 

@@ -105,47 +105,59 @@ def _sub_jaxprs(value):
       yield from _sub_jaxprs(v)
 
 
+MATMULS = ('dot_general', 'conv_general_dilated')
+
+
+def eqn_flops(eqn) -> float:
+  """2*M*N*K of one dot_general / conv eqn."""
+  lhs, rhs, out = eqn.invars[0].aval, eqn.invars[1].aval, eqn.outvars[0].aval
+  if eqn.primitive.name == 'dot_general':
+    (contract, _), _ = eqn.params['dimension_numbers']
+    k = math.prod(lhs.shape[d] for d in contract)
+  else:  # rhs spec: (out features, in features, spatial...)
+    k = math.prod(rhs.shape[d] for d in eqn.params['dimension_numbers'].rhs_spec[1:])
+  return 2.0 * math.prod(out.shape) * k
+
+
+def matmul_eqns(jaxpr, branches: dict[int, int] | None = None, times: int = 1):
+  """Yields (eqn, runs per call) for every dot_general / conv of a jaxpr: a scan body
+  runs ``length`` times, a cond its costliest branch (or, for the top-level eqn index
+  ``i`` in ``branches``, branch ``branches[i]``), a while body once (no static trip
+  count; the step has none)."""
+  jaxpr = getattr(jaxpr, 'jaxpr', jaxpr)
+  for index, eqn in enumerate(jaxpr.eqns):
+    if eqn.primitive.name in MATMULS:
+      yield eqn, times
+    subs = [s for v in eqn.params.values() for s in _sub_jaxprs(v)]
+    if eqn.primitive.name == 'cond' and subs:
+      if branches and index in branches:
+        subs = [subs[branches[index]]]
+      else:
+        subs = [max(subs, key=lambda b: sum(n * eqn_flops(e) for e, n in matmul_eqns(b)))]
+    runs = times * (1 if eqn.primitive.name == 'cond' else eqn.params.get('length', 1))
+    for sub in subs:
+      yield from matmul_eqns(sub, None, runs)
+
+
 def matmul_cost(jaxpr, batch_sizes=(), batch_shards: int = 1,
                 branches: dict[int, int] | None = None) -> tuple[float, float]:
-  """(FLOPs on all devices, HBM bytes per device) of the dot_general/conv ops of a jaxpr.
+  """(FLOPs on all devices, HBM bytes per device) of the matmuls of a jaxpr
+  (:func:`matmul_eqns`: loops expanded, one branch per cond).
 
   FLOPs: 2*M*N*K per matmul. Bytes: each matmul reads its operands and writes its result
   once; an array whose leading dimension is a batch size (``batch_sizes``) is split
   over ``batch_shards`` devices, any other (weights, weight gradients) is whole on each
-  device, as under data parallelism / FSDP. A scan body counts ``length`` times, a cond
-  its costliest branch (or, for the top-level eqn index ``i`` in ``branches``, branch
-  ``branches[i]``), a while body once (no static trip count; the step has none).
-  XLA's own cost analysis counts every loop body once, so it undercounts scanned layers.
+  device, as under data parallelism / FSDP. XLA's own cost analysis counts every loop
+  body once, so it undercounts scanned layers.
   """
   def nbytes(aval):
     size = math.prod(aval.shape) * np.dtype(aval.dtype).itemsize
     return size / batch_shards if aval.shape and aval.shape[0] in batch_sizes else size
 
-  jaxpr = getattr(jaxpr, 'jaxpr', jaxpr)
   flops = traffic = 0.0
-  for index, eqn in enumerate(jaxpr.eqns):
-    name = eqn.primitive.name
-    if name in ('dot_general', 'conv_general_dilated'):
-      lhs, rhs = eqn.invars[0].aval, eqn.invars[1].aval
-      out = eqn.outvars[0].aval
-      if name == 'dot_general':
-        (contract, _), _ = eqn.params['dimension_numbers']
-        k = math.prod(lhs.shape[d] for d in contract)
-      else:  # rhs spec: (out features, in features, spatial...)
-        k = math.prod(rhs.shape[d] for d in eqn.params['dimension_numbers'].rhs_spec[1:])
-      flops += 2.0 * math.prod(out.shape) * k
-      traffic += nbytes(lhs) + nbytes(rhs) + nbytes(out)
-    subs = [s for v in eqn.params.values() for s in _sub_jaxprs(v)]
-    if not subs:
-      continue
-    costs = [matmul_cost(s, batch_sizes, batch_shards) for s in subs]
-    if name == 'cond':
-      f, b = costs[branches[index]] if branches and index in branches else max(costs)
-    else:
-      times = eqn.params.get('length', 1)
-      f, b = times * sum(c[0] for c in costs), times * sum(c[1] for c in costs)
-    flops += f
-    traffic += b
+  for eqn, runs in matmul_eqns(jaxpr, branches):
+    flops += runs * eqn_flops(eqn)
+    traffic += runs * sum(nbytes(v.aval) for v in (*eqn.invars[:2], eqn.outvars[0]))
   return flops, traffic
 
 
