@@ -160,6 +160,36 @@ def test_resume_continues_exactly(reference, tmp_path, register_input):
     assert got[s] == reference[s], s
 
 
+def _sigterm_input(at: int):
+  """An input that sends this process SIGTERM when asked for batch `at`."""
+
+  class SigtermInput(inputs_lib.RandomInput):
+    def next_local_batch(self):
+      if self.position == at:
+        os.kill(os.getpid(), signal.SIGTERM)
+      return super().next_local_batch()
+
+  return SigtermInput
+
+
+def test_sigterm_raises_preempted_after_a_clean_save_and_resume_is_exact(
+    reference, tmp_path, register_input):
+  # Raised, not returned: `unifer demo` chains stages and must not start the next one
+  # from a half-trained checkpoint (it did, before Preempted existed).
+  register_input('sigterm3', _sigterm_input(at=3))
+  handler = signal.getsignal(signal.SIGTERM)
+  with pytest.raises(loop.Preempted) as stopped:
+    loop.train(_config(**{'input.type': 'sigterm3', 'checkpoint.every_steps': 100}), tmp_path)
+  assert stopped.value.step == 4, stopped.value   # the batch being read was still trained on
+  assert signal.getsignal(signal.SIGTERM) is handler
+  assert sorted(int(p.name) for p in (tmp_path / 'checkpoints').iterdir()
+                if p.name.isdigit()) == [4]
+  loop.train(_config(), tmp_path)
+  got = _losses(tmp_path)
+  for s in range(1, STEPS + 1):
+    assert got[s] == reference[s], s
+
+
 @pytest.mark.multiprocess
 def test_kill9_single_process_resumes_exactly(reference, tmp_path, cache_dir):
   env = _env(cache_dir)

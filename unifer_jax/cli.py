@@ -39,7 +39,10 @@ def _train(args, overrides) -> int:
   distributed.initialize(args.coordinator, args.num_processes, args.process_id)
   from unifer_jax.train import loop
   config = config_lib.load(args.config, overrides)
-  loop.train(config, args.workdir)
+  try:
+    loop.train(config, args.workdir)
+  except loop.Preempted:
+    pass  # a clean stop: the checkpoint is committed and the same command resumes
   return 0
 
 
@@ -137,7 +140,14 @@ def main(argv=None) -> int:
     return _train(args, unknown)
   if args.command == 'demo':
     from unifer_jax import demo
-    demo.run(args.workdir, size=args.size)
+    from unifer_jax.train import loop
+    try:
+      demo.run(args.workdir, size=args.size)
+    except loop.Preempted as e:
+      # The stages after the stopped one did not run: no report, and a non-zero code
+      # (128 + SIGTERM, as if the signal had ended the process) so `make demo` says so.
+      print(f'demo stopped: {e}', file=sys.stderr)
+      return 143
     return 0
   if args.command == 'prep':
     from data_prep import commands as prep_commands

@@ -27,6 +27,16 @@ class NonFiniteLossError(RuntimeError):
   pass
 
 
+class Preempted(Exception):
+  """SIGTERM (or the multi-host preemption notice) stopped the run after a clean save:
+  raised, not returned, so a caller that chains stages cannot go on to the next one
+  with this one half trained. Rerunning the same command resumes at `step`."""
+
+  def __init__(self, workdir: Path, step: int):
+    super().__init__(f'{workdir}: preempted, checkpoint saved at step {step}; rerun to resume')
+    self.workdir, self.step = workdir, step
+
+
 def train(config, workdir: str | Path) -> dict:
   """Trains ``config`` in ``workdir`` (resuming if it holds checkpoints).
 
@@ -187,7 +197,7 @@ def train(config, workdir: str | Path) -> dict:
         checkpointer.wait()
         if main:
           print(f'preempted (SIGTERM): saved step {step}, exiting', flush=True)
-        break
+        raise Preempted(workdir, step)
   finally:
     checkpointer.close()
     writer.close()
