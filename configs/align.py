@@ -8,7 +8,9 @@ freeze it with `--config.freeze='^(vit|llm|llm_proj)(/|$)'`.
 Expected (demo preset, from configs/vision.py's checkpoint, 2-core CPU, ~4 min): ITC
 well below ln(batch) = 3.47 (2.1 at step 400); zero-shot accuracy over the 8 basic classes
 from text prompts 0.804 on the held-out split, retrieval R@1 0.04 (`unifer demo` from
-a fresh clone, 2026-12-02; goal >= 70 %).
+a fresh clone, 2026-12-02; goal >= 70 %). On another machine the same command gave
+0.534, and 0.667 with --config.seed=1 (2026-12-03): the from-scratch towers make the
+result vary run to run.
 Args: the model preset (default demo).
 """
 
