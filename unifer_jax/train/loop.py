@@ -40,7 +40,8 @@ class Preempted(Exception):
 def train(config, workdir: str | Path) -> dict:
   """Trains ``config`` in ``workdir`` (resuming if it holds checkpoints).
 
-  Returns the last logged metrics (process 0's view).
+  Returns the last logged metrics (process 0's view); raises :class:`Preempted` when a
+  SIGTERM stopped it early.
   """
   # ------------------------------------------------------------------------------ #
   # Distributed and workdir                                                         #
