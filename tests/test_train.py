@@ -190,6 +190,18 @@ def test_sigterm_raises_preempted_after_a_clean_save_and_resume_is_exact(
     assert got[s] == reference[s], s
 
 
+def test_a_preempted_demo_exits_nonzero_and_says_how_to_resume(monkeypatch, tmp_path, capsys):
+  # The stages are the real loop's business (above); this is the CLI's exit contract.
+  from unifer_jax import cli, demo
+
+  def stopped_in_align(workdir, size):
+    raise loop.Preempted(Path(workdir) / 'align', 40)
+
+  monkeypatch.setattr(demo, 'run', stopped_in_align)
+  assert cli.main(['demo', '--workdir', str(tmp_path)]) == 143
+  assert 'align: preempted, checkpoint saved at step 40; rerun to resume' in capsys.readouterr().err
+
+
 @pytest.mark.multiprocess
 def test_kill9_single_process_resumes_exactly(reference, tmp_path, cache_dir):
   env = _env(cache_dir)
