@@ -25,15 +25,16 @@ from cached targets, n=684 (SE ~0.012), 2026-12-02: labels only (T=1, the previo
 records 0.880. 2500 steps: 0.913 (an earlier session, same teacher kind). ONNX max abs
 diff 7e-7, int8 agreement change 0.000. Online with augmentation, 300 steps: 0.349.
 A slower machine's demo teacher (2026-12-03; right on 0.836, decisive on 0.585 of the
-faces), same n: this config 0.867; student depth 6 0.870; patch 8 at width 96 / depth 3
-0.864; cached targets for every face's mirror image too 0.874; 3000 steps 0.892; a
-teacher tuned with half its CoT-task examples answer-only instead of a quarter 0.892
-(3000 steps 0.892, peak lr 2e-3 0.874); that teacher tuned 800 steps instead of 400
-(right on 0.857, decisive on 0.735) 0.877. Where the teacher is decisive the student agrees
-0.96-0.98 in every run, elsewhere 0.60-0.80. What the student misses is the teacher's
-prefix: a linear readout fitted to the teacher's label distributions on the train faces'
-LLM prefixes agrees with it on 0.953-0.965 of the held-out faces, but on only 0.873 when
-it reads the student's predicted prefix (R^2 0.956) instead.
+faces), same n: this config 0.867; model.encoder.depth=6 0.870; patch 8 at width 96 /
+depth 3 0.864; targets also for every face's mirror image (tried, not kept) 0.874;
+total_steps=3000 0.892; a teacher tuned with half its CoT-task examples answer-only
+instead of a quarter 0.892 (3000 steps 0.892, peak lr 2e-3 0.874); that teacher tuned
+800 steps instead of 400 (right on 0.857, decisive on 0.735) 0.877. Where the teacher
+is decisive the student agrees 0.96-0.98 in every run, elsewhere 0.60-0.80. What the
+student misses is the teacher's prefix: a linear readout fitted to the teacher's label
+distributions on the train faces' LLM prefixes agrees with it on 0.953-0.965 of the
+held-out faces, but on only 0.873 when it reads the student's predicted prefix (R^2
+0.956) instead.
 `agree_basic` and `teacher_acc_basic` in metrics.jsonl show both on training batches.
 Args: the student preset: demo (64 px / patch 16, 4 x 128) or tiny (tests).
 """
