@@ -246,3 +246,33 @@ def test_cached_targets_refuse_augmented_views(cached_config, tmp_path):
   config.input.augment.enabled = True
   with pytest.raises(ValueError, match='augment.enabled=False'):
     teacher_targets.load_or_compute(config, tmp_path)
+
+
+def test_the_demo_distill_export_report_on_a_tiny_teacher(cached_config, teacher_workdir,
+                                                          tmp_path):
+  """``unifer demo``'s last mile (distill_demo.py) end to end: trains, exports with parity,
+  and reports agreement, its bounds and the speeds from the same held-out faces."""
+  from unifer_jax import distill_demo
+  root, _ = teacher_workdir
+  for part in ('instruct', 'data'):   # the demo's workdir layout, on the tiny teacher
+    (tmp_path / part).symlink_to(root / part)
+  student = dict(image_size=32, patch_size=16, width=32, depth=1, heads=2, mlp_dim=64)
+  overrides = [f'--config.model.encoder.{k}={v}' for k, v in student.items()] + [
+      '--config.model.feature_dim=128', '--config.total_steps=4', '--config.input.batch_size=8',
+      '--config.checkpoint.async_save=False']
+  report = distill_demo.run_distill_and_export(tmp_path, overrides, batch=8)
+  n = report['student_teacher_n']
+  cm = np.asarray(report['student_confusion'])
+  assert n > 0 and cm.sum() == n
+  np.testing.assert_allclose(report['student_basic_acc'], np.trace(cm) / n)
+  assert report['onnx_max_abs_diff'] <= 1e-4 and report['student_speedup'] > 0
+  for key in ('student_teacher_agreement', 'teacher_mirror_consistency',
+              'onnx_teacher_agreement', 'int8_teacher_agreement'):
+    assert 0.0 <= report[key] <= 1.0, key
+  # The teacher asked in each of its other trained wordings of the basic question.
+  assert 0.0 <= report['teacher_reworded_agreement_min'] <= report[
+      'teacher_reworded_agreement'] <= 1.0
+  assert len(instructions.prompt_variants('basic')) > 1
+  table = distill_demo.markdown(report)
+  assert 'other trained wordings (mean / min) | n/a' not in table
+  assert (tmp_path / 'student_basic_confusion.png').is_file()

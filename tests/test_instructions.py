@@ -229,9 +229,10 @@ def test_template_texts_cover_every_phrasing():
 def test_prompt_for_matches_training_prompts():
   rec = schema.empty_record(image=b'', id='x', source='t', expression=3, rationale='AU1 x (B)')
   examples = [ins.make_example(rec, 'basic', np.random.default_rng(s)) for s in range(400)]
-  hints = {True: len(ins._COT_HINTS), False: len(ins._ANSWER_HINTS)}  # pylint: disable=protected-access
   expected = {ins.prompt_for('basic', phrasing=p, think=t, hint=h)
-              for t in (True, False) for p in range(3) for h in range(hints[t])}
+              for t in (True, False) for p, h in ins.prompt_variants('basic', think=t)}
+  assert len(expected) == len(ins.prompt_variants('basic', True)) + len(
+      ins.prompt_variants('basic', False)) and ins.prompt_variants('basic')[0] == (0, 0)
   assert {prompt for prompt, _ in examples} == expected
   # Both target forms, the answer-only one at ANSWER_ONLY_FRACTION (within 3 sigma).
   answer_only = np.mean([not target.startswith('<think>') for _, target in examples])

@@ -13,10 +13,14 @@ and measures on the held-out split:
   same against the teacher's one-pass label-likelihood scoring (a stricter baseline);
 * what bounds the agreement: ``student_teacher_agreement_decisive`` over the faces where
   the teacher is decisive (top-1 minus top-2 probability >= 0.5; ``teacher_decisive_fraction``
-  of them), and ``teacher_mirror_consistency``: how often the teacher gives a face and its
-  mirror image the same label. Basic expressions are left-right symmetric labels, so a
-  teacher that changes its mind under a flip is undecided there, and no student matches
-  it on such faces better than it matches itself;
+  of them), ``teacher_mirror_consistency``: how often the teacher gives a face and its
+  mirror image the same label (basic expressions are left-right symmetric labels, so a
+  teacher that changes its mind under a flip is undecided there), and
+  ``teacher_reworded_agreement`` (mean, and ``_min``): how often its label stays the same
+  when the question is asked in the other wordings instruction tuning used
+  (``instructions.prompt_variants``). The student is scored against one wording; where
+  the teacher agrees with itself less often than the goal asks of the student, its label
+  depends on the words as well as the face;
 * ``onnx_max_abs_diff`` (the export's parity check), ``int8_agreement_drop`` (student
   f32 ONNX vs int8 ONNX agreement with the teacher), sizes and ms/image;
 * the student's confusion matrix vs the true labels: ``student_basic_confusion.png``.
@@ -92,15 +96,22 @@ def run_distill_and_export(workdir: str | Path, overrides=(), test: dict | None 
 
   teacher = teacher_lib.build(config, sharding.make_mesh(config.mesh, jax.devices()[:1]))
   teacher_inputs = jax.device_get(teacher.load())
-  prompts = {'basic': teacher_inputs['prompts']['basic']}
-  label_pass = jax.jit(lambda p, x: likelihood.label_distributions(
-      teacher.bind({'params': p}), x, prompts)['basic'])
+  tok = tokenizer_lib.load(config.distill.tokenizer or
+                           teacher_lib.read_config(workdir / 'instruct').input.tokenizer)
+  asked = jax.jit(lambda p, x, prompt: likelihood.label_distributions(
+      teacher.bind({'params': p}), x, {'basic': prompt})['basic'])
+  label_pass = lambda p, x: asked(p, x, teacher_inputs['prompts']['basic'])
   teacher_probs = _batches(lambda x: label_pass(teacher_inputs['params'], x), images, batch)
   teacher_pred = teacher_probs.argmax(-1)
   top2 = np.sort(teacher_probs, -1)[:, -2:]
   decisive = top2[:, 1] - top2[:, 0] >= 0.5
   mirrored_pred = _batches(lambda x: label_pass(teacher_inputs['params'], x),
                            np.ascontiguousarray(images[:, :, ::-1]), batch).argmax(-1)
+  reworded = []   # the teacher's label agreement with itself, asked in its other wordings
+  for phrasing, hint in instructions.prompt_variants('basic')[1:]:
+    prompt = likelihood.label_prompt(tok, 'basic', phrasing=phrasing, hint=hint).arrays()
+    pred = _batches(lambda x, q=prompt: asked(teacher_inputs['params'], x, q), images, batch)
+    reworded.append(float(np.mean(pred.argmax(-1) == teacher_pred)))
 
   predict = jax.jit(student_fn.predict_fn(student))
   student_pred = _batches(lambda x: predict(x)['basic'], images, batch).argmax(-1)
@@ -117,8 +128,6 @@ def run_distill_and_export(workdir: str | Path, overrides=(), test: dict | None 
     x = np.concatenate([x, np.repeat(x[-1:], batch - len(x), axis=0)])
   student_s = _seconds_per_image(predict, x)
   likelihood_s = _seconds_per_image(lambda im: label_pass(teacher_inputs['params'], im), x)
-  tok = tokenizer_lib.load(config.distill.tokenizer or
-                           teacher_lib.read_config(workdir / 'instruct').input.tokenizer)
   answer = lambda im: instruct_eval.answers(teacher.graphdef, teacher_inputs['params'], im,
                                             'basic', tok, batch_size=batch)
   generative_s = _seconds_per_image(answer, x, repeats=3)  # ~50 sequential decode steps
@@ -140,9 +149,12 @@ def run_distill_and_export(workdir: str | Path, overrides=(), test: dict | None 
   return {
       'student_teacher_agreement': agreement,
       'student_teacher_n': int(len(basic)),
-      'student_teacher_agreement_decisive': float(np.mean(agrees[decisive])),
+      'student_teacher_agreement_decisive': (float(np.mean(agrees[decisive]))
+                                             if decisive.any() else None),
       'teacher_decisive_fraction': float(np.mean(decisive)),
       'teacher_mirror_consistency': float(np.mean(mirrored_pred == teacher_pred)),
+      'teacher_reworded_agreement': float(np.mean(reworded)) if reworded else None,
+      'teacher_reworded_agreement_min': min(reworded) if reworded else None,
       'student_basic_acc': acc,
       'teacher_likelihood_basic_acc': float(np.mean(teacher_pred == truth)),
       'student_speedup': generative_s / student_s,
@@ -176,6 +188,8 @@ def markdown(r: dict) -> str:
       ('... on the faces where the teacher is decisive (margin >= 0.5; their fraction)',
        f'{f("student_teacher_agreement_decisive")} ({f("teacher_decisive_fraction")})'),
       ('teacher: same label for a face and its mirror image', f('teacher_mirror_consistency')),
+      ('teacher: same label when asked in its other trained wordings (mean / min)',
+       f'{f("teacher_reworded_agreement")} / {f("teacher_reworded_agreement_min")}'),
       ('student basic accuracy / teacher (likelihood) basic accuracy',
        f'{f("student_basic_acc")} / {f("teacher_likelihood_basic_acc")}'),
       ('student speedup per image vs the teacher\'s generative answer',

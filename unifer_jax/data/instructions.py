@@ -272,6 +272,13 @@ def prompt_for(task: str, candidates=None, *, phrasing: int = 0, think: bool | N
   return f'{prompt} {hints[hint]}'
 
 
+def prompt_variants(task: str, think: bool = False) -> list[tuple[int, int]]:
+  """Every (phrasing, hint) pair training writes a ``task`` prompt with, in the ``think``
+  form; the first, (0, 0), is the one evaluators and the teacher's scorer ask by default."""
+  hints = _COT_HINTS if think else _ANSWER_HINTS
+  return [(p, h) for p in range(len(_PROMPTS[task])) for h in range(len(hints))]
+
+
 def template_texts() -> list[str]:
   """Every prompt phrasing and hint with every label word filled in (tokenizer corpus)."""
   out = list(_COT_HINTS) + list(_ANSWER_HINTS) + list(INTENSITY_WORDS) + ['none']
