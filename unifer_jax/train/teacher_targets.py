@@ -72,14 +72,19 @@ def compute(config, batch_size: int = 64) -> tuple[dict[str, np.ndarray], int]:
   step = param_restore.newest_step(teacher.workdir)
   inputs = teacher.load()
 
-  scorers = {task: jax.jit(lambda inp, x, task=task: likelihood.label_log_likelihoods(
-      teacher.bind(inp), x, {task: inp['prompts'][task]})[task]) for task in TASKS}
   kind = distill_losses.feature_kind(config.distill)
 
   @jax.jit
-  def featurise(inp, x):
+  def encode(inp, x):
+    """The image path once per record: the LLM prefix both label tasks score from, and
+    the feature the loss regresses (None without a feature loss)."""
     model = teacher.bind(inp)
-    return distill_losses.teacher_feature(model, model.image_queries(x), kind)
+    queries = model.image_queries(x)
+    feature = distill_losses.teacher_feature(model, queries, kind) if kind else None
+    return model.llm_proj(queries), feature
+
+  scorers = {task: jax.jit(lambda inp, prefix, task=task: likelihood.candidate_log_likelihoods(
+      teacher.bind(inp), prefix, **inp['prompts'][task])) for task in TASKS}
 
   cfg = pipeline.resolve_config(config.input)
   pipe = pipeline.Pipeline(cfg, pipeline.STAGE_FORMATS['distill'], batch_size=batch_size,
@@ -88,24 +93,25 @@ def compute(config, batch_size: int = 64) -> tuple[dict[str, np.ndarray], int]:
   n = _num_records(config)
   table = {t: np.full((n, len(p.candidate_ids)), np.nan, np.float32)
            for t, p in teacher.prompts.items()}
-  pending = {t: ([], []) for t in TASKS}          # task -> (indices, images)
+  pending = {t: ([], []) for t in TASKS}          # task -> (indices, prefixes)
 
   def flush(task, final=False):
-    idx, imgs = pending[task]
+    idx, prefixes = pending[task]
     while len(idx) >= batch_size or (final and idx):
       take = min(batch_size, len(idx))
-      x = np.stack(imgs[:take])
+      x = np.stack(prefixes[:take])
       if take < batch_size:                        # one compiled shape: pad by repetition
         x = np.concatenate([x, np.repeat(x[-1:], batch_size - take, axis=0)])
       table[task][idx[:take]] = np.asarray(scorers[task](inputs, x))[:take]
-      del idx[:take], imgs[:take]
+      del idx[:take], prefixes[:take]
 
   start, shown = time.monotonic(), 0.0
   for b in range(pipe.num_batches):
     batch = next(pipe)
     rows = np.flatnonzero(batch['valid'] > 0)
+    prefix, feature = jax.device_get(encode(inputs, batch['image']))
     if kind:
-      feature = np.asarray(featurise(inputs, batch['image']))[rows].astype(np.float16)
+      feature = feature[rows].astype(np.float16)
       if 'feature' not in table:
         table['feature'] = np.zeros((n, *feature.shape[1:]), np.float16)
       table['feature'][batch['_index'][rows]] = feature
@@ -113,7 +119,7 @@ def compute(config, batch_size: int = 64) -> tuple[dict[str, np.ndarray], int]:
       for task, key in TASKS.items():
         if batch[key][row] >= 0:
           pending[task][0].append(int(batch['_index'][row]))
-          pending[task][1].append(batch['image'][row])
+          pending[task][1].append(prefix[row])
     for task in TASKS:
       flush(task)
     elapsed = time.monotonic() - start
