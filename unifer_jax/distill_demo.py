@@ -100,17 +100,19 @@ def run_distill_and_export(workdir: str | Path, overrides=(), test: dict | None 
                            teacher_lib.read_config(workdir / 'instruct').input.tokenizer)
   asked = jax.jit(lambda p, x, prompt: likelihood.label_distributions(
       teacher.bind({'params': p}), x, {'basic': prompt})['basic'])
-  label_pass = lambda p, x: asked(p, x, teacher_inputs['prompts']['basic'])
-  teacher_probs = _batches(lambda x: label_pass(teacher_inputs['params'], x), images, batch)
+  # The teacher's basic-label distribution, asked in the wording the student learnt from.
+  label_pass = lambda x, prompt=teacher_inputs['prompts']['basic']: asked(
+      teacher_inputs['params'], x, prompt)
+  teacher_probs = _batches(label_pass, images, batch)
   teacher_pred = teacher_probs.argmax(-1)
   top2 = np.sort(teacher_probs, -1)[:, -2:]
   decisive = top2[:, 1] - top2[:, 0] >= 0.5
-  mirrored_pred = _batches(lambda x: label_pass(teacher_inputs['params'], x),
-                           np.ascontiguousarray(images[:, :, ::-1]), batch).argmax(-1)
+  mirrored_pred = _batches(label_pass, np.ascontiguousarray(images[:, :, ::-1]),
+                           batch).argmax(-1)
   reworded = []   # the teacher's label agreement with itself, asked in its other wordings
   for phrasing, hint in instructions.prompt_variants('basic')[1:]:
     prompt = likelihood.label_prompt(tok, 'basic', phrasing=phrasing, hint=hint).arrays()
-    pred = _batches(lambda x, q=prompt: asked(teacher_inputs['params'], x, q), images, batch)
+    pred = _batches(lambda x, q=prompt: label_pass(x, q), images, batch)
     reworded.append(float(np.mean(pred.argmax(-1) == teacher_pred)))
 
   predict = jax.jit(student_fn.predict_fn(student))
@@ -127,7 +129,7 @@ def run_distill_and_export(workdir: str | Path, overrides=(), test: dict | None 
   if len(x) < batch:
     x = np.concatenate([x, np.repeat(x[-1:], batch - len(x), axis=0)])
   student_s = _seconds_per_image(predict, x)
-  likelihood_s = _seconds_per_image(lambda im: label_pass(teacher_inputs['params'], im), x)
+  likelihood_s = _seconds_per_image(label_pass, x)
   answer = lambda im: instruct_eval.answers(teacher.graphdef, teacher_inputs['params'], im,
                                             'basic', tok, batch_size=batch)
   generative_s = _seconds_per_image(answer, x, repeats=3)  # ~50 sequential decode steps
