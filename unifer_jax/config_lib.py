@@ -162,3 +162,11 @@ def keep_faces_in_place(c: ml_collections.ConfigDict) -> None:
   already; re-enable crops with ``--config.input.augment.crop_scale='(0.75, 1.0)'``."""
   c.input.augment.crop_scale = (1.0, 1.0)
   c.input.augment.crop_ratio = (1.0, 1.0)
+
+
+def flip_only(c: ml_collections.ConfigDict) -> None:
+  """Horizontal flips as the only augmentation: no colour jitter, no occlusion patches.
+  A flip keeps every label and leaves the face in place, so it costs a short from-scratch
+  schedule nothing; the corpus already renders lighting and occluders of its own."""
+  c.input.augment.enabled = True
+  c.input.augment.update(dict(brightness=0.0, contrast=0.0, saturation=0.0, occlusion=0.0))
