@@ -241,11 +241,16 @@ def test_cached_distill_trains_and_resumes(cached_config, tmp_path, capsys):
   assert last['step'] == 6 and np.isfinite(last['loss'])
 
 
-def test_cached_targets_refuse_augmented_views(cached_config, tmp_path):
+def test_cached_targets_refuse_augmented_views_but_flips(cached_config, tmp_path):
   config = cached_config.copy_and_resolve_references()
-  config.input.augment.enabled = True
-  with pytest.raises(ValueError, match='augment.enabled=False'):
+  config.input.augment.enabled = True        # the defaults: colour jitter, occlusion, flips
+  with pytest.raises(ValueError, match='augment.enabled=False or flips'):
     teacher_targets.load_or_compute(config, tmp_path)
+  config_lib.flip_only(config)
+  teacher_targets.check_config(config)       # a mirror image keeps the stored face's label
+  config.input.augment.crop_scale = (0.75, 1.0)
+  with pytest.raises(ValueError, match='crops, colour and occlusion'):
+    teacher_targets.check_config(config)
 
 
 def test_the_demo_distill_export_report_on_a_tiny_teacher(cached_config, teacher_workdir,

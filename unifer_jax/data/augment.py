@@ -96,6 +96,18 @@ def settings(augment: dict) -> dict:
   return {**DEFAULT_AUGMENT, **dict(augment)}
 
 
+def flips_only(augment: dict) -> bool:
+  """Whether training with ``config.input.augment`` changes an image by at most a
+  horizontal flip (or not at all): no crop, colour jitter or occlusion patch."""
+  aug = dict(augment)
+  if not aug.pop('enabled', True):
+    return True
+  aug = settings(aug)
+  return (tuple(aug['crop_scale']) == (1.0, 1.0) and tuple(aug['crop_ratio']) == (1.0, 1.0)
+          and aug['brightness'] == aug['contrast'] == aug['saturation'] == 0
+          and aug['occlusion'] == 0)
+
+
 def model_image(data, size: int, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
                 rng: np.random.Generator | None = None, augment: dict | None = None) -> np.ndarray:
   """float32 [size, size, 3]; augmented iff both `rng` and `augment` are given."""

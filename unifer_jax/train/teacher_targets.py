@@ -3,7 +3,8 @@
 
 Online distillation (the default) runs the teacher's label pass inside every train
 step, on the same augmented view the student sees. When the student sees the records
-as stored (``config.input.augment.enabled = False``) the teacher's answer for a record
+as stored (``config.input.augment.enabled = False``, or flips alone: a mirror image keeps
+its label, so the stored face's answer is taught for both) the teacher's answer for a record
 never changes, so asking again every epoch is waste: on the demo the teacher's pass is
 ~90 % of a distill step, and the student needs thousands of steps. Here the teacher
 scores every train record once -- the basic-label candidates for records with a basic
@@ -31,6 +32,7 @@ import jax
 import numpy as np
 
 from unifer_jax import sharding
+from unifer_jax.data import augment
 from unifer_jax.evaluators import likelihood
 from unifer_jax.train import distill_losses, param_restore, teacher as teacher_lib
 
@@ -39,10 +41,12 @@ TASKS = {'basic': 'expression', 'compound': 'compound'}   # task -> the record's
 
 
 def check_config(config) -> None:
-  if config.input.augment.get('enabled', False):
+  if not augment.flips_only(config.input.augment):
     raise ValueError("config.distill.targets='cached' needs config.input.augment.enabled="
-                     "False: cached targets are the teacher's answers for the stored "
-                     "records, not for augmented views (use targets='online')")
+                     "False or flips as its only augmentation (config_lib.flip_only): cached "
+                     "targets are the teacher's answers for the stored records, and a mirror "
+                     "image keeps its label, but crops, colour and occlusion change what the "
+                     "teacher would see (use targets='online')")
   if config.input.get('mixture'):
     raise ValueError("config.distill.targets='cached' reads one source; config.input.mixture "
                      "must be empty")
