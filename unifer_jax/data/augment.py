@@ -96,7 +96,7 @@ def settings(augment: dict) -> dict:
   return {**DEFAULT_AUGMENT, **dict(augment)}
 
 
-def flips_only(augment: dict) -> bool:
+def is_flips_only(augment: dict) -> bool:
   """Whether training with ``config.input.augment`` changes an image by at most a
   horizontal flip (or not at all): no crop, colour jitter or occlusion patch."""
   aug = dict(augment)

@@ -41,7 +41,7 @@ TASKS = {'basic': 'expression', 'compound': 'compound'}   # task -> the record's
 
 
 def check_config(config) -> None:
-  if not augment.flips_only(config.input.augment):
+  if not augment.is_flips_only(config.input.augment):
     raise ValueError("config.distill.targets='cached' needs config.input.augment.enabled="
                      "False or flips as its only augmentation (config_lib.flip_only): cached "
                      "targets are the teacher's answers for the stored records, and a mirror "
