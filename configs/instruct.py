@@ -32,10 +32,10 @@ def get_config(arg: str = 'demo'):
   c.input.task_weights = [2.0 if t == 'compound' else 1.0 for t in c.input.tasks]
   if demo:
     # From the generate checkpoint of a demo run, with compound x2 (held-out basic /
-    # compound, n = 400 / 316): 400 steps with flip/colour/occlusion 0.845 / 0.731,
-    # without any 0.883 / 0.769 (2026-12-02). The image path is frozen here and trained
-    # with flips only (configs/vision.py), so the flips stay.
-    config_lib.flip_only(c)
+    # compound, n = 400 / 316): 300 steps with flip/colour/occlusion 0.843 / 0.661;
+    # 400 steps with them 0.845 / 0.731, without them 0.883 / 0.769. The image path is
+    # frozen here and was trained un-augmented (configs/vision.py).
+    c.input.augment.enabled = False
     # The 2-10-layer CPU towers run their stacked layers as straight-line code (same
     # parameters and checkpoints as the scan): no zero-filled [L, ...] residual stacks
     # (~20 % of the step's op time in a profile) -- 0-6 % faster wall on the shared
