@@ -37,7 +37,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image, ImageDraw, ImageFont
 
-from data_prep import facs, render
+from data_prep import facs, render, tfds_writer
 from unifer_jax.data import faces, labels, schema
 
 NAME = 'synthetic_faces'
@@ -128,15 +128,18 @@ class SyntheticFaces(tfds.core.GeneratorBasedBuilder):
         metadata=tfds.core.MetadataDict(params=self.params))
 
   def _download_and_prepare(self, dl_manager, download_config):
-    # One pool for all splits: spawn (safe under threads) costs an import per worker.
-    if self.workers > 1:
-      with multiprocessing.get_context('spawn').Pool(self.workers) as self._pool:
-        try:
-          super()._download_and_prepare(dl_manager, download_config)
-        finally:
-          self._pool = None
-    else:
-      super()._download_and_prepare(dl_manager, download_config)
+    with tfds_writer.splits_in_memory(
+        NAME, f'--size {self.params["size"]} is too many faces for one corpus here; '
+        'prepare several with different --seed'):
+      # One pool for all splits: spawn (safe under threads) costs an import per worker.
+      if self.workers > 1:
+        with multiprocessing.get_context('spawn').Pool(self.workers) as self._pool:
+          try:
+            super()._download_and_prepare(dl_manager, download_config)
+          finally:
+            self._pool = None
+      else:
+        super()._download_and_prepare(dl_manager, download_config)
     order = (*SPLITS, 'basic', 'compound', 'occluded')
     self.info.metadata['counts'] = {k: self.tally[k] for k in order}
 

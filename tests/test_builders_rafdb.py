@@ -113,3 +113,18 @@ def test_rafdb_src_layout_errors(tmp_path):
     registry.prepare('raf', tmp_path, tmp_path / 'out')
   with pytest.raises(ValueError, match='no configs'):
     registry.prepare('rafdb/8class', tmp_path, tmp_path / 'out')
+
+
+def test_a_split_past_the_writer_budget_names_beam(tmp_path, monkeypatch):
+  # The source builders' non-Beam path holds each split in tfds' writer buffer (see
+  # data_prep/tfds_writer.py); a split larger than the budget is an error that says Beam.
+  from tensorflow_datasets.core import shuffle as tfds_shuffle
+  from data_prep import tfds_writer
+  src, out = tmp_path / 'RAF-DB', tmp_path / 'out'
+  base, lines = _fixture(str(src), 'basic', [1 + i % 7 for i in range(12)])
+  u.write(f'{base}/EmoLabel/list_patition_label.txt', '\n'.join(lines) + '\n')
+  monkeypatch.setattr(tfds_shuffle, 'MAX_MEM_BUFFER_SIZE', 2_000)
+  assert registry.prepare('rafdb', src, out).written == {'test': 3, 'train': 9}
+  monkeypatch.setattr(tfds_writer, 'memory_budget', lambda: 2_000)
+  with pytest.raises(ValueError, match=r'rafdb: a split outgrew .*--runner DirectRunner'):
+    registry.prepare('rafdb', src, tmp_path / 'out2')

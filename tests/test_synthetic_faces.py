@@ -272,3 +272,18 @@ def test_prepare_round_trip(tmp_path):
   assert sf.prepare(again, size=300, seed=5, samples=False) == counts
   sf.prepare(again, size=300, seed=6, workers=1, samples=False)
   assert _array_record_bytes(again) != _array_record_bytes(out)
+
+
+def test_prepare_holds_a_split_past_tfds_default_buffer(tmp_path, monkeypatch):
+  # tfds spills a split larger than its buffer to disk through TensorFlow (not installed):
+  # with the buffer shrunk below one split, preparing works only because the builder
+  # raises it; past our own budget the error names the size and what to do instead.
+  from tensorflow_datasets.core import shuffle as tfds_shuffle
+  from data_prep import tfds_writer
+  monkeypatch.setattr(tfds_shuffle, 'MAX_MEM_BUFFER_SIZE', 20_000)
+  counts = sf.prepare(tmp_path / 'ok', size=60, seed=1, workers=1, samples=False)
+  assert counts['train'] == 48 and tfds_shuffle.MAX_MEM_BUFFER_SIZE == 20_000
+  monkeypatch.setattr(tfds_writer, 'memory_budget', lambda: 20_000)
+  with pytest.raises(ValueError, match=r'synthetic_faces: a split outgrew .*--size 60 '):
+    sf.prepare(tmp_path / 'big', size=60, seed=1, workers=1, samples=False)
+  assert not (tmp_path / 'big' / 'synthetic_faces' / '1.0.0').exists()

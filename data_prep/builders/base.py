@@ -20,6 +20,7 @@ import os
 import tensorflow_datasets as tfds
 from etils import epath
 
+from data_prep import tfds_writer
 from data_prep.builders import common
 from unifer_jax.data import schema
 
@@ -63,13 +64,18 @@ class SourceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         metadata=tfds.core.MetadataDict())
 
   def _download_and_prepare(self, dl_manager, download_config):
-    if self.workers > 1 and not self.beam:
-      # spawn: safe under threads; workers import only the tfds-free source modules.
-      with multiprocessing.get_context('spawn').Pool(self.workers) as self._pool:
-        super()._download_and_prepare(dl_manager, download_config)
-      self._pool = None
-    else:
+    if self.beam:
       super()._download_and_prepare(dl_manager, download_config)
+    else:
+      with tfds_writer.splits_in_memory(self.name, 'prepare it with Beam (--runner '
+                                        'DirectRunner --workers N)'):
+        if self.workers > 1:
+          # spawn: safe under threads; workers import only the tfds-free source modules.
+          with multiprocessing.get_context('spawn').Pool(self.workers) as self._pool:
+            super()._download_and_prepare(dl_manager, download_config)
+          self._pool = None
+        else:
+          super()._download_and_prepare(dl_manager, download_config)
     if self.beam:   # the pipeline has run: collect the tallies its splits wrote
       for f in self.data_path.glob(_TALLY_FILE.format(split='*')):
         self.tally.merge(common.Tally.from_json(json.loads(f.read_text())))
