@@ -35,8 +35,10 @@ width 96 / depth 3 0.864, at width 128 / depth 4 (4x slower) 0.848; T=0.25 0.860
 0.885; a teacher tuned with half its CoT-task examples answer-only 0.892, tuned 800 steps
 instead of 400 (decisive on 0.735) 0.877. Flips for the student (the stored face's answer
 on its mirror image, config_lib.flip_only), 2026-12-04: on the `make demo` teacher 0.890
-vs 0.901, on a flip-trained teacher of the slower kind 0.887 vs 0.871 (not kept). Online
-targets with augmentation, 300 steps: 0.349.
+vs 0.901, on a flip-trained teacher of the slower kind 0.887 vs 0.871 (not kept). A 3.25x
+transfer set (a second corpus, 52 000 train faces of seed 1, the `make demo` teacher's
+targets): 0.906, at 3000 steps 0.911 (the student right on 0.899). Online targets with
+augmentation, 300 steps: 0.349.
 `agree_basic` and `teacher_acc_basic` in metrics.jsonl show both on training batches.
 Args: the student preset: demo (64 px / patch 16, 4 x 128) or tiny (tests).
 """
