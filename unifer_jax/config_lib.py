@@ -165,8 +165,9 @@ def keep_faces_in_place(c: ml_collections.ConfigDict) -> None:
 
 
 def flip_only(c: ml_collections.ConfigDict) -> None:
-  """Horizontal flips as the only augmentation: no colour jitter, no occlusion patches.
-  A flip keeps every label and leaves the face in place, so it costs a short from-scratch
-  schedule nothing; the corpus already renders lighting and occluders of its own."""
+  """Horizontal flips as the only augmentation: no colour jitter, no occlusion patches
+  (crops are a separate switch, keep_faces_in_place). A flip keeps every label, so cached
+  distill targets accept it (train/teacher_targets.py). The demo stages train without it:
+  it did not win across data orders (configs/vision.py)."""
   c.input.augment.enabled = True
   c.input.augment.update(dict(brightness=0.0, contrast=0.0, saturation=0.0, occlusion=0.0))

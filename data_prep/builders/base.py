@@ -13,6 +13,7 @@ the dataset's metadata, and fails -- leaving no dataset behind -- when more than
 `max_skip_fraction` of the inputs were skipped.
 """
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -64,18 +65,16 @@ class SourceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         metadata=tfds.core.MetadataDict())
 
   def _download_and_prepare(self, dl_manager, download_config):
-    if self.beam:
-      super()._download_and_prepare(dl_manager, download_config)
-    else:
-      with tfds_writer.splits_in_memory(self.name, 'prepare it with Beam (--runner '
-                                        'DirectRunner --workers N)'):
-        if self.workers > 1:
-          # spawn: safe under threads; workers import only the tfds-free source modules.
-          with multiprocessing.get_context('spawn').Pool(self.workers) as self._pool:
-            super()._download_and_prepare(dl_manager, download_config)
-          self._pool = None
-        else:
+    writer_memory = contextlib.nullcontext() if self.beam else tfds_writer.splits_in_memory(
+        self.name, 'prepare it with Beam (--runner DirectRunner --workers N)')
+    with writer_memory:
+      if self.workers > 1 and not self.beam:
+        # spawn: safe under threads; workers import only the tfds-free source modules.
+        with multiprocessing.get_context('spawn').Pool(self.workers) as self._pool:
           super()._download_and_prepare(dl_manager, download_config)
+        self._pool = None
+      else:
+        super()._download_and_prepare(dl_manager, download_config)
     if self.beam:   # the pipeline has run: collect the tallies its splits wrote
       for f in self.data_path.glob(_TALLY_FILE.format(split='*')):
         self.tally.merge(common.Tally.from_json(json.loads(f.read_text())))

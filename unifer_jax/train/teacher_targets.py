@@ -1,10 +1,10 @@
-"""Teacher targets computed once, for distilling on un-augmented views
+"""Teacher targets computed once, for distilling on the stored (or mirrored) faces
 (``config.distill.targets = 'cached'``).
 
-Online distillation (the default) runs the teacher's label pass inside every train
-step, on the same augmented view the student sees. When the student sees the records
-as stored (``config.input.augment.enabled = False``, or flips alone: a mirror image keeps
-its label, so the stored face's answer is taught for both) the teacher's answer for a record
+Online distillation (the default) runs the teacher's label pass inside every train step,
+on the same augmented view the student sees. When the student sees the records as stored
+(``config.input.augment.enabled = False``, or flips alone: a mirror image keeps its
+label, so the stored face's answer is taught for both) the teacher's answer for a record
 never changes, so asking again every epoch is waste: on the demo the teacher's pass is
 ~90 % of a distill step, and the student needs thousands of steps. Here the teacher
 scores every train record once -- the basic-label candidates for records with a basic
