@@ -52,7 +52,8 @@ STUDENTS = {
     # 16 patches of 16 px at the demo teacher's 64 px: the encoder costs ~1/50 of the
     # teacher's ViT + Q-Former + LLM label pass.
     'demo': dict(image_size=64, patch_size=16, width=128, depth=4, heads=4, mlp_dim=256),
-    'tiny': dict(image_size=32, patch_size=16, width=32, depth=1, heads=2, mlp_dim=64),
+    'tiny': dict(image_size=32, patch_size=16, width=32, depth=1, heads=2, mlp_dim=64,
+                 stem='conv', stem_channels=(4, 8, 8, 16)),
 }
 
 

@@ -190,6 +190,8 @@ def test_our_own_model_to_hf_without_pooler(tmp_path):
   assert not back.pooler and back.act == 'gelu_tanh' and back.layer_norm_eps == 1e-6
   with pytest.raises(hf_io.ConversionError, match="pool='map'"):
     vision.hf_config_from(vit.default_config(variant='clip', pool='map'))
+  with pytest.raises(hf_io.ConversionError, match="stem='conv'"):
+    vision.hf_config_from(vit.default_config(stem='conv', stem_channels=(8, 16, 32, 64)))
 
 
 def test_bad_checkpoint_reports_every_problem_by_name(tmp_root, tmp_path):

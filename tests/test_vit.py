@@ -12,6 +12,8 @@ from unifer_jax import sharding
 from unifer_jax.models import student as student_lib
 from unifer_jax.models import vit
 
+import model_util
+
 TINY = dict(image_size=32, patch_size=8, width=32, depth=2, heads=4, mlp_dim=64)
 IMAGES = np.random.RandomState(0).randn(2, 32, 32, 3).astype(np.float32)
 
@@ -197,3 +199,41 @@ def test_student_full_size_is_vit_tiny():
   assert 5.0e6 < n < 6.0e6, n  # ViT-Ti is ~5.7M parameters
   with pytest.raises(ValueError, match="pool='none'"):
     student_lib.Student(student_lib.default_config(encoder=dict(pool='none')), rngs=nnx.Rngs(0))
+
+
+def test_conv_stem_is_strided_convs_layernorm_gelu_then_the_patch_embedding():
+  """A 2-conv stem (patch 4) against a hand-written numpy pass: 3x3 stride-2 'SAME'
+  correlations (XLA pads 0 before, 1 after on even sizes), LayerNorm, erf-GELU per conv,
+  then the patch embedding per position in row-major order, plus cls and positions."""
+  from scipy.special import erf
+  cfg = tiny(patch_size=4, stem='conv', stem_channels=(5, 6), variant='vit')
+  model = model_util.random_module(lambda: vit.ViT(cfg, rngs=nnx.Rngs(0)), seed=3, scale=0.5)
+  p = jax.tree.map(np.asarray, pure(model))
+  x = IMAGES.astype(np.float64)
+  for k in range(2):
+    kernel, norm = p['stem']['kernels'][k], p['stem']['norms'][k]
+    b, h, w, _ = x.shape
+    padded = np.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
+    y = np.zeros((b, h // 2, w // 2, kernel.shape[-1]))
+    for i in range(3):
+      for j in range(3):
+        y += padded[:, i:i + h - 1:2, j:j + w - 1:2] @ kernel[i, j]
+    mean, var = y.mean(-1, keepdims=True), y.var(-1, keepdims=True)
+    y = (y - mean) / np.sqrt(var + cfg.layer_norm_eps) * norm['scale'] + norm['bias']
+    x = 0.5 * y * (1 + erf(y / np.sqrt(2)))
+  tokens = x.reshape(2, 64, 6) @ p['patch_embed']['kernel'] + p['patch_embed']['bias']
+  cls = np.broadcast_to(p['cls_token'], (2, 1, 32))
+  expected = np.concatenate([cls, tokens], 1) + p['pos_embed']
+  got = np.asarray(jax.jit(lambda m, im: m.embed(im))(model, IMAGES))
+  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+  assert run(model)[0].shape == (2, 65, 32)
+  axes = sharding.logical_axes(nnx.state(model, nnx.Param))
+  assert tuple(axes['stem']['kernels'][0]) == (None, None, 'stem', 'stem')
+  assert tuple(axes['patch_embed']['kernel']) == ('patch', 'embed')
+
+
+def test_conv_stem_config_errors():
+  with pytest.raises(ValueError, match=r'stem_channels=\(8,\).*patch_size=8'):
+    vit.ViT(tiny(stem='conv', stem_channels=(8,)), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="vit.stem='hybrid'"):
+    vit.ViT(tiny(stem='hybrid'), rngs=nnx.Rngs(0))

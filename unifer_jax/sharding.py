@@ -45,6 +45,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ('kv_heads', 'tensor'),
     ('vocab', 'tensor'),
     ('patch', None),
+    ('stem', None),  # conv-stem channels (vit.ConvStem): small, replicated
     ('layers', None),
     ('norm', None),
     ('queries', None),

@@ -119,6 +119,8 @@ def config_from_hf(hf_config: dict) -> ml_collections.ConfigDict:
 
 def _check_exportable(cfg) -> None:
   problems = []
+  if cfg.get('stem', 'patch') != 'patch':
+    problems.append(f"stem={cfg.stem!r} (HF vision towers patchify with one conv)")
   if cfg.variant != 'vit' and not cfg.qkv_bias:
     problems.append(f'qkv_bias=False (HF {_HF_CLASS[cfg.variant]} always has q/k/v biases)')
   if cfg.pool == 'map' and cfg.variant != 'siglip':

@@ -79,10 +79,10 @@ def unrolled(student: TrainedStudent) -> tuple[Any, Any]:
   flat = {}
   for path, a in optim.flat(nnx.to_pure_dict(param_state)).items():
     parts = path.split('/')
-    layer = next((i for i, p in enumerate(parts) if p.isdigit()), None)
-    if layer is None:
+    if path in stacked:  # not in the layer stack (lists such as the conv stem's included)
       value = stacked[path]
     else:  # 'encoder/blocks/3/mlp/...' is row 3 of the scanned 'encoder/blocks/mlp/...'
+      layer = next(i for i, p in enumerate(parts) if p.isdigit())
       value = stacked['/'.join(parts[:layer] + parts[layer + 1:])][int(parts[layer])]
     if tuple(value.shape) != tuple(a.shape):
       raise ValueError(f'unrolling {path}: {value.shape} vs {a.shape}')
