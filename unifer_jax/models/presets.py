@@ -1,11 +1,11 @@
 """Model presets: named UniFER sizes, each a full model ConfigDict.
 
-| preset | vision            | Q-Former                  | LLM                             | use |
-|--------|-------------------|---------------------------|---------------------------------|-----|
-| tiny   | 32 px, 2x32       | 2x32, 4 queries           | 2x32, vocab 128                 | unit tests |
-| demo   | 64 px /8, 4x128   | 2x128, 16 queries         | 4x192, GQA 4:2, vocab 2048      | `unifer demo` on CPU, minutes |
-| base   | ViT-B/16 224      | BERT-base, 32 queries     | ~1.2B Llama-3.2-1B shape        | first real runs |
-| 7b     | ViT-L/14 224      | BERT-base, 32 queries     | Llama-2-7B shape                | pod runs |
+| preset | vision                     | Q-Former              | LLM                        | use |
+|--------|----------------------------|-----------------------|----------------------------|-----|
+| tiny   | 32 px, 2x32                | 2x32, 4 queries       | 2x32, vocab 128            | unit tests |
+| demo   | 64 px /8, conv stem, 4x128 | 2x128, 16 queries     | 4x192, GQA 4:2, vocab 2048 | `unifer demo` on CPU, minutes |
+| base   | ViT-B/16 224               | BERT-base, 32 queries | ~1.2B Llama-3.2-1B shape   | first real runs |
+| 7b     | ViT-L/14 224               | BERT-base, 32 queries | Llama-2-7B shape           | pod runs |
 
 `python -m unifer_jax.cli params --preset tiny demo base 7b` (or `make params`) prints
 their parameter counts, built abstractly with `jax.eval_shape` (nothing allocated).
@@ -62,7 +62,10 @@ def get(name: str) -> ml_collections.ConfigDict:
     # Sized for the 2-core CPU demo (~25 align / ~40 instruct samples per CPU-second):
     # the Q-Former runs 6 passes per align sample (ITC x2, ITM x3, ITG), so it stays small.
     return _unifer(
-        _vit(image_size=64, patch_size=8, width=128, depth=4, heads=4, mlp_dim=512),
+        # A conv stem: the from-scratch tower reads the faint mouth-corner cues that
+        # separate contempt from neutral (vit.ConvStem).
+        _vit(image_size=64, patch_size=8, width=128, depth=4, heads=4, mlp_dim=512,
+             stem='conv', stem_channels=(32, 64, 128)),
         _qformer(hidden=128, depth=2, heads=4, mlp_dim=512, num_queries=16,
                  cross_attention_freq=1, vocab_size=2048, max_position=128),
         _llm(vocab_size=2048, hidden=192, depth=4, heads=4, kv_heads=2, head_dim=48,
