@@ -7,9 +7,10 @@ freeze it with `--config.freeze='^(vit|llm|llm_proj)(/|$)'`.
 
 Expected (demo preset, from configs/vision.py's checkpoint, 2-core CPU, ~4 min): ITC
 well below ln(batch) = 3.47 (2.1 at step 400); zero-shot accuracy over the 8 basic classes
-from text prompts 0.804 on the held-out split, retrieval R@1 0.04 (`unifer demo` from
-a fresh clone, 2026-12-02; goal >= 70 %). On another machine the same command gave
-0.534, and 0.667 with --config.seed=1 (2026-12-03): the from-scratch towers make the
+from text prompts 0.670 on the held-out split, retrieval R@1 0.03 (`unifer demo` from
+a fresh clone, 2026-12-06, conv-stem ViT; goal >= 70 %; 0.795 after a 1000-step instead
+of 1500-step vision stage). With the patchify ViT: 0.804 (2026-12-02), and on another
+machine 0.534, 0.667 with --config.seed=1 (2026-12-03): the from-scratch towers make the
 result vary run to run.
 Args: the model preset (default demo).
 """
