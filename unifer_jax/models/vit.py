@@ -198,7 +198,8 @@ class ViT(nnx.Module):
     # A conv with stride = kernel = patch is a Dense over flattened (row, col, channel)
     # patches; the converter reorders HF's [out, in, kh, kw] conv weight to match. After
     # a conv stem it projects each position's channels.
-    patch_features = cfg.stem_channels[-1] if self.stem else p * p * cfg.num_channels
+    patch_features = (cfg.stem_channels[-1] if self.stem is not None
+                      else p * p * cfg.num_channels)
     self.patch_embed = layers.Dense(patch_features, d, axes=('patch', 'embed'),
                                     use_bias=cfg.variant != 'clip', **kw)
     self.cls_token = (layers.param(rngs, layers.default_kernel_init, (d,), ('embed',), pd)
