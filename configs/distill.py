@@ -73,6 +73,9 @@ def get_config(arg: str = 'demo'):
     # an online step, and the student needs thousands of steps.
     c.input.augment.enabled = False
     c.distill.targets = 'cached'
+    # ~10 epochs of fixed faces: decoded once (data/memory_table.py), the PNG decode was
+    # ~40 % of a step.
+    c.input.cache = True
     # Regress the teacher's LLM prefix (16 queries x 192 for the demo teacher): the
     # student learns the features the teacher's answer is read from, not only the answer.
     c.model.feature_dim = 16 * 192

@@ -33,4 +33,6 @@ def get_config(arg: str = 'demo'):
     # patches, 0.908 / 0.750 with none. Align keeps them (its ITC needs them: zero-shot
     # 0.50 when align ran without, 0.80 with, both from the un-augmented tower).
     c.input.augment.enabled = False
+    # Fixed examples, three epochs: decode each face once (data/memory_table.py).
+    c.input.cache = True
   return c

@@ -111,22 +111,42 @@ def is_flips_only(augment: dict) -> bool:
 def model_image(data, size: int, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
                 rng: np.random.Generator | None = None, augment: dict | None = None) -> np.ndarray:
   """float32 [size, size, 3]; augmented iff both `rng` and `augment` are given."""
+  if rng is None or augment is None:
+    return normalise(stored_pixels(data, size), mean, std)
+  aug = settings(augment)
+  img = _decoded(data, size)
+  box = random_box(*img.size, rng, aug['crop_scale'], aug['crop_ratio'])
+  x = np.asarray(img.resize((size, size), Image.BILINEAR, box=box), np.float32) / 255.0
+  if rng.random() < aug['flip']:
+    x = x[:, ::-1]
+  x = _jitter(x, rng, aug['brightness'], aug['contrast'], aug['saturation'])
+  if rng.random() < aug['occlusion']:
+    x = _occlude(x, rng, aug['occlusion_size'])
+  return _standardise(x, mean, std)
+
+
+def stored_pixels(data, size: int) -> np.ndarray:
+  """uint8 [size, size, 3]: the centre square resized, what ``model_image`` normalises
+  when it does not augment (memory_table.py keeps these, a quarter of the floats' bytes)."""
+  img = _decoded(data, size)
+  return np.asarray(img.resize((size, size), Image.BILINEAR, box=centre_box(*img.size)))
+
+
+def normalise(pixels: np.ndarray, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)) -> np.ndarray:
+  """uint8 [..., 3] -> float32 ``(x / 255 - mean) / std``, one image or a batch (the same
+  float32 operations either way, so a batch equals its images normalised one by one)."""
+  return _standardise(np.asarray(pixels).astype(np.float32) / 255.0, mean, std)
+
+
+def _decoded(data, size: int) -> Image.Image:
   img = decode(data)
-  train = rng is not None and augment is not None
-  if train:
-    aug = settings(augment)
   if hasattr(img, 'draft') and img.format == 'JPEG':
     # DCT-domain downscaling: a 1000 px JPEG decodes at 1/2..1/8 size, still >= needed.
     img.draft('RGB', (size * 2, size * 2))
-  w, h = img.size
-  box = random_box(w, h, rng, aug['crop_scale'], aug['crop_ratio']) if train else centre_box(w, h)
-  x = np.asarray(img.resize((size, size), Image.BILINEAR, box=box), np.float32) / 255.0
-  if train:
-    if rng.random() < aug['flip']:
-      x = x[:, ::-1]
-    x = _jitter(x, rng, aug['brightness'], aug['contrast'], aug['saturation'])
-    if rng.random() < aug['occlusion']:
-      x = _occlude(x, rng, aug['occlusion_size'])
+  return img
+
+
+def _standardise(x: np.ndarray, mean, std) -> np.ndarray:
   mean = np.asarray(mean, np.float32)
   std = np.asarray(std, np.float32)
   return np.ascontiguousarray((x - mean) / std, dtype=np.float32)

@@ -109,6 +109,7 @@ class ExampleMaker:
   augment: dict | None = None       # None: no augmentation
   mean: tuple = (0.5, 0.5, 0.5)
   std: tuple = (0.5, 0.5, 0.5)
+  raw_pixels: bool = False          # 'image' as uint8 pixels, not normalised (memory_table.py)
 
   def __post_init__(self):
     if self.fmt not in FORMATS:
@@ -128,6 +129,8 @@ class ExampleMaker:
     self.task_weights = tuple(self.task_weights) or (1.0,) * len(self.tasks)
 
   def _image(self, record, rng):
+    if self.raw_pixels:
+      return augment.stored_pixels(record['image'], self.image_size)
     return augment.model_image(record['image'], self.image_size, self.mean, self.std,
                                rng=rng, augment=self.augment if rng is not None else None)
 

@@ -12,6 +12,9 @@ Graph (training)::
   -> random_map(read + decode + augment + template + tokenise + pad)   (rng = f(seed, p, position))
   -> batch(global_batch / P, drop_remainder) -> to_iter_dataset(threads) [-> mp_prefetch(workers)]
 
+With ``cache=True`` (fixed examples only: memory_table.py) the records are decoded once
+and the graph is mix -> batch(record indices) -> gather from the decoded table.
+
 p / P are this process's index / the process count (jax's, or explicit ``shard``), so
 processes read disjoint interleaved shards. Everything random is a pure function of
 (seed, p, position), so batch k of a process is fixed: resuming from the saved state
@@ -37,7 +40,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from unifer_jax.data import augment, examples, instructions, sources
+from unifer_jax.data import augment, examples, instructions, memory_table, sources
 from unifer_jax.data import tokenizer as tokenizer_lib
 from unifer_jax.models import presets
 
@@ -69,6 +72,7 @@ def default_input_config() -> ml_collections.ConfigDict:
       task_weights=[],             # per task; empty = uniform (over the tasks a record has)
       lm_caption_fraction=0.5,     # lm format: captions vs instruction texts
       augment=dict(enabled=True, **{k: v for k, v in augment.DEFAULT_AUGMENT.items()}),
+      cache=False,                 # decode once, keep in memory (memory_table.py; eval format)
       workers=0,                   # grain worker processes (0 = in-process threads only)
       threads=2,                   # grain read threads per process / worker
       prefetch=4,                  # batches buffered per reader
@@ -160,6 +164,7 @@ class Pipeline:
     if not 0 <= self.shard[0] < self.shard[1]:
       raise ValueError(f'shard {self.shard} must be (index, count) with 0 <= index < count')
     tok, text_tok = tokenizers if tokenizers is not None else load_tokenizers(cfg, fmt)
+    memory_table.check_cacheable(cfg, fmt, train)
     aug = dict(cfg.augment)
     enabled = aug.pop('enabled', True)
     aug = augment.settings(aug)
@@ -193,6 +198,10 @@ class Pipeline:
       parts.append(ds.map(functools.partial(_tag, j)))
     ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(
         parts, [w for _, w in self.mixture])
+    if self.cfg.cache:   # the same rows per batch, gathered from decoded examples
+      tables = [memory_table.Table(src, self.maker, self.shard, j, self.mixture[j][0],
+                                   threads=int(self.cfg.threads)) for j, src in enumerate(srcs)]
+      return ds.batch(self.batch_size, drop_remainder=True).map(memory_table.Gather(tables))
     ds = ds.random_map(_Transform(srcs, self.maker),
                        seed=_seed(self.cfg.seed, 2, p))
     return ds.batch(self.batch_size, drop_remainder=True)
