@@ -1,12 +1,18 @@
 """Stage losses on tiny hand-computed cases: ITC, ITM hard-negative sampling, ITG masks,
-answer-only LM loss."""
+answer-only LM loss; the align weights from the config (a zero ITM is not computed)."""
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+from flax import nnx
 
+from unifer_jax.models import presets
+from unifer_jax.models.unifer import UniFER
 from unifer_jax.train import align_losses as al
 from unifer_jax.train import losses
+
+import model_util
 
 
 def _log_softmax(x, axis=-1):
@@ -153,3 +159,26 @@ def test_target_nll_equals_the_full_projection_for_every_target_count():
       assert float(want_aux['token_acc']) > 0 or not mask.sum()
       jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7),
                    got_g, want_g)
+
+
+def test_align_weights_from_the_config_and_a_zero_itm_is_not_computed():
+  cfg = presets.get('tiny')
+  model = model_util.random_module(lambda: UniFER(cfg, rngs=nnx.Rngs(0)))
+  rng = np.random.default_rng(0)
+  b, t = 4, 8
+  ids = rng.integers(3, cfg.qformer.vocab_size, (b, t)).astype(np.int32)
+  batch = {'image': jnp.asarray(rng.standard_normal((b, 32, 32, 3)), jnp.float32),
+           'text_ids': jnp.asarray(ids), 'text_mask': jnp.ones((b, t), jnp.int32),
+           'itg_ids': jnp.asarray(ids)}
+  config = ml_collections.ConfigDict({'align': {'weights': {'itc': 1.0, 'itm': 1.0,
+                                                            'itg': 0.5}}})
+  key = jax.random.key(0)
+  loss, aux = losses.get('align', config)(model, batch, key)
+  np.testing.assert_allclose(loss, aux['itc'] + aux['itm'] + 0.5 * aux['itg'], rtol=1e-6)
+  config.align.weights.itm = 0.0
+  off_loss, off = losses.get('align', config)(model, batch, key)
+  assert 'itm' not in off and 'itm_acc' not in off
+  np.testing.assert_allclose(off_loss, aux['itc'] + 0.5 * aux['itg'], rtol=1e-6)
+  # Without a config the registry's function keeps BLIP-2's three equal weights.
+  full, _ = losses.get('align')(model, batch, key)
+  np.testing.assert_allclose(full, aux['itc'] + aux['itm'] + aux['itg'], rtol=1e-6)

@@ -99,7 +99,7 @@ def train(config, workdir: str | Path) -> dict:
   # ------------------------------------------------------------------------------ #
   # Step                                                                            #
   # ------------------------------------------------------------------------------ #
-  loss_fn = losses.get(config.stage)
+  loss_fn = losses.get(config.stage, config)
   batch_spec = data.batch_spec()
   train_step = step_lib.compile_step(setup, loss_fn, batch_spec)
   traced = train_step.trace(*step_lib.abstract_args(setup, batch_spec))

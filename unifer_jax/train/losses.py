@@ -10,6 +10,7 @@ text token (the image-prefix positions are never projected onto the vocabulary; 
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -87,7 +88,12 @@ LOSSES: dict[str, Callable] = {
 }
 
 
-def get(stage: str) -> Callable:
+def get(stage: str, config=None) -> Callable:
+  """The stage's loss; with ``config``, bound to its settings (``config.align.weights``)."""
   if stage not in LOSSES:
     raise KeyError(f'config.stage={stage!r}; stages with a loss: {sorted(LOSSES)}')
-  return LOSSES[stage]
+  fn = LOSSES[stage]
+  if stage == 'align' and config is not None and 'align' in config:
+    w = config.align.weights
+    fn = functools.partial(fn, weights=(float(w.itc), float(w.itm), float(w.itg)))
+  return fn

@@ -34,7 +34,7 @@ class StepCost:
 def trace_step(config, mesh, batch_spec: dict):
   """(Setup, the traced jitted train step) for ``config`` on ``mesh``."""
   setup = state_lib.build(config, mesh)
-  jitted = step_lib.compile_step(setup, losses.get(config.stage), batch_spec)
+  jitted = step_lib.compile_step(setup, losses.get(config.stage, config), batch_spec)
   return setup, jitted.trace(*step_lib.abstract_args(setup, batch_spec))
 
 
