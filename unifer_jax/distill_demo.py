@@ -16,8 +16,9 @@ and measures on the held-out split:
   of them), ``teacher_mirror_consistency``: how often the teacher gives a face and its
   mirror image the same label (basic expressions are left-right symmetric labels, so a
   teacher that changes its mind under a flip is undecided there), and
-  ``teacher_reworded_agreement`` (mean, and ``_min``): how often its label stays the same
-  when the question is asked in the other wordings instruction tuning used
+  ``teacher_reworded_agreement`` (mean, and ``_min``; first 256 faces): how often its
+  label stays the same when the question is asked in the other wordings instruction
+  tuning used
   (``instructions.prompt_variants``). The student is scored against one wording; where
   the teacher agrees with itself less often than the goal asks of the student, its label
   depends on the words as well as the face;
@@ -109,11 +110,13 @@ def run_distill_and_export(workdir: str | Path, overrides=(), test: dict | None 
   decisive = top2[:, 1] - top2[:, 0] >= 0.5
   mirrored_pred = _batches(label_pass, np.ascontiguousarray(images[:, :, ::-1]),
                            batch).argmax(-1)
-  reworded = []   # the teacher's label agreement with itself, asked in its other wordings
+  # The teacher's label agreement with itself, asked in its other wordings: on the first
+  # 256 faces (SE <= 0.03; five more passes of the teacher over all of them cost ~15 s).
+  reworded, few = [], slice(0, 256)
   for phrasing, hint in instructions.prompt_variants('basic')[1:]:
     prompt = likelihood.label_prompt(tok, 'basic', phrasing=phrasing, hint=hint).arrays()
-    pred = _batches(lambda x, q=prompt: label_pass(x, q), images, batch)
-    reworded.append(float(np.mean(pred.argmax(-1) == teacher_pred)))
+    pred = _batches(lambda x, q=prompt: label_pass(x, q), images[few], batch)
+    reworded.append(float(np.mean(pred.argmax(-1) == teacher_pred[few])))
 
   predict = jax.jit(student_fn.predict_fn(student))
   student_pred = _batches(lambda x: predict(x)['basic'], images, batch).argmax(-1)
@@ -190,7 +193,7 @@ def markdown(r: dict) -> str:
       ('... on the faces where the teacher is decisive (margin >= 0.5; their fraction)',
        f'{f("student_teacher_agreement_decisive")} ({f("teacher_decisive_fraction")})'),
       ('teacher: same label for a face and its mirror image', f('teacher_mirror_consistency')),
-      ('teacher: same label when asked in its other trained wordings (mean / min)',
+      ('teacher: same label when asked in its other trained wordings (mean / min, 256 faces)',
        f'{f("teacher_reworded_agreement")} / {f("teacher_reworded_agreement_min")}'),
       ('student basic accuracy / teacher (likelihood) basic accuracy',
        f'{f("student_basic_acc")} / {f("teacher_likelihood_basic_acc")}'),
