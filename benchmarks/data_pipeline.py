@@ -15,7 +15,11 @@ Builds (or reuses) a synthetic_faces corpus at 112 px (the demo corpus's size) a
    file exists -- images/s after compile and a warm-up step;
 3. the ratio pipeline / step (target >= 3: the input must not be the bottleneck), and
    the step fed by the pipeline (the real loop's pattern: next batch, then step) vs the
-   step alone, which shows the contention on this 2-core box.
+   step alone, which shows the contention on this 2-core box;
+4. the `eval` format without augmentation (the vision and distill stages) decoded per
+   record vs from the decoded-once table (`config.input.cache`, data/memory_table.py):
+   this process's CPU ms per batch of 64 and the ratio (the table's one-off build time
+   printed apart).
 
 Prints numbers and ratios; asserts nothing. Expected on the 2-core CPU: the pipeline at
 several hundred images/s, the step at a few tens, ratio well above 3.
@@ -107,6 +111,28 @@ def step_rate(compiled, state, batch, iters: int):
   return BATCH * iters / (time.perf_counter() - t), state
 
 
+def cache_rates(data_dir: str, batches: int, batch: int = 64):
+  """CPU ms per `eval` batch, per-record decode vs the decoded-once table."""
+  cpu = {}
+  for cache in (False, True):
+    cfg = pipeline.default_input_config()
+    cfg.update(dict(data_dir=data_dir, cache=cache))
+    cfg.augment.enabled = False
+    t = time.perf_counter()
+    pl = pipeline.Pipeline(cfg, 'eval', batch_size=batch, image_size=IMAGE, shard=(0, 1),
+                           tokenizers=(None, None))
+    next(pl)
+    build = time.perf_counter() - t
+    c = time.process_time()
+    for _ in range(batches):
+      next(pl)
+    cpu[cache] = 1000 * (time.process_time() - c) / batches
+    pl.close()
+    print(f'eval format, batch {batch}, cache={cache}: {cpu[cache]:.1f} CPU ms per batch '
+          f'(set-up and first batch {build:.1f} s)')
+  print(f'ratio per-record / cached CPU per batch: {cpu[False] / cpu[True]:.1f}x')
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   ap.add_argument('--data_dir', default='')
@@ -145,6 +171,8 @@ def main():
         f'({BATCH / step_ips * 1000:.0f} ms/step)')
   for w, r in rates.items():
     print(f'ratio pipeline/step, {w} worker(s): {r / step_ips:6.1f}x   (target >= 3x)')
+
+  cache_rates(data_dir, args.batches)
 
   # The loop's pattern: fetch the next batch, then step, on the same cores.
   for w in (min(args.workers), max(args.workers)):
