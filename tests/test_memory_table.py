@@ -85,5 +85,4 @@ def test_cache_refuses_examples_that_change_between_epochs(corpus):
   cfg.update(dict(name=corpus['a'], cache=True))
   cfg.augment.enabled = False
   with pytest.raises(ValueError, match=r"format 'generate'"):
-    pipeline.Pipeline(cfg, 'generate', batch_size=8, image_size=SIZE, shard=(0, 1),
-                      tokenizers=(object(), None))
+    pipeline.Pipeline(cfg, 'generate', batch_size=8, image_size=SIZE, shard=(0, 1))

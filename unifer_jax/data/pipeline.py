@@ -163,8 +163,8 @@ class Pipeline:
     self.shard = shard or (jax.process_index(), jax.process_count())
     if not 0 <= self.shard[0] < self.shard[1]:
       raise ValueError(f'shard {self.shard} must be (index, count) with 0 <= index < count')
-    tok, text_tok = tokenizers if tokenizers is not None else load_tokenizers(cfg, fmt)
     memory_table.check_cacheable(cfg, fmt, train)
+    tok, text_tok = tokenizers if tokenizers is not None else load_tokenizers(cfg, fmt)
     aug = dict(cfg.augment)
     enabled = aug.pop('enabled', True)
     aug = augment.settings(aug)
