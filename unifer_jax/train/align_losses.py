@@ -99,13 +99,12 @@ def align_loss(model, batch: dict, rng: jax.Array, weights=(1.0, 1.0, 1.0)):
   b = sim.shape[0]
   i2t_acc = (sim.argmax(axis=1) == jnp.arange(b)) | positives[jnp.arange(b), sim.argmax(axis=1)]
   aux = {'itc': itc, 'itg': itg, 'temp': temp, 'itc_acc': i2t_acc.mean()}
-  loss = weights[0] * itc + weights[2] * itg
-  if weights[1]:   # weight 0: not computed (3B Q-Former passes, ~40 % of the demo's step)
-    # ITM with hard negatives mined from the similarity matrix.
-    neg_image, neg_text = sample_hard_negatives(sim, positives, rng)
-    itm_logits, itm_labels = itm_logits_and_labels(model, image_tokens, text_ids, text_mask,
-                                                   neg_image, neg_text)
-    itm = optax.softmax_cross_entropy_with_integer_labels(itm_logits, itm_labels).mean()
-    loss = loss + weights[1] * itm
-    aux.update(itm=itm, itm_acc=(itm_logits.argmax(-1) == itm_labels).mean())
-  return loss, aux
+  if not weights[1]:   # not computed: 3B Q-Former passes, ~40 % of the demo's step
+    return weights[0] * itc + weights[2] * itg, aux
+  # ITM with hard negatives mined from the similarity matrix.
+  neg_image, neg_text = sample_hard_negatives(sim, positives, rng)
+  itm_logits, itm_labels = itm_logits_and_labels(model, image_tokens, text_ids, text_mask,
+                                                 neg_image, neg_text)
+  itm = optax.softmax_cross_entropy_with_integer_labels(itm_logits, itm_labels).mean()
+  aux.update(itm=itm, itm_acc=(itm_logits.argmax(-1) == itm_labels).mean())
+  return weights[0] * itc + weights[1] * itm + weights[2] * itg, aux
