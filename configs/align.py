@@ -28,9 +28,10 @@ def get_config(arg: str = 'demo'):
   c.align = ml_collections.ConfigDict(dict(weights=dict(itc=1.0, itm=1.0, itg=1.0)))
   # The demo keeps ITM although it learns nothing on the built-in corpus (from step 50 to
   # 400 its loss averaged 0.637, the entropy of its 1:2 positive:negative prior, at
-  # accuracy 0.667, always "no match"): without it (`--config.align.weights.itm=0`, not
-  # computed) the step is 38 % cheaper (87 vs 53 images/s), but one demo from the same
-  # vision checkpoint ended with instructed compound accuracy 0.725 instead of 0.851
-  # (basic 0.938 vs 0.922, zero-shot 0.633 vs 0.670, student agreement 0.966 vs 0.956;
-  # 2026-12-06). One run each: a seed sweep has to say whether that is ITM or the run.
+  # accuracy 0.667, always "no match"). Without it (`--config.align.weights.itm=0`, not
+  # computed) the step is 38 % cheaper (87 vs 53 images/s). Demos from one vision
+  # checkpoint, 2026-12-06: ITM off read instructed basic / compound 0.938 / 0.725,
+  # zero-shot 0.633, student agreement 0.966; two runs with ITM on (the same loss, its
+  # terms traced in another order) 0.922 / 0.851, 0.670, 0.956 and 0.940 / 0.750,
+  # 0.694, 0.953. The runs spread as widely as ITM's effect; a seed sweep decides.
   return c
