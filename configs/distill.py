@@ -10,17 +10,18 @@ demo). Loss weights in `config.distill.weights` (train/distill_losses.py).
       --config.distill.teacher_workdir=W/instruct --config.input.data_dir=W/data
 
 then `unifer export --workdir W/distill --out W/export --format onnx --int8`.
-Expected (demo): the goal is a student whose basic label agrees with the teacher's (argmax
-of its label likelihood) on >= 95 % of the held-out basic faces at >= 50x the teacher's
-speed per image; `unifer demo` measures both (distill_demo.py). With conv stems in the
-teacher's ViT and the student (vit.ConvStem), 2026-12-06, n=684 (SE ~0.008): 0.956 at 51x
-from a fresh clone's `make demo`, 0.958 at 53x in a rerun of this stage (teacher right on
-0.928 and decisive -- top-1 minus top-2 probability >= 0.5 -- on 0.906 of the faces;
-agreement there 0.977; the student right on 0.946-0.949; ONNX max abs diff 5e-7,
-int8 agreement change 0.000); later fresh clones 0.966 at 54x (ITM off in align) and
-0.953 at 56x (teacher right on 0.914). From the first teacher: stem channels
+Expected (demo): the goal is a student whose basic label agrees with the teacher's
+(argmax of its label likelihood) on >= 95 % of the held-out basic faces at >= 50x the
+teacher's speed per image; `unifer demo` measures both (distill_demo.py). With conv
+stems in the teacher's ViT and the student (vit.ConvStem), 2026-12-06, n=684 (SE
+~0.008): 0.956 at 51x from a fresh clone's `make demo`, 0.958 at 53x in a rerun of this
+stage (teacher right on 0.928 and decisive -- top-1 minus top-2 probability >= 0.5 -- on
+0.906 of the faces; agreement there 0.977; the student right on 0.946-0.949; ONNX max
+abs diff 5e-7, int8 agreement change 0.000); later fresh clones 0.966 at 54x (ITM off in
+align) and 0.953 at 56x (teacher right on 0.914). From the first teacher: stem channels
 (8, 16, 32, 64) 0.937 in 1500 steps (66x), 0.944 in 2500 (64x). From a teacher whose
-vision stage ran 1000 steps (right on 0.896, decisive on 0.705): the patchify student 0.880, (8, 16, 32, 64) 0.917.
+vision stage ran 1000 steps (right on 0.896, decisive on 0.705): the patchify student
+0.880, (8, 16, 32, 64) 0.917.
 Before the stems (teachers right on 0.836-0.861, decisive on 0.585-0.71) agreement was
 0.867-0.901 and nothing on the student side closed the gap, because the misses were where
 the teacher was undecided (0.72 agreement there): sharper targets (T=0.25, 0.1), depth 6,
