@@ -13,10 +13,11 @@ Expected (demo preset, 2-core CPU, 4-5.3 min for 1500 steps, faces decoded once)
 held-out label-head accuracy 0.952 basic / 0.883 compound (chance 0.125 / 0.09; `unifer
 demo`, 2026-12-06; 1000 steps gave 0.915 / 0.807, the train loss still falling). The
 demo ViT has a convolutional stem (vit.ConvStem); with the linear patchify this stage
-reached 0.81-0.91 basic over three `--config.input.seed`s (0.908 / 0.814 / 0.908; 0.750 / 0.766 / 0.791 compound, 1000
-steps, 2026-12-04), so a setting is worth changing only if it wins across seeds.
-Augmentation (patchify tower): flips alone 0.844 / 0.854 / 0.845 over the same seeds;
-flips, colour jitter and occlusion patches 0.823 / 0.674 in 1000 steps.
+reached 0.81-0.91 basic over three `--config.input.seed`s (0.908 / 0.814 / 0.908; 0.750
+/ 0.766 / 0.791 compound, 1000 steps, 2026-12-04), so a setting is worth changing only
+if it wins across seeds. Augmentation (patchify tower): flips alone 0.844 / 0.854 /
+0.845 over the same seeds; flips, colour jitter and occlusion patches 0.823 / 0.674 in
+1000 steps.
 Args: the model preset (default demo).
 """
 
