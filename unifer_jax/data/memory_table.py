@@ -67,7 +67,7 @@ class Table:
       for k, v in ex.items():
         columns[k][r] = v
       now = time.monotonic()
-      if now - last >= 10 or r + 1 == n:
+      if shard[0] == 0 and (now - last >= 10 or r + 1 == n):   # one process reports
         last, done = now, r + 1
         eta = (now - t0) / done * (n - done)
         print(f'input cache {name}: {done}/{n} records decoded | elapsed {now - t0:.0f} s '
