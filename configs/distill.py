@@ -55,7 +55,7 @@ def get_config(arg: str = 'demo'):
   arg = arg or 'demo'
   if arg not in STUDENTS:
     raise ValueError(f'configs/distill.py:{arg}: expected one of {sorted(STUDENTS)}')
-  c = config_lib.stage_config('distill', 'tiny', steps=2500 if arg == 'demo' else 1500,
+  c = config_lib.stage_config('distill', 'tiny', steps=2000 if arg == 'demo' else 1500,
                               batch_size=64, peak_lr=1e-3, freeze='')
   c.model = student.default_config(encoder=STUDENTS[arg])
   c.model.feature_dim = 0   # distill_losses.feature_size(teacher, feature_target)
