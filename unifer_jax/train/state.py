@@ -65,16 +65,26 @@ class Setup:
       return {'step': jnp.zeros((), jnp.int32), 'params': params,
               'opt_state': tx.init(trainable)}
 
-    params = jax.jit(init_params, out_shardings=self.state_shardings['params'])()
-    if compose.has_init(self.config):
-      params, report = compose.apply_init(params, self.config.init, model_cfg, seed=seed)
-      if jax.process_index() == 0:
-        print(report.summary(), flush=True)
-    if self.config.init.get('checkpoint'):  # warm start from an earlier stage's workdir
-      params, loaded, fresh = warm_start.load_matching(self.config.init.checkpoint, params)
-      if jax.process_index() == 0:
-        print(f'init.checkpoint {self.config.init.checkpoint}: loaded {len(loaded)} '
-              f'parameters; fresh: {", ".join(fresh) if fresh else "none"}', flush=True)
+    init = lambda: jax.jit(init_params, out_shardings=self.state_shardings['params'])()
+    checkpoint = self.config.init.get('checkpoint')
+    if checkpoint and not compose.has_init(self.config):
+      # Warm start from an earlier stage's workdir, restored straight into the shardings.
+      # The random init runs only for what the checkpoint lacks (a stage's whole model
+      # usually comes from it; the init's compile was ~4 s of a demo stage's start).
+      params, loaded, fresh = warm_start.load_matching(checkpoint, self.abstract_state['params'])
+      if fresh:
+        params = warm_start.fill_fresh(params, init(), fresh)
+    else:
+      params = init()
+      if compose.has_init(self.config):
+        params, report = compose.apply_init(params, self.config.init, model_cfg, seed=seed)
+        if jax.process_index() == 0:
+          print(report.summary(), flush=True)
+      if checkpoint:
+        params, loaded, fresh = warm_start.load_matching(checkpoint, params)
+    if checkpoint and jax.process_index() == 0:
+      print(f'init.checkpoint {checkpoint}: loaded {len(loaded)} parameters; '
+            f'fresh: {", ".join(fresh) if fresh else "none"}', flush=True)
     return jax.jit(with_optimizer, out_shardings=self.state_shardings, donate_argnums=0)(params)
 
 

@@ -28,8 +28,9 @@ def _newest_step(directory: Path) -> int:
 def load_matching(source: str | Path, params: dict) -> tuple[dict, list[str], list[str]]:
   """Returns (params with matching entries replaced, loaded paths, fresh paths).
 
-  ``params`` are the concrete (sharded) initial parameters; loaded arrays take their
-  shardings.
+  ``params``: the concrete (sharded) initial parameters, or their ShapeDtypeStructs with
+  shardings (then the fresh entries stay abstract: ``fill_fresh``). Loaded arrays take
+  their shardings.
   """
   source = Path(source)
   ckpt_dir = source / 'checkpoints' if (source / 'checkpoints').is_dir() else source
@@ -61,6 +62,13 @@ def load_matching(source: str | Path, params: dict) -> tuple[dict, list[str], li
   merged = dict(current)
   merged.update(optim.flat(restored['params']))
   return _unflatten(merged), loaded, fresh
+
+
+def fill_fresh(params: dict, initial: dict, fresh: list[str]) -> dict:
+  """``params`` with the ``fresh`` paths taken from ``initial`` (the random init)."""
+  merged, init_flat = optim.flat(params), optim.flat(initial)
+  merged.update({p: init_flat[p] for p in fresh})
+  return _unflatten(merged)
 
 
 def _unflatten(flat_params: dict) -> dict:
