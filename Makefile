@@ -13,10 +13,6 @@ TEST_STAMP := $(VENV)/.installed-test-$(HASH)
 # kernel). Transparent huge pages for malloc's mappings: the vision stage's step 157 ->
 # 181 images/s, kernel time 14.5 -> 6.1 s in 150 steps, identical losses (2026-12-06).
 export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
-# XNNPACK for XLA's CPU matmuls and the elementwise fusions around them: the demo's vision
-# stage 172 -> 192-199 images/s, instruct +0-6 %, distill +1 %, the same losses to the
-# printed digits (2026-12-06). Demo only: the tests set their XLA_FLAGS in tests/conftest.py.
-DEMO_XLA_FLAGS ?= --xla_cpu_experimental_xnn_fusion_type=LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_ELTWISE
 
 .PHONY: demo test install params clean
 
@@ -34,7 +30,7 @@ $(TEST_STAMP): $(DEMO_STAMP)
 install: $(TEST_STAMP)
 
 demo: $(DEMO_STAMP)
-	JAX_PLATFORMS=cpu XLA_FLAGS="$(DEMO_XLA_FLAGS) $$XLA_FLAGS" $(BIN)/unifer demo --workdir workdir/demo
+	JAX_PLATFORMS=cpu $(BIN)/unifer demo --workdir workdir/demo
 
 # Tests that start multi-process jobs run last and alone: two coordinated jobs at once on
 # 2 cores starve each other's collectives.
