@@ -6,13 +6,13 @@ it with `--config.freeze='^(vit|llm|llm_proj)(/|$)'`.
   unifer train --config configs/align.py:demo --workdir W/align \
       --config.input.data_dir=W/data --config.input.tokenizer=W/tokenizer
 
-Expected (demo preset, from configs/vision.py's checkpoint, 2-core CPU, ~4 min): ITC
-well below ln(batch) = 3.47 (2.1 at step 400); zero-shot accuracy over the 8 basic classes
-from text prompts 0.670 on the held-out split, retrieval R@1 0.03 (`unifer demo` from
-a fresh clone, 2026-12-06, conv-stem ViT; goal >= 70 %; 0.795 after a 1000-step instead
-of 1500-step vision stage). With the patchify ViT: 0.804 (2026-12-02), and on another
-machine 0.534, 0.667 with --config.seed=1 (2026-12-03): the from-scratch towers make the
-result vary run to run.
+Expected (demo preset, from configs/vision.py's checkpoint, 2-core CPU, ~2 min with ITM
+off): ITC well below ln(batch) = 3.47 (2.1 at step 400); zero-shot accuracy over the 8
+basic classes from text prompts 0.633 on the held-out split, retrieval R@1 0.036 (`unifer
+demo` from a fresh clone, 2026-12-06, conv-stem ViT, ITM off; with ITM 0.670 and 0.694,
+goal >= 70 %; 0.795 after a 1000-step instead of 1500-step vision stage). With the
+patchify ViT: 0.804 (2026-12-02), and on another machine 0.534, 0.667 with
+--config.seed=1 (2026-12-03): the from-scratch towers make the result vary run to run.
 Args: the model preset (default demo).
 """
 

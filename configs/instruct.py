@@ -9,10 +9,12 @@ on a pretrained LLM; the demo's LLM, trained from scratch for 150 steps, is tune
       --config.init.checkpoint=W/generate --config.input.data_dir=W/data \
       --config.input.tokenizer=W/tokenizer
 
-Expected (demo preset, 2-core CPU, ~4 min): held-out basic / compound accuracy 0.922 /
-0.851 (goal >= 0.85 / 0.60), rationale AU F1 0.914, intensity MAE 0.144, valence/arousal
-CCC 0.737 (`unifer demo` from a fresh clone, 2026-12-06, conv-stem ViT; with the patchify
-ViT 0.868 / 0.760, F1 0.862, 2026-12-02).
+Expected (demo preset, 2-core CPU, ~2.5 min): held-out basic / compound accuracy 0.925 /
+0.677 (goal >= 0.85 / 0.60), rationale AU F1 0.897, intensity MAE 0.153, valence/arousal
+CCC 0.661 (`unifer demo` from a fresh clone, 2026-12-06, seq_len 112 after an ITM-free
+align; the same to the last digit on two machines). Earlier fresh clones: 0.922 / 0.851,
+F1 0.914, MAE 0.144, CCC 0.737 (seq_len 128, ITM on); with the patchify ViT 0.868 /
+0.760, F1 0.862 (2026-12-02). Compound accuracy moves 0.68-0.85 between such runs.
 Args: the model preset (default demo).
 """
 
