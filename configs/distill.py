@@ -15,14 +15,13 @@ Expected (demo): the goal is a student whose basic label agrees with the teacher
 teacher's speed per image; `unifer demo` measures both (distill_demo.py). From a fresh
 clone's teacher, 2026-12-06 (n=684, SE ~0.008; teacher right on 0.933 and decisive --
 top-1 minus top-2 probability >= 0.5 -- on 0.936 of the faces): 0.959 at 53x in 2500
-steps (0.956 in `make demo` from a fresh clone with the same teacher; the two runs'
-students differ, cause not traced) (decisive faces 0.981; the student right on 0.952;
-ONNX max abs diff 1.3e-6, int8 agreement change -0.001), 0.952 in 2000 steps (30 s
-less); from another fresh clone's teacher 0.966 vs 0.962. Earlier teachers (ITM on in
-align): 0.956 at 51x, 0.958 at 53x, 0.953 at 56x. From the first teacher: stem channels
-(8, 16, 32, 64) 0.937 in 1500 steps (66x), 0.944 in 2500 (64x). From a teacher whose
-vision stage ran 1000 steps (right on 0.896, decisive on 0.705): the patchify student
-0.880, (8, 16, 32, 64) 0.917.
+steps run alone (decisive faces 0.981; the student right on 0.952; ONNX max abs diff
+1.3e-6, int8 agreement change -0.001) and 0.956 inside `make demo` -- the two students
+differ, cause not traced -- vs 0.952 in 2000 steps (30 s less); from another fresh
+clone's teacher 0.966 vs 0.962. Earlier teachers (ITM on in align): 0.956 at 51x, 0.958
+at 53x, 0.953 at 56x. From the first teacher: stem channels (8, 16, 32, 64) 0.937 in
+1500 steps (66x), 0.944 in 2500 (64x). From a teacher whose vision stage ran 1000 steps
+(right on 0.896, decisive on 0.705): the patchify student 0.880, (8, 16, 32, 64) 0.917.
 Before the stems (teachers right on 0.836-0.861, decisive on 0.585-0.71) agreement was
 0.867-0.901 and nothing on the student side closed the gap, because the misses were where
 the teacher was undecided (0.72 agreement there): sharper targets (T=0.25, 0.1), depth 6,
