@@ -4,8 +4,10 @@
 architecture read from ``config.json``; it is called like the HF model's main output
 (LLM: ``model(input_ids)`` -> logits; vision: ``model(pixel_values_nhwc)`` -> last hidden
 state; BERT: ``model(input_ids, attention_mask)``; Q-Former:
-``model(query_embeds, encoder_hidden_states)``). Each tower's mapping lives in its own
-module (``llm``, ``vision``, ``qformer``) with the same five functions.
+``model(query_embeds, encoder_hidden_states)``; a whole BLIP-2 / InstructBLIP: the
+UniFER, ``model(images_nhwc, input_ids, attention_mask)``). Each tower's mapping lives in
+its own module (``llm``, ``vision``, ``qformer``, ``vlm`` for the whole VLMs) with the
+same five functions.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from flax import nnx
 
 from unifer_jax.convert.hf_io import ConversionError, TensorReader, read_hf_config
 
-TOWER_MODULES = ('llm', 'vision', 'qformer')
+TOWER_MODULES = ('llm', 'vision', 'qformer', 'vlm')
 
 
 def _towers() -> list[ModuleType]:

@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from unifer_jax import convert
-from unifer_jax.convert import commands, hf_io, llm, vision
+from unifer_jax.convert import commands, hf_io, llm, vision, vlm
 from unifer_jax.convert.hf_io import ConversionError
 
 NEEDS_TORCH = (
@@ -47,23 +47,37 @@ def _input_kind(model_type: str) -> str:
     return 'tokens'
   if model_type in vision.MODEL_TYPES:
     return 'pixels'
-  return {'bert': 'text', 'blip_2_qformer': 'queries', 'blip-2': 'image_tokens'}[model_type]
+  if model_type in vlm.MODEL_TYPES:
+    return 'vlm'
+  return {'bert': 'text', 'blip_2_qformer': 'queries'}[model_type]
+
+
+def _padded_ids(rng, vocab: int, batch: int, length: int, avoid: int = -1) -> dict:
+  """Random ids in [1, vocab) but ``avoid``, the last row right-padded to half."""
+  ids = rng.integers(1, vocab - 1, (batch, length))
+  ids = np.where(ids >= avoid, ids + 1, ids) if avoid >= 1 else ids
+  mask = np.ones((batch, length), np.int64)
+  mask[-1, length // 2:] = 0
+  return dict(ids=ids, mask=mask)
 
 
 def _inputs(kind: str, cfg, rng: np.random.Generator, batch: int, seq_len: int) -> dict:
+  if kind == 'vlm':  # the text avoids the image token, which HF replaces by the queries
+    s, c = cfg.vit.image_size, cfg.vit.num_channels
+    out = _padded_ids(rng, cfg.llm.vocab_size, batch, seq_len, cfg.image_token_index)
+    out['pixels'] = rng.standard_normal((batch, s, s, c), np.float32)
+    if cfg.qformer.get('instruction_aware', False):
+      q = _padded_ids(rng, cfg.qformer.vocab_size, batch, min(seq_len, cfg.qformer.max_position))
+      out.update(qformer_ids=q['ids'], qformer_mask=q['mask'])
+    return out
   if kind == 'tokens':
     return dict(ids=rng.integers(0, cfg.vocab_size, (batch, min(seq_len, cfg.max_seq_len))))
   if kind == 'pixels':
     s, c = cfg.image_size, cfg.num_channels
     return dict(pixels=rng.standard_normal((batch, s, s, c), np.float32))
-  if kind == 'text':
-    t = min(seq_len, cfg.max_position)
-    mask = np.ones((batch, t), np.int64)
-    mask[-1, t // 2:] = 0  # right padding on the last row; compared on valid tokens only
-    return dict(ids=rng.integers(1, cfg.vocab_size, (batch, t)), mask=mask)
+  if kind == 'text':  # right padding on the last row; compared on valid tokens only
+    return _padded_ids(rng, cfg.vocab_size, batch, min(seq_len, cfg.max_position))
   image = rng.standard_normal((batch, 10, cfg.encoder_width), np.float32)
-  if kind == 'image_tokens':
-    return dict(image=image)
   return dict(queries=rng.standard_normal((batch, cfg.num_queries or 8, cfg.hidden), np.float32),
               image=image)
 
@@ -77,7 +91,21 @@ def _hf_forward(hf_dir: Path, model_type: str, cfg, kind: str):
     return cls.from_pretrained(hf_dir, dtype=torch.float32, local_files_only=True, **kw).eval()
 
   t = torch.from_numpy
-  if kind == 'tokens':
+  if kind == 'vlm':
+    m = load(getattr(T, vlm.HF_CLASS[model_type]))
+    q = cfg.qformer.num_queries
+
+    def fn(x):
+      b = len(x['ids'])
+      extra = {}
+      if 'qformer_ids' in x:
+        extra = dict(qformer_input_ids=t(x['qformer_ids']),
+                     qformer_attention_mask=t(x['qformer_mask']))
+      ids = np.concatenate([np.full((b, q), cfg.image_token_index), x['ids']], 1)
+      mask = np.concatenate([np.ones((b, q), np.int64), x['mask']], 1)
+      return m(pixel_values=t(x['pixels'].transpose(0, 3, 1, 2).copy()), input_ids=t(ids),
+               attention_mask=t(mask), **extra).logits
+  elif kind == 'tokens':
     m = load(T.AutoModelForCausalLM)
     fn = lambda x: m(input_ids=t(x['ids'])).logits
   elif kind == 'pixels':
@@ -90,14 +118,10 @@ def _hf_forward(hf_dir: Path, model_type: str, cfg, kind: str):
   elif kind == 'text':
     m = load(T.BertModel, add_pooling_layer=bool(cfg.get('pooler', False)))
     fn = lambda x: m(input_ids=t(x['ids']), attention_mask=t(x['mask'])).last_hidden_state
-  elif kind == 'queries':
+  else:
     m = load(T.Blip2QFormerModel)
     fn = lambda x: m(query_embeds=t(x['queries']),
                      encoder_hidden_states=t(x['image'])).last_hidden_state
-  else:
-    m = load(T.Blip2ForConditionalGeneration)
-    fn = lambda x: m.qformer(query_embeds=m.query_tokens.expand(len(x['image']), -1, -1),
-                             encoder_hidden_states=t(x['image'])).last_hidden_state
 
   def run(x):
     with torch.no_grad():
@@ -108,7 +132,8 @@ def _hf_forward(hf_dir: Path, model_type: str, cfg, kind: str):
 def _our_forward(tower: commands.Tower, kind: str):
   """fn(inputs) -> numpy output of our module, float32 params and compute."""
   cfg = ml_collections.ConfigDict(tower.cfg.to_dict())
-  cfg.param_dtype = cfg.dtype = 'float32'
+  for sub in ([cfg[k] for k in ('vit', 'qformer', 'llm')] if kind == 'vlm' else [cfg]):
+    sub.param_dtype = sub.dtype = 'float32'
   params = commands.cast_params(tower.params(cfg), 'float32')
   module = nnx.eval_shape(lambda: tower.converter.build(cfg, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(convert.fill(module, params))
@@ -116,7 +141,9 @@ def _our_forward(tower: commands.Tower, kind: str):
           'pixels': lambda m, x: m(x['pixels']),
           'text': lambda m, x: m(x['ids'], x['mask']),
           'queries': lambda m, x: m(x['queries'], x['image']),
-          'image_tokens': lambda m, x: m.encode_queries(x['image'])}[kind]
+          'vlm': lambda m, x: m(x['pixels'], x['ids'], x['mask'],
+                                qformer_input_ids=x.get('qformer_ids'),
+                                qformer_attention_mask=x.get('qformer_mask'))}[kind]
   fn = jax.jit(lambda s, x: call(nnx.merge(graphdef, s), x))
   return lambda x: np.asarray(fn(state, x), np.float32)
 
@@ -139,7 +166,7 @@ def compare(ref: np.ndarray, ours: np.ndarray, kind: str, valid=None, *, atol: f
   ok = bool(max_abs <= atol)  # NaN fails
   lines = [f'  max abs diff {max_abs:.3e} (atol {atol:g}) over {ref.shape[0]} positions']
   kl_max = None
-  if kind == 'tokens':
+  if kind in ('tokens', 'vlm'):
     lp, lq = _log_softmax(ref), _log_softmax(ours)
     kl = (np.exp(lp) * (lp - lq)).sum(-1)
     kl_max = float(kl.max())
@@ -175,7 +202,10 @@ def check(hf_dir, src, *, atol: float = 1e-3, max_kl: float = 1e-4, batch: int =
   hf_class, hf_run = _hf_forward(hf_dir, model_type, hf_cfg, kind)
   ref = hf_run(inputs)
   ours = _our_forward(tower, kind)(inputs)
-  result = compare(ref, ours, kind, inputs.get('mask'), atol=atol, max_kl=max_kl)
+  valid = inputs.get('mask')
+  if kind == 'vlm':  # every image position, then the unpadded text
+    valid = np.concatenate([np.ones((batch, tower.cfg.qformer.num_queries), np.int64), valid], 1)
+  result = compare(ref, ours, kind, valid, atol=atol, max_kl=max_kl)
   shape = 'x'.join(map(str, next(iter(inputs.values())).shape))
   result.lines.insert(0, f'check: HF {hf_class} ({hf_dir}, torch float32) vs unifer '
                          f'{tower.describe()} on random {kind} {shape} (seed {seed})')

@@ -1,11 +1,14 @@
 """``unifer convert from-hf`` / ``to-hf`` and the converted tower directory they share.
 
-A converted tower directory holds one tower (LLM, vision encoder or Q-Former/BERT)::
+A converted tower directory holds one tower (LLM, vision encoder or Q-Former/BERT) or a
+whole VLM (``tower: "vlm"``, a BLIP-2 / InstructBLIP as one UniFER)::
 
   DIR/config.json   {"format": "unifer-tower", "tower": "llm", "model_type": "llama",
                      "source": ..., "config": {our tower config}}
   DIR/params/       orbax checkpoint (PyTreeSave) of the pure param dict, exactly
-                    ``nnx.to_pure_dict(nnx.state(tower.build(config), nnx.Param))``
+                    ``nnx.to_pure_dict(nnx.state(tower.build(config), nnx.Param))``;
+                    for a VLM one such checkpoint per part, ``params/<part>/``
+                    (``convert.vlm.PARTS``), so each converts alone
 
 :func:`read_tower` opens either such a directory or a Hugging Face model directory,
 reading only configs; ``Tower.params()`` then reads the weights. Weights pass through
@@ -17,6 +20,7 @@ are produced and flushed shard by shard. Dtypes are kept unless ``--dtype`` asks
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import re
 import shutil
@@ -38,6 +42,8 @@ FORMAT = 'unifer-tower'
 PARAMS_DIR = 'params'
 # Where each tower keeps its layer stack: [L, ...] leaves when scanned, {i: ...} when not.
 STACK_KEY = {'llm': 'layers', 'vision': 'blocks', 'qformer': 'blocks'}
+# A VLM's parts that hold a layer stack: part -> (model config key, tower kind).
+VLM_STACKS = {'vit': ('vit', 'vision'), 'qformer': ('qformer', 'qformer'), 'llm': ('llm', 'llm')}
 
 
 def path_str(path) -> str:
@@ -60,15 +66,61 @@ class Tower:
   def describe(self) -> str:
     return f'{self.path} ({"HF " if self.is_hf else "converted "}{self.model_type})'
 
+  @property
+  def parts(self) -> tuple[str, ...]:
+    """What converts alone: a VLM's parts, or '' (the whole tower)."""
+    return getattr(self.converter, 'PARTS', ('',))
+
   def params(self, cfg=None) -> dict:
     """Pure numpy param dict in the layout of ``cfg`` (default: the checkpoint's own);
     ``cfg`` may change ``scan_layers`` and run-level keys, not the architecture."""
+    if self.parts == ('',):
+      return self.part_params('', cfg)
+    return {part: self.part_params(part, cfg) for part in self.parts}
+
+  def part_params(self, part: str, cfg=None) -> dict:
+    """One part's params (``part`` from :attr:`parts`; '' is the whole tower)."""
     cfg = self.cfg if cfg is None else cfg
     if self.is_hf:
-      return self.converter.params_from_hf(hf_io.TensorReader(self.path), cfg)
-    params = restore_params(self.path / PARAMS_DIR, self.converter, self.cfg)
-    scan, stored = bool(cfg.get('scan_layers', True)), bool(self.cfg.get('scan_layers', True))
-    return restack(params, STACK_KEY[self.kind], scan) if scan != stored else params
+      reader = hf_io.TensorReader(self.path)
+      if not part:
+        return self.converter.params_from_hf(reader, cfg)
+      return self.converter.part_from_hf(reader, cfg, part)
+    params = restore_params(self.path / PARAMS_DIR / part, self.converter, self.cfg, part)
+    if not part:
+      stacks = {'': (None, self.kind)}
+    else:
+      stacks = {part: VLM_STACKS[part]} if part in VLM_STACKS else {}
+    for key, (sub, kind) in stacks.items():
+      want, have = (cfg[sub], self.cfg[sub]) if sub else (cfg, self.cfg)
+      scan, stored = bool(want.get('scan_layers', True)), bool(have.get('scan_layers', True))
+      if scan != stored:
+        params = restack(params, STACK_KEY[kind], scan)
+    return params
+
+
+@dataclasses.dataclass
+class PartTower(Tower):
+  """The vision / Q-Former / LLM tower inside a whole-VLM checkpoint, read as a tower
+  (``config.init.vision=BLIP2_DIR`` and the like)."""
+  whole: Tower | None = None
+  part: str = ''
+
+  def params(self, cfg=None) -> dict:
+    whole_cfg = ml_collections.ConfigDict(self.whole.cfg.to_dict())
+    if cfg is not None:
+      whole_cfg[self.part] = cfg
+    return self.whole.part_params(self.part, whole_cfg)
+
+
+def part_tower(tower: Tower, kind: str) -> Tower:
+  """``tower`` itself, or the ``kind`` tower ('vision' | 'qformer' | 'llm') of a VLM."""
+  if tower.kind != 'vlm' or kind == 'vlm':
+    return tower
+  part = {'vision': 'vit', 'qformer': 'qformer', 'llm': 'llm'}[kind]
+  converter = importlib.import_module(f'unifer_jax.convert.{kind}')
+  return PartTower(tower.path, converter, tower.model_type, tower.cfg[part], tower.is_hf,
+                   whole=tower, part=part)
 
 
 def read_tower(path) -> Tower:
@@ -105,13 +157,15 @@ def abstract_params(converter: ModuleType, cfg) -> dict:
   return nnx.to_pure_dict(nnx.state(module, nnx.Param))
 
 
-def restore_params(params_dir: Path, converter: ModuleType, cfg) -> dict:
-  """The orbax-saved pure dict as numpy arrays (their saved dtypes), shapes checked."""
+def restore_params(params_dir: Path, converter: ModuleType, cfg, part: str = '') -> dict:
+  """The orbax-saved pure dict (of one VLM ``part``) as numpy arrays (their saved
+  dtypes), shapes checked."""
   import orbax.checkpoint as ocp
   if not params_dir.is_dir():
     raise ConversionError(f'{params_dir}: not found (a converted tower directory holds its '
                           'weights there)')
   target = abstract_params(converter, cfg)
+  target = target[part] if part else target
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
   try:
     params = ocp.PyTreeCheckpointer().restore(
@@ -125,10 +179,8 @@ def restore_params(params_dir: Path, converter: ModuleType, cfg) -> dict:
   return params
 
 
-def write_tower_dir(out: Path, converter: ModuleType, model_type: str, cfg, params: dict,
-                    source: str = '') -> None:
+def save_params(params_dir: Path, params: dict) -> None:
   import orbax.checkpoint as ocp
-  out.mkdir(parents=True, exist_ok=True)
   # Holding the model once while it is written (measured on a 1.16 GB bf16 LLM: +2.0x
   # with orbax's defaults, +0.06x so): a synchronous save of numpy leaves nothing modifies
   # meanwhile needs no deep copy of each host array, and zstd keeps every compressed
@@ -137,7 +189,11 @@ def write_tower_dir(out: Path, converter: ModuleType, model_type: str, cfg, para
       (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)))
   checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(
       type_handler_registry=registry, use_compression=False))
-  checkpointer.save((out / PARAMS_DIR).absolute(), args=ocp.args.PyTreeSave(params))
+  checkpointer.save(params_dir.absolute(), args=ocp.args.PyTreeSave(params))
+
+
+def write_tower_config(out: Path, converter: ModuleType, model_type: str, cfg,
+                       source: str = '') -> None:
   meta = dict(format=FORMAT, tower=converter.__name__.rsplit('.', 1)[-1], model_type=model_type,
               source=source, config=cfg.to_dict())
   (out / 'config.json').write_text(json.dumps(meta, indent=2, sort_keys=True))
@@ -180,22 +236,40 @@ def _empty_out(out: Path) -> None:
     raise ConversionError(f'--out {out}: exists and is not empty; choose a new directory')
 
 
+def _set_param_dtype(cfg, dtypes: set) -> None:
+  """Records the checkpoint's floating dtype in the tower config(s) it describes."""
+  if len(dtypes) != 1:
+    return
+  dtype = dtypes.pop()
+  for sub in ([cfg[k] for k in ('vit', 'qformer', 'llm') if k in cfg] or [cfg]):
+    sub.param_dtype = dtype
+
+
 def from_hf(src, out, dtype: str | None = None) -> tuple[Tower, int]:
-  """Converts the HF directory ``src`` into a converted tower directory ``out``;
-  returns (the HF tower, number of parameters)."""
+  """Converts the HF directory ``src`` into a converted tower directory ``out`` one part
+  at a time; returns (the HF tower, number of parameters)."""
   src, out = Path(src), Path(out)
   tower = read_tower(src)
   if not tower.is_hf:
     raise ConversionError(f'--src {src}: already a converted tower directory '
                           '(to-hf writes it back as a Hugging Face directory)')
   _empty_out(out)
-  params = tower.params()
-  if dtype:
-    cast_params(params, dtype)
-  tower.cfg.param_dtype = floating_dtype(params) or tower.cfg.param_dtype
-  write_tower_dir(out, tower.converter, tower.model_type, tower.cfg, params,
-                  source=str(src.absolute()))
-  return tower, sum(x.size for x in jax.tree.leaves(params))
+  if hasattr(tower.converter, 'check_prefixes'):
+    tower.converter.check_prefixes(hf_io.TensorReader(src))
+  count, dtypes = 0, set()
+  for part in tower.parts:
+    params = tower.part_params(part)
+    if dtype:
+      cast_params(params, dtype)
+    if part != 'llm_proj':  # the projection follows the Q-Former's dtype
+      dtypes.add(floating_dtype(params))
+    save_params(out / PARAMS_DIR / part, params)
+    count += sum(x.size for x in jax.tree.leaves(params))
+    del params
+  _set_param_dtype(tower.cfg, dtypes - {None})
+  write_tower_config(out, tower.converter, tower.model_type, tower.cfg,
+                     source=str(src.absolute()))
+  return tower, count
 
 
 def to_hf(src, out, dtype: str | None = None, max_shard_bytes: int = 2 << 30
@@ -206,15 +280,31 @@ def to_hf(src, out, dtype: str | None = None, max_shard_bytes: int = 2 << 30
   tower = read_tower(src)
   _empty_out(out)
   tower.converter.hf_config_from(tower.cfg)  # refuse before reading any weight
-  params = tower.params()
-  if dtype:
-    cast_params(params, dtype)
   cfg = ml_collections.ConfigDict(tower.cfg.to_dict())
-  cfg.param_dtype = floating_dtype(params) or cfg.param_dtype
+  if tower.parts == ('',):
+    params = tower.params()
+    if dtype:
+      cast_params(params, dtype)
+    cfg.param_dtype = floating_dtype(params) or cfg.param_dtype
+  else:  # a VLM: each part is restored when its tensors are written, then freed
+    params = _LazyParts(tower, dtype)
+    if dtype:
+      _set_param_dtype(cfg, {dtype})
   hf_config = tower.converter.hf_config_from(cfg)
   files = hf_io.write_hf_dir(out, hf_config, tower.converter.params_to_hf(params, cfg),
                              max_shard_bytes=max_shard_bytes)
   return tower, hf_config, files
+
+
+class _LazyParts:
+  """``{part: params}`` of a VLM that restores a part each time it is looked up."""
+
+  def __init__(self, tower: Tower, dtype: str | None):
+    self.tower, self.dtype = tower, dtype
+
+  def __getitem__(self, part: str) -> dict:
+    params = self.tower.part_params(part)
+    return cast_params(params, self.dtype) if self.dtype else params
 
 
 def run(args) -> int:

@@ -1,8 +1,11 @@
-"""A UniFER built from pretrained towers: ``config.init = dict(vision=, qformer=, llm=)``.
+"""A UniFER built from pretrained towers: ``config.init = dict(vision=, qformer=, llm=)``,
+or from a whole pretrained VLM: ``config.init = dict(vlm=)``.
 
 Each entry names a Hugging Face model directory or a converted tower directory
-(``unifer convert from-hf``); '' leaves that tower random. Two steps, both called by
-``train/state.py``:
+(``unifer convert from-hf``); '' leaves that tower random. ``vlm`` takes a whole BLIP-2 /
+InstructBLIP (every tower, the aligned queries and the projection; ``convert.vlm``); a
+tower key may also name a whole VLM, whose tower of that kind it then reads. Two steps,
+both called by ``train/state.py``:
 
 * :func:`model_config_with_init` -- the towers' architectures come from the checkpoints'
   configs (the vision tower's width decides ``qformer.encoder_width``; the LLM's hidden
@@ -34,9 +37,11 @@ from unifer_jax import convert
 from unifer_jax.convert import commands, qformer as convert_qformer
 from unifer_jax.convert.hf_io import ConversionError, check_keys
 
-INIT_KEYS = ('vision', 'qformer', 'llm')
+INIT_KEYS = ('vlm', 'vision', 'qformer', 'llm')
 # config.init key -> the UniFER submodule (and model config key) it initialises.
 SUBMODULE = {'vision': 'vit', 'qformer': 'qformer', 'llm': 'llm'}
+# Model config keys a whole VLM decides besides its towers' configs.
+_VLM_MODEL_KEYS = ('vision_layernorm', 'vision_token_gain', 'image_token_index')
 # Keys of a tower config that belong to the run, not to the checkpoint's architecture.
 RUN_KEYS = ('dtype', 'param_dtype', 'scan_layers', 'unroll_layers', 'remat')
 # What a BERT and a Q-Former checkpoint decide about our Q-Former config.
@@ -65,9 +70,13 @@ def has_init(config) -> bool:
 def read_init(init) -> dict[str, commands.Tower]:
   """config.init key -> its tower (configs only), each checked to be the right kind."""
   towers = {}
-  for key, path in init_sources(init).items():
+  sources = init_sources(init)
+  if 'vlm' in sources and len(sources) > 1:
+    raise ConversionError(f'config.init: vlm={sources["vlm"]} loads every tower; drop '
+                          f'{sorted(set(sources) - {"vlm"})} or the vlm entry')
+  for key, path in sources.items():
     try:
-      tower = commands.read_tower(path)
+      tower = commands.part_tower(commands.read_tower(path), key)
     except ConversionError as e:
       raise ConversionError(f'config.init.{key}={path}: {e}') from None
     if tower.kind != key:
@@ -112,6 +121,13 @@ def model_config_with_init(model_cfg, init) -> ml_collections.ConfigDict:
   """``model_cfg`` with the tower configs of the checkpoints named in ``init``."""
   cfg = ml_collections.ConfigDict(model_cfg.to_dict())
   towers = read_init(init)
+  if 'vlm' in towers:
+    whole = towers['vlm'].cfg
+    for sub in SUBMODULE.values():
+      cfg[sub] = _with_run_keys(whole[sub], cfg[sub])
+    for key in _VLM_MODEL_KEYS:
+      cfg[key] = whole[key]
+    return cfg
   if 'vision' in towers:
     cfg.vit = _with_run_keys(towers['vision'].cfg, cfg.vit)
   if 'llm' in towers:
@@ -194,25 +210,35 @@ def _place(target, value: np.ndarray):
   return value
 
 
+def _load(params: dict, sub: str, host: dict, where: str, report: InitReport) -> None:
+  """Moves the flat ``host`` arrays into ``params[sub]`` (shapes checked), in place."""
+  target = params[sub]
+  targets = traverse_util.flatten_dict(target)
+  check_keys({_name(p): targets[p].shape for p in host if p in targets},
+             {_name(p): v.shape for p, v in host.items()}, where)
+  report.loaded[sub] = sorted(f'{sub}/{_name(p)}' for p in host)
+  for path in list(host):
+    node = target
+    for k in path[:-1]:
+      node = node[k]
+    node[path[-1]] = _place(targets.pop(path), host.pop(path))  # one array at a time
+
+
 def apply_init(params: dict, init, model_cfg, *, seed: int = 0) -> tuple[dict, InitReport]:
   """Replaces the random weights of the towers named in ``init`` (in place) with the
   checkpoints' ones; ``model_cfg`` must come from :func:`model_config_with_init`."""
   report = InitReport()
   all_names = [_name(p) for p in traverse_util.flatten_dict(params)]
   for key, tower in read_init(init).items():
+    if key == 'vlm':  # one part in host memory at a time
+      for part in tower.parts:
+        host = traverse_util.flatten_dict(tower.part_params(part, model_cfg))
+        _load(params, part, host, f'config.init.vlm={tower.path} -> model.{part}', report)
+        report.sources[part] = tower.describe()
+      continue
     sub = SUBMODULE[key]
     host, partly_fresh, note = _tower_params(key, tower, model_cfg[sub], seed)
-    target = params[sub]
-    targets = traverse_util.flatten_dict(target)
-    where = f'config.init.{key}={tower.path} -> model.{sub}'
-    check_keys({_name(p): targets[p].shape for p in host if p in targets},
-               {_name(p): v.shape for p, v in host.items()}, where)
-    report.loaded[sub] = sorted(f'{sub}/{_name(p)}' for p in host)
-    for path in list(host):
-      node = target
-      for k in path[:-1]:
-        node = node[k]
-      node[path[-1]] = _place(targets.pop(path), host.pop(path))  # one array at a time
+    _load(params, sub, host, f'config.init.{key}={tower.path} -> model.{sub}', report)
     report.sources[sub] = tower.describe()
     report.fresh += [f'{sub}/{f}' for f in partly_fresh]
     if note:

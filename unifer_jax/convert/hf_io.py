@@ -164,3 +164,32 @@ def write_hf_dir(out_dir: str | os.PathLike, hf_config: Mapping, tensors: Iterab
   (out / INDEX_FILE).write_text(json.dumps(
       {'metadata': {'total_size': total}, 'weight_map': weight_map}, indent=2, sort_keys=True))
   return paths
+
+
+class PrefixView:
+  """The tensors of ``reader`` whose names start with ``prefix``, named without it: a tower
+  inside a whole checkpoint (``language_model.`` of a BLIP-2) read exactly as the
+  standalone model's checkpoint would be."""
+
+  def __init__(self, reader: TensorReader, prefix: str):
+    self.reader, self.prefix = reader, prefix
+    self.dir = reader.dir
+    self._names = [k[len(prefix):] for k in reader.keys() if k.startswith(prefix)]
+
+  def keys(self) -> list[str]:
+    return list(self._names)
+
+  def shapes(self) -> dict[str, tuple[int, ...]]:
+    return {k: self.reader.shape(self.prefix + k) for k in self._names}
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    return self.reader.shape(self.prefix + name)
+
+  def dtype(self, name: str) -> str:
+    return self.reader.dtype(self.prefix + name)
+
+  def __contains__(self, name: str) -> bool:
+    return (self.prefix + name) in self.reader
+
+  def get(self, name: str) -> np.ndarray:
+    return self.reader.get(self.prefix + name)

@@ -34,7 +34,7 @@ from flax import nnx, traverse_util
 from unifer_jax.convert.hf_io import ConversionError, TensorReader, check_keys, read_hf_config
 from unifer_jax.models import qformer as qf
 
-MODEL_TYPES = ('bert', 'blip_2_qformer', 'blip-2')
+MODEL_TYPES = ('bert', 'blip_2_qformer')
 
 _ACTS = {'gelu': 'gelu', 'gelu_new': 'gelu_tanh', 'gelu_pytorch_tanh': 'gelu_tanh',
          'relu': 'relu'}

@@ -13,6 +13,7 @@ Formats and their keys (per example; a batch adds the leading B):
 | generate | tokens, loss_mask, attention_mask | [T] | bos + caption + eos; loss on caption + eos |
 | instruct | tokens, loss_mask, attention_mask | [T] | chat prompt + answer + eos; loss on answer + eos ONLY |
 | instruct | task | [] i32 | index into instructions.TASKS |
+| generate, instruct | qformer_ids, qformer_mask | [Tq] i32 | with ``qformer_prompt`` (InstructBLIP): cls + the user's message (generate: ``CAPTION_PROMPT``) + eos in the Q-Former text tokenizer, for the instruction-aware Q-Former |
 | instruct, eval | LABELS (below) | | the record's labels (sentinels kept: -1 / NaN) |
 | every | _source, _index, _truncated, _no_think | [] i32 | host-side metadata: mixture component, record index in its split, 1 if the text was cut, 1 if a CoT target dropped its think part to fit |
 
@@ -37,6 +38,10 @@ import numpy as np
 from unifer_jax.data import augment, instructions, labels
 
 FORMATS = ('lm', 'align', 'generate', 'instruct', 'eval')
+# What an instruction-aware Q-Former reads beside its queries while captions train.
+CAPTION_PROMPT = 'A short description of the face:'
+QFORMER_PROMPTED = ('generate', 'instruct')
+
 INT_LABELS = ('expression', 'compound', 'age_group', 'gender', 'race')
 FLOAT_LABELS = ('intensity', 'valence', 'arousal')
 VECTOR_LABELS = {'aus': len(labels.AUS), 'label_dist': len(labels.BASIC)}
@@ -90,6 +95,14 @@ def assemble(pieces, length: int, pad_id: int):
   return tokens, loss_mask, attention, truncated
 
 
+def qformer_text(text_tok, prompt: str, length: int) -> tuple[np.ndarray, np.ndarray, bool]:
+  """(ids, mask, cut?) of ``prompt`` for an instruction-aware Q-Former: cls + text + eos
+  in its own tokenizer, as InstructBLIP's processor gives it, padded to ``length``."""
+  ids, _, mask, cut = assemble([([text_tok.cls_id] + text_tok.encode(prompt) +
+                                 [text_tok.eos_id], False)], length, text_tok.pad_id)
+  return ids, mask, cut
+
+
 @dataclasses.dataclass
 class ExampleMaker:
   """The per-record transform: ``maker(source_id, index, record, rng) -> example``.
@@ -110,6 +123,7 @@ class ExampleMaker:
   mean: tuple = (0.5, 0.5, 0.5)
   std: tuple = (0.5, 0.5, 0.5)
   raw_pixels: bool = False          # 'image' as uint8 pixels, not normalised (memory_table.py)
+  qformer_prompt: bool = False      # add the prompt for an instruction-aware Q-Former
 
   def __post_init__(self):
     if self.fmt not in FORMATS:
@@ -117,8 +131,10 @@ class ExampleMaker:
     needs_tok = self.fmt in ('lm', 'generate', 'instruct')
     if needs_tok and (self.tokenizer is None or self.seq_len <= 0):
       raise ValueError(f'format {self.fmt!r} needs a tokenizer and seq_len > 0')
-    if self.fmt == 'align' and (self.text_tokenizer is None or self.text_len <= 1):
-      raise ValueError('format align needs a text tokenizer and text_len > 1')
+    needs_text = self.fmt == 'align' or (self.qformer_prompt and self.fmt in QFORMER_PROMPTED)
+    if needs_text and (self.text_tokenizer is None or self.text_len <= 1):
+      raise ValueError(f'format {self.fmt!r}{" with qformer_prompt" * self.qformer_prompt} '
+                       'needs a text tokenizer and text_len > 1')
     bad = sorted(set(self.tasks) - set(instructions.TASKS))
     if bad:
       raise ValueError(f'config.input.tasks has unknown task(s) {bad}; expected a subset '
@@ -141,15 +157,17 @@ class ExampleMaker:
     return pieces if tok.bos_id is None else [([tok.bos_id], False)] + pieces
 
   def _instruction(self, record, rng):
-    """(task, prompt ids, answer ids + eos, think dropped?) fitting seq_len if it can."""
+    """(task, prompt, prompt ids, answer ids + eos, think dropped?) fitting seq_len if
+    it can."""
     tok = self.tokenizer
     task = instructions.sample_task(record, self.tasks, self.task_weights, rng)
     prompt, answer = instructions.make_example(record, task, rng)
     p, a = tok.prompt_ids(prompt), tok.encode(answer) + [tok.eos_id]
     if len(p) + len(a) <= self.seq_len or not answer.startswith('<think>'):
-      return task, p, a, False
+      return task, prompt, p, a, False
     prompt, answer = instructions.make_example({**record, 'rationale': ''}, task, rng)
-    return task, tok.prompt_ids(prompt), tok.encode(answer) + [tok.eos_id], True
+    return task, prompt, tok.prompt_ids(prompt), tok.encode(answer) + [tok.eos_id], True
+
 
   def __call__(self, source: int, index: int, record, rng):
     ex = {'_source': np.int32(source), '_index': np.int32(index)}
@@ -162,7 +180,7 @@ class ExampleMaker:
       if r.random() < self.lm_caption_fraction:
         pieces = self._caption_pieces(record)
       else:
-        _, p, a, no_think = self._instruction(record, r)
+        _, _, p, a, no_think = self._instruction(record, r)
         pieces = [(p + a, True)]
       tokens, mask, attn, truncated = assemble(pieces, self.seq_len, tok.pad_id)
       mask[0] = 0.0   # the first token is context only
@@ -179,21 +197,30 @@ class ExampleMaker:
       tokens, mask, attn, truncated = assemble(self._caption_pieces(record), self.seq_len,
                                                tok.pad_id)
       ex.update(tokens=tokens, loss_mask=mask, attention_mask=attn)
+      prompt = CAPTION_PROMPT
     elif fmt == 'instruct':
       r = rng if rng is not None else np.random.default_rng(index)
-      task, p, a, no_think = self._instruction(record, r)
+      task, prompt, p, a, no_think = self._instruction(record, r)
       tokens, mask, attn, truncated = assemble([(p, False), (a, True)], self.seq_len, tok.pad_id)
       ex.update(tokens=tokens, loss_mask=mask, attention_mask=attn,
                 task=np.int32(instructions.TASK_INDEX[task]), **label_arrays(record))
     else:  # eval
       ex.update(label_arrays(record))
+    if self.qformer_prompt and fmt in QFORMER_PROMPTED:
+      ids, mask, cut = qformer_text(self.text_tokenizer, prompt, self.text_len)
+      ex.update(qformer_ids=ids, qformer_mask=mask)
+      truncated = truncated or cut
     ex['_truncated'] = np.int32(truncated)
     ex['_no_think'] = np.int32(no_think)
     return ex
 
 
-def example_spec(fmt: str, image_size: int, seq_len: int, text_len: int) -> dict:
+def example_spec(fmt: str, image_size: int, seq_len: int, text_len: int,
+                 qformer_prompt: bool = False) -> dict:
   """{key: (shape, dtype)} of one example's device keys (no '_' metadata)."""
+  if qformer_prompt and fmt in QFORMER_PROMPTED:
+    return {**example_spec(fmt, image_size, seq_len, text_len),
+            'qformer_ids': ((text_len,), np.int32), 'qformer_mask': ((text_len,), np.int32)}
   img = {'image': ((image_size, image_size, 3), np.float32)}
   toks = {'tokens': ((seq_len,), np.int32), 'loss_mask': ((seq_len,), np.float32),
           'attention_mask': ((seq_len,), np.int32)}

@@ -67,6 +67,8 @@ def default_input_config() -> ml_collections.ConfigDict:
       image_std=(0.5, 0.5, 0.5),
       tokenizer='',                # HF tokenizer directory (LLM side)
       text_tokenizer='',           # Q-Former side; '' = tokenizer
+      qformer_prompt=False,        # the prompt for an instruction-aware Q-Former (the
+                                   # trainer sets it from model.qformer.instruction_aware)
       tokenizer_train_vocab=0,     # > 0: train the BPE into `tokenizer` if it is missing
       tasks=list(instructions.TASKS),
       task_weights=[],             # per task; empty = uniform (over the tasks a record has)
@@ -126,7 +128,8 @@ class _EvalTransform:
 
 def load_tokenizers(cfg, fmt: str):
   """(LLM tokenizer, Q-Former text tokenizer) the format needs (None where unused)."""
-  needs_llm, needs_text = fmt in ('lm', 'generate', 'instruct'), fmt == 'align'
+  needs_llm = fmt in ('lm', 'generate', 'instruct')
+  needs_text = fmt == 'align' or (cfg.qformer_prompt and fmt in examples.QFORMER_PROMPTED)
   if not (needs_llm or needs_text):
     return None, None
   path = cfg.tokenizer
@@ -173,7 +176,7 @@ class Pipeline:
         tokenizer=tok, text_tokenizer=text_tok, tasks=tuple(cfg.tasks),
         task_weights=tuple(cfg.task_weights), lm_caption_fraction=cfg.lm_caption_fraction,
         augment=aug if (train and enabled) else None, mean=tuple(cfg.image_mean),
-        std=tuple(cfg.image_std))
+        std=tuple(cfg.image_std), qformer_prompt=bool(cfg.qformer_prompt))
     mixture = [(str(m[0]), float(m[1])) for m in cfg.mixture] or [(cfg.name, 1.0)]
     if any(w <= 0 for _, w in mixture):
       raise ValueError(f'config.input.mixture weights must be > 0, got {mixture}')
@@ -273,7 +276,7 @@ class Pipeline:
   def batch_spec(self, global_batch: int) -> dict[str, jax.ShapeDtypeStruct]:
     """Device keys of the GLOBAL batch (no '_' metadata, no ``id``)."""
     spec = examples.example_spec(self.fmt, self.maker.image_size, self.cfg.seq_len,
-                                 self.cfg.text_len)
+                                 self.cfg.text_len, self.maker.qformer_prompt)
     if not self.train:
       spec['valid'] = ((), np.float32)
     return {k: jax.ShapeDtypeStruct((global_batch, *shape), dtype)
@@ -319,6 +322,8 @@ class TfdsInput:
 
   def __init__(self, config, model_cfg):
     cfg = resolve_config(config.input)
+    if 'qformer' in model_cfg:  # an InstructBLIP reads the prompt beside its queries
+      cfg.qformer_prompt = bool(model_cfg.qformer.get('instruction_aware', False))
     stage = config.get('stage', '')
     fmt = cfg.format or STAGE_FORMATS.get(stage)
     if fmt is None:

@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from unifer_jax.data import instructions
-from unifer_jax.models import llm as llm_lib
+from unifer_jax.models import unifer as unifer_lib
 
 # Task -> the label key that decides which records can be asked, and new-token budget.
 # One budget for all: a chain-of-thought answer naming six action units is ~51 demo-BPE
@@ -31,16 +31,20 @@ TASKS = {'basic': ('expression', MAX_NEW_TOKENS), 'compound': ('compound', MAX_N
 
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'max_new', 'eos_id'))
-def _generate(params, images, prompt_ids, *, graphdef, max_new: int, eos_id: int):
-  model = nnx.merge(graphdef, params)
-  embeds, mask = model.prefixed_inputs(images, prompt_ids)
-  return llm_lib.generate(model.llm, inputs_embeds=embeds, attention_mask=mask,
-                          max_new_tokens=max_new, eos_id=eos_id, pad_id=0)
+def _generate(params, images, prompt_ids, qformer, *, graphdef, max_new: int, eos_id: int):
+  q_ids, q_mask = qformer if qformer is not None else (None, None)
+  return unifer_lib.generate(nnx.merge(graphdef, params), images, prompt_ids,
+                             qformer_input_ids=q_ids, qformer_attention_mask=q_mask,
+                             max_new_tokens=max_new, eos_id=eos_id, pad_id=0)
 
 
-def answers(graphdef, params, images: np.ndarray, task: str, tok, batch_size: int = 64) -> list[str]:
-  """Greedy answers of the model to `task`'s prompt for each image."""
-  prompt = np.asarray(tok.prompt_ids(instructions.prompt_for(task)), np.int32)
+def answers(graphdef, params, images: np.ndarray, task: str, tok, batch_size: int = 64,
+            qformer_text=None) -> list[str]:
+  """Greedy answers of the model to `task`'s prompt for each image; ``qformer_text``
+  (``model_io.Model.qformer_text``) gives an instruction-aware Q-Former the prompt."""
+  message = instructions.prompt_for(task)
+  prompt = np.asarray(tok.prompt_ids(message), np.int32)
+  qformer = qformer_text([message] * batch_size) if qformer_text is not None else None
   max_new = TASKS[task][1]
   out = []
   for start in range(0, len(images), batch_size):
@@ -49,8 +53,8 @@ def answers(graphdef, params, images: np.ndarray, task: str, tok, batch_size: in
     if n < batch_size:  # one compiled shape: pad the last batch by repetition
       chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - n, axis=0)])
     ids = np.broadcast_to(prompt, (batch_size, len(prompt)))
-    tokens = np.asarray(_generate(params, jnp.asarray(chunk), jnp.asarray(ids), graphdef=graphdef,
-                                  max_new=max_new, eos_id=tok.eos_id))
+    tokens = np.asarray(_generate(params, jnp.asarray(chunk), jnp.asarray(ids), qformer,
+                                  graphdef=graphdef, max_new=max_new, eos_id=tok.eos_id))
     out += [tok.decode(t) for t in tokens[:n]]
   return out
 
@@ -75,7 +79,7 @@ def au_f1(pred_sets, true_sets) -> float:
 
 
 def evaluate(graphdef, params, data: dict, tok, tasks=tuple(TASKS), batch_size: int = 64,
-             max_per_task: int = 400) -> tuple[dict, dict]:
+             max_per_task: int = 400, qformer_text=None) -> tuple[dict, dict]:
   """``data``: numpy arrays of the eval split (image, expression, compound, intensity,
   valence, arousal) plus 'rationale' (list of str). Returns (metrics, raw answers)."""
   metrics, raw = {}, {}
@@ -90,7 +94,7 @@ def evaluate(graphdef, params, data: dict, tok, tasks=tuple(TASKS), batch_size: 
     idx = idx[:max_per_task]
     if not len(idx):
       continue
-    texts = answers(graphdef, params, data['image'][idx], task, tok, batch_size)
+    texts = answers(graphdef, params, data['image'][idx], task, tok, batch_size, qformer_text)
     parsed = [instructions.parse_answer(task, t) for t in texts]
     raw[task] = {'index': idx.tolist(), 'answers': texts}
     n = len(idx)
@@ -145,7 +149,8 @@ class InstructTasks:
       raise ValueError(f'evals.{self.name}.tasks: unknown {bad}; expected some of {list(TASKS)}')
     scores, raw = evaluate(model.graphdef, model.params, data, model.tokenizer, tasks,
                            batch_size=int(self.cfg.get('batch_size', 32)),
-                           max_per_task=int(self.cfg.get('max_per_task', 400)))
+                           max_per_task=int(self.cfg.get('max_per_task', 400)),
+                           qformer_text=model.qformer_text if model.instruction_aware else None)
     r = dict(scores)
     for task, key, names in (('basic', 'expression', labels.BASIC),
                               ('compound', 'compound', labels.COMPOUND)):

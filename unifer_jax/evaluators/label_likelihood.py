@@ -37,7 +37,7 @@ def log_probs(model, images: np.ndarray, tasks=('basic',), batch_size: int = 16)
   tasks share one pass over the image prefix and one compiled program."""
   tasks = sorted(tasks)
   prompts = {t: {k: jnp.asarray(v) for k, v in
-                 likelihood.label_prompt(model.tokenizer, t).arrays().items()} for t in tasks}
+                 model.label_prompt(t).arrays().items()} for t in tasks}
   out = {t: [] for t in tasks}
   for start in range(0, len(images), batch_size):
     chunk = images[start:start + batch_size]

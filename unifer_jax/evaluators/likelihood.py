@@ -12,6 +12,10 @@ do not have at scoring time; training asks this form whenever a CoT target does 
 The tokens every candidate answer shares (e.g. ``<answer>``) are moved into the prompt;
 this does not change the normalised distribution and is computed once.
 
+An instruction-aware Q-Former (InstructBLIP) reads the task's prompt beside its queries,
+so each task then has its own image prefix (``task_queries``); otherwise one prefix
+serves every task.
+
 Design of the batched pass: image prefix + prompt go through the LLM ONCE, filling a
 KV cache; the cache is then repeated over the C candidates and all B*C candidate
 continuations (a few tokens each) run in one call on it. Repeating the whole
@@ -27,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unifer_jax.data import instructions, labels
+from unifer_jax.data import examples, instructions, labels
 
 VOCABULARIES = {'basic': labels.BASIC, 'compound': labels.COMPOUND}
 
@@ -40,25 +44,31 @@ class LabelPrompt:
   prompt_ids: np.ndarray       # [P] int32: chat prompt + the start all answers share
   candidate_ids: np.ndarray    # [C, L] int32: the rest of each answer + eos, right-padded
   candidate_mask: np.ndarray   # [C, L] int32: 1 on real candidate tokens
+  qformer_ids: np.ndarray | None = None    # [Tq] the prompt for an instruction-aware
+  qformer_mask: np.ndarray | None = None   # Q-Former (examples.ExampleMaker.qformer_text)
 
   def arrays(self) -> dict[str, np.ndarray]:
     """The jit inputs (a pytree of arrays)."""
-    return {'prompt_ids': self.prompt_ids, 'candidate_ids': self.candidate_ids,
-            'candidate_mask': self.candidate_mask}
+    out = {'prompt_ids': self.prompt_ids, 'candidate_ids': self.candidate_ids,
+           'candidate_mask': self.candidate_mask}
+    if self.qformer_ids is not None:
+      out.update(qformer_ids=self.qformer_ids, qformer_mask=self.qformer_mask)
+    return out
 
 
 def label_prompt(tok, task: str, *, think: bool = False, phrasing: int = 0,
-                 hint: int = 0) -> LabelPrompt:
+                 hint: int = 0, text_tok=None, text_len: int = 32) -> LabelPrompt:
   """The prompt of ``task`` ('basic' | 'compound') and its candidate answers, tokenised as
-  the instruct pipeline tokenises them."""
+  the instruct pipeline tokenises them; with ``text_tok`` (the Q-Former's tokenizer) also
+  the prompt for an instruction-aware Q-Former."""
   if task not in VOCABULARIES:
     raise ValueError(f'label task {task!r}; expected one of {sorted(VOCABULARIES)}')
   if think:
     raise ValueError('think=True needs the rationale between prompt and label; score '
                      'with think=False (the answer-only form)')
   names = VOCABULARIES[task]
-  prompt = tok.prompt_ids(instructions.prompt_for(task, think=False, phrasing=phrasing,
-                                                  hint=hint))
+  message = instructions.prompt_for(task, think=False, phrasing=phrasing, hint=hint)
+  prompt = tok.prompt_ids(message)
   answers = [tok.encode(f'<answer>{n}</answer>') + [tok.eos_id] for n in names]
   shared = 0
   while all(len(a) > shared + 1 for a in answers) and len({a[shared] for a in answers}) == 1:
@@ -69,8 +79,34 @@ def label_prompt(tok, task: str, *, think: bool = False, phrasing: int = 0,
   mask = np.zeros((len(names), width), np.int32)
   for i, r in enumerate(rests):
     ids[i, :len(r)], mask[i, :len(r)] = r, 1
+  qformer = {}
+  if text_tok is not None:
+    q_ids, q_mask, _ = examples.qformer_text(text_tok, message, text_len)
+    qformer = dict(qformer_ids=q_ids, qformer_mask=q_mask)
   return LabelPrompt(task, tuple(names), np.asarray(prompt + answers[0][:shared], np.int32),
-                     ids, mask)
+                     ids, mask, **qformer)
+
+
+_SCORED = ('prompt_ids', 'candidate_ids', 'candidate_mask')
+
+
+def task_queries(model, images: jax.Array, prompts: dict) -> dict[str, jax.Array]:
+  """{task: the Q-Former's image queries [B, Q, H]} the task's candidates are scored on:
+  one pass shared by every task, or one per task when the prompts carry the Q-Former's
+  prompt (instruction-aware)."""
+  if not any('qformer_ids' in arrs for arrs in prompts.values()):
+    shared = model.image_queries(images)
+    return {task: shared for task in prompts}
+  b = images.shape[0]
+  tile = lambda x: jnp.broadcast_to(x, (b, *x.shape))
+  return {task: model.image_queries(images, tile(arrs['qformer_ids']),
+                                    tile(arrs['qformer_mask']))
+          for task, arrs in prompts.items()}
+
+
+def scored(arrs: dict) -> dict:
+  """The arrays ``candidate_log_likelihoods`` takes (no Q-Former prompt)."""
+  return {k: arrs[k] for k in _SCORED}
 
 
 def candidate_log_likelihoods(model, prefix_embeds: jax.Array, prompt_ids: jax.Array,
@@ -107,9 +143,9 @@ def candidate_log_likelihoods(model, prefix_embeds: jax.Array, prompt_ids: jax.A
 
 def label_log_likelihoods(model, images: jax.Array, prompts: dict) -> dict[str, jax.Array]:
   """{task: candidate log-likelihoods [B, C]} for ``prompts`` = {task: arrays()}; the
-  image prefix is computed once for all tasks."""
-  prefix = model.prefix(images)
-  return {task: candidate_log_likelihoods(model, prefix, **arrs)
+  image prefix is computed once for all tasks (per task if instruction-aware)."""
+  queries = task_queries(model, images, prompts)
+  return {task: candidate_log_likelihoods(model, model.llm_proj(queries[task]), **scored(arrs))
           for task, arrs in prompts.items()}
 
 

@@ -23,10 +23,10 @@ import numpy as np
 from flax import nnx
 
 from unifer_jax import sharding
-from unifer_jax.data import pipeline
+from unifer_jax.data import examples, pipeline
 from unifer_jax.data import tokenizer as tokenizer_lib
-from unifer_jax.evaluators import alignment
-from unifer_jax.models import llm as llm_lib
+from unifer_jax.evaluators import alignment, likelihood
+from unifer_jax.models import unifer as unifer_lib
 
 
 def read_config(workdir) -> ml_collections.ConfigDict:
@@ -72,6 +72,28 @@ class Model:
     path = self.input_cfg.text_tokenizer
     return tokenizer_lib.load(path) if path else self.tokenizer
 
+  @functools.cached_property
+  def instruction_aware(self) -> bool:
+    """Whether the Q-Former reads the prompt beside its queries (InstructBLIP)."""
+    from unifer_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
+    q = state_lib.model_config(self.config).get('qformer')
+    return bool(q is not None and q.get('instruction_aware', False))
+
+  def qformer_text(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray] | None:
+    """[N, text_len] ids and mask of each prompt for an instruction-aware Q-Former, as
+    training fed it; None for a Q-Former that reads no prompt."""
+    if not self.instruction_aware:
+      return None
+    rows = [examples.qformer_text(self.text_tokenizer, p, self.input_cfg.text_len)[:2]
+            for p in prompts]
+    return np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
+
+  def label_prompt(self, task: str, **kw) -> 'likelihood.LabelPrompt':
+    """``likelihood.label_prompt`` in this model's tokenizers."""
+    text_tok = self.text_tokenizer if self.instruction_aware else None
+    return likelihood.label_prompt(self.tokenizer, task, text_tok=text_tok,
+                                   text_len=self.input_cfg.text_len, **kw)
+
   def normalise(self, images_uint8: np.ndarray) -> np.ndarray:
     """uint8 [N, H, W, 3] at image_size -> the float input training used."""
     mean = np.asarray(self.input_cfg.image_mean, np.float32)
@@ -112,6 +134,7 @@ class Model:
     tok = self.tokenizer
     encoded = [tok.prompt_ids(p) for p in prompts]
     length = max(len(e) for e in encoded)
+    qformer = self.qformer_text(prompts)
     out = []
     t0 = last = time.monotonic()
     batches = -(-len(images) // batch_size)
@@ -128,8 +151,9 @@ class Model:
       mask = np.zeros((batch_size, length), np.int32)
       for row, i in enumerate(idx):
         ids[row, :len(encoded[i])], mask[row, :len(encoded[i])] = encoded[i], 1
+      q = None if qformer is None else tuple(jnp.asarray(a[idx]) for a in qformer)
       tokens = _generate(self.params, jnp.asarray(images[idx]), jnp.asarray(ids),
-                         jnp.asarray(mask), jax.random.key(seed + start),
+                         jnp.asarray(mask), q, jax.random.key(seed + start),
                          graphdef=self.graphdef, max_new=max_new_tokens,
                          temperature=float(temperature), top_k=top_k, top_p=top_p,
                          eos_id=tok.eos_id)
@@ -149,13 +173,13 @@ def _text_feats(params, ids, mask, *, graphdef):
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'max_new', 'temperature', 'top_k',
                                              'top_p', 'eos_id'))
-def _generate(params, images, ids, mask, rng, *, graphdef, max_new, temperature, top_k, top_p,
-              eos_id):
-  model = nnx.merge(graphdef, params)
-  embeds, attn = model.prefixed_inputs(images, ids, mask)
-  return llm_lib.generate(model.llm, inputs_embeds=embeds, attention_mask=attn,
-                          max_new_tokens=max_new, temperature=temperature, top_k=top_k,
-                          top_p=top_p, rng=rng, eos_id=eos_id, pad_id=0)
+def _generate(params, images, ids, mask, qformer, rng, *, graphdef, max_new, temperature, top_k,
+              top_p, eos_id):
+  q_ids, q_mask = qformer if qformer is not None else (None, None)
+  return unifer_lib.generate(nnx.merge(graphdef, params), images, ids, mask,
+                             qformer_input_ids=q_ids, qformer_attention_mask=q_mask,
+                             max_new_tokens=max_new, temperature=temperature, top_k=top_k,
+                             top_p=top_p, rng=rng, eos_id=eos_id, pad_id=0)
 
 
 def load(workdir, step: int | None = None, config=None, name: str = '') -> Model:

@@ -1,8 +1,15 @@
 """The composed UniFER model: image -> ViT -> Q-Former -> projection -> LLM prefix.
 
 Besides the generative path it holds the BLIP-2 stage-1 heads (ITC projections and
-temperature, ITM head); the Q-Former carries its own ITG head. Which parts train in a
-stage is config (``config.freeze``), not code.
+temperature, ITM head) and the ``vision`` stage's label head, unless
+``stage1_heads=False`` (a Hugging Face BLIP-2 / InstructBLIP has none of them:
+``convert.vlm`` builds it so); the Q-Former carries its own ITG head. Which parts train
+in a stage is config (``config.freeze``), not code.
+
+An instruction-aware Q-Former (InstructBLIP, ``qformer.instruction_aware``) reads the
+prompt beside its queries: the generative entry points then take
+``qformer_input_ids`` / ``qformer_attention_mask``, the prompt in the Q-Former's own
+(BERT) vocabulary.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from flax import nnx
 
 from unifer_jax.data import labels
 from unifer_jax.models import layers, lora
+from unifer_jax.models import llm as llm_lib
 from unifer_jax.models.llm import LLM
 from unifer_jax.models.qformer import QFormer
 from unifer_jax.models.vit import ViT
@@ -43,16 +51,18 @@ class UniFER(nnx.Module):
                                     layers.dtype_of(v.param_dtype))
                        if cfg.get('vision_token_gain', False) else None)
     self.qformer = QFormer(q, rngs=rngs)
-    self.vision_proj = layers.Dense(q.hidden, cfg.embed_dim, axes=('embed', 'mlp'), **common)
-    self.text_proj = layers.Dense(q.hidden, cfg.embed_dim, axes=('embed', 'mlp'), **common)
-    self.itm_head = layers.Dense(q.hidden, 2, axes=('embed', 'classes'), **common)
-    # The `vision` stage's expression classifier on the pooled queries: 8 basic then 11
-    # compound logits (it pretrains the image path where no pretrained tower exists).
-    self.label_head = layers.Dense(q.hidden, len(labels.BASIC) + len(labels.COMPOUND),
-                                   axes=('embed', 'classes'), **common)
-    # ITC temperature, learned in BLIP-2 (clipped to [0.001, 0.5] by the loss).
-    self.temp = nnx.Param(jnp.asarray(0.07, layers.dtype_of(q.param_dtype)), out_sharding=(),
-                          eager_sharding=False)
+    self.instruction_aware = bool(q.get('instruction_aware', False))
+    if cfg.get('stage1_heads', True):
+      self.vision_proj = layers.Dense(q.hidden, cfg.embed_dim, axes=('embed', 'mlp'), **common)
+      self.text_proj = layers.Dense(q.hidden, cfg.embed_dim, axes=('embed', 'mlp'), **common)
+      self.itm_head = layers.Dense(q.hidden, 2, axes=('embed', 'classes'), **common)
+      # The `vision` stage's expression classifier on the pooled queries: 8 basic then 11
+      # compound logits (it pretrains the image path where no pretrained tower exists).
+      self.label_head = layers.Dense(q.hidden, len(labels.BASIC) + len(labels.COMPOUND),
+                                     axes=('embed', 'classes'), **common)
+      # ITC temperature, learned in BLIP-2 (clipped to [0.001, 0.5] by the loss).
+      self.temp = nnx.Param(jnp.asarray(0.07, layers.dtype_of(q.param_dtype)),
+                            out_sharding=(), eager_sharding=False)
     self.llm_proj = layers.Dense(q.hidden, l.hidden, axes=('embed', 'mlp'), dtype=l.dtype,
                                  param_dtype=l.param_dtype, rngs=rngs)
     self.llm = LLM(l, rngs=rngs)
@@ -69,19 +79,32 @@ class UniFER(nnx.Module):
       x = x * self.token_gain[...].astype(x.dtype)
     return x
 
-  def image_queries(self, images: jax.Array) -> jax.Array:
-    """The Q-Former's learned queries after attending to the image: [B, Q, Dq]."""
-    return self.qformer.encode_queries(self.image_tokens(images))
+  def image_queries(self, images: jax.Array, qformer_input_ids=None,
+                    qformer_attention_mask=None) -> jax.Array:
+    """The Q-Former's learned queries after attending to the image (and, instruction-
+    aware, to the prompt beside them): [B, Q, Dq]."""
+    if not self.instruction_aware:
+      return self.qformer.encode_queries(self.image_tokens(images))
+    if qformer_input_ids is None:
+      raise ValueError('this UniFER has an instruction-aware Q-Former (InstructBLIP): pass '
+                       'qformer_input_ids (the prompt in the Q-Former tokenizer\'s vocabulary)')
+    if qformer_attention_mask is None:
+      qformer_attention_mask = jnp.ones(qformer_input_ids.shape, jnp.int32)
+    return self.qformer.encode_queries(self.image_tokens(images),
+                                       instruction_ids=qformer_input_ids,
+                                       instruction_mask=qformer_attention_mask)
 
-  def prefix(self, images: jax.Array) -> jax.Array:
+  def prefix(self, images: jax.Array, qformer_input_ids=None,
+             qformer_attention_mask=None) -> jax.Array:
     """LLM input embeddings of the image: [B, Q, D_llm]."""
-    return self.llm_proj(self.image_queries(images))
+    return self.llm_proj(self.image_queries(images, qformer_input_ids, qformer_attention_mask))
 
   # -- generative path ---------------------------------------------------------------
 
-  def prefixed_inputs(self, images, input_ids, attention_mask=None):
+  def prefixed_inputs(self, images, input_ids, attention_mask=None, qformer_input_ids=None,
+                      qformer_attention_mask=None):
     """(inputs_embeds, attention_mask) of [image prefix; text] for the LLM."""
-    prefix = self.prefix(images)
+    prefix = self.prefix(images, qformer_input_ids, qformer_attention_mask)
     text = self.llm.embed(input_ids)
     embeds = jnp.concatenate([prefix.astype(text.dtype), text], axis=1)
     if attention_mask is None:
@@ -91,9 +114,11 @@ class UniFER(nnx.Module):
     return embeds, mask
 
   def __call__(self, images: jax.Array, input_ids: jax.Array,
-               attention_mask: jax.Array | None = None) -> jax.Array:
+               attention_mask: jax.Array | None = None, *, qformer_input_ids=None,
+               qformer_attention_mask=None) -> jax.Array:
     """LLM logits over [image prefix; text]: [B, Q + T, V]."""
-    embeds, mask = self.prefixed_inputs(images, input_ids, attention_mask)
+    embeds, mask = self.prefixed_inputs(images, input_ids, attention_mask, qformer_input_ids,
+                                        qformer_attention_mask)
     return self.llm(inputs_embeds=embeds, attention_mask=mask)
 
   # -- stage-1 heads -----------------------------------------------------------------
@@ -125,6 +150,16 @@ class UniFER(nnx.Module):
   def itm_logits(self, match_queries: jax.Array) -> jax.Array:
     """ITM: mean over queries of the 2-way head, as BLIP-2 does: [B, 2]."""
     return self.itm_head(match_queries).astype(jnp.float32).mean(axis=1)
+
+
+def generate(model: UniFER, images: jax.Array, input_ids: jax.Array,
+             attention_mask: jax.Array | None = None, *, qformer_input_ids=None,
+             qformer_attention_mask=None, **kw) -> jax.Array:
+  """Tokens generated after [image prefix; prompt] (``llm.generate``: ``max_new_tokens``,
+  sampling, ``eos_id``...); prompts may be left- or right-padded."""
+  embeds, mask = model.prefixed_inputs(images, input_ids, attention_mask, qformer_input_ids,
+                                       qformer_attention_mask)
+  return llm_lib.generate(model.llm, inputs_embeds=embeds, attention_mask=mask, **kw)
 
 
 def _l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:

@@ -75,12 +75,12 @@ def teacher_targets(teacher, images: jax.Array, prompts: dict, temperature: floa
                     feature: str | None = None) -> dict:
   """{'basic': [B, 8], 'compound': [B, 11]} distributions, and with ``feature`` the
   teacher's feature of that kind."""
-  queries = teacher.image_queries(images)
-  prefix = teacher.llm_proj(queries)
+  queries = likelihood.task_queries(teacher, images, prompts)
   out = {task: jax.nn.softmax(likelihood.candidate_log_likelihoods(
-      teacher, prefix, **arrs) / temperature, -1) for task, arrs in prompts.items()}
-  if feature:
-    out['feature'] = teacher_feature(teacher, queries, feature)
+      teacher, teacher.llm_proj(queries[task]), **likelihood.scored(arrs)) / temperature, -1)
+      for task, arrs in prompts.items()}
+  if feature:  # an instruction-aware teacher's queries of the first task
+    out['feature'] = teacher_feature(teacher, next(iter(queries.values())), feature)
   return jax.tree.map(jax.lax.stop_gradient, out)
 
 

@@ -40,7 +40,9 @@ def generate_loss(model, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
   del rng
   tokens, mask = batch['tokens'], batch['loss_mask']
   attn = batch.get('attention_mask', jnp.ones_like(tokens))
-  embeds, full_mask = model.prefixed_inputs(batch['image'], tokens, attn)
+  # An instruction-aware Q-Former (InstructBLIP) reads the prompt beside its queries.
+  embeds, full_mask = model.prefixed_inputs(batch['image'], tokens, attn,
+                                            batch.get('qformer_ids'), batch.get('qformer_mask'))
   q = embeds.shape[1] - tokens.shape[1]
   hidden = model.llm.hidden_states(inputs_embeds=embeds, attention_mask=full_mask)
   # Position q-1+i predicts token i; of these T positions only the targets are projected

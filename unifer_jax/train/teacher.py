@@ -117,7 +117,14 @@ def build(config, mesh) -> Teacher:
     raise ValueError(f'config.distill.tokenizer is empty and {workdir}/config.json names no '
                      f'input.tokenizer')
   tok = tokenizer_lib.load(tok_dir)
-  prompts = {t: likelihood.label_prompt(tok, t) for t in LABEL_TASKS}
+  text_tok, text_len = None, 0
+  if model_cfg.qformer.get('instruction_aware', False):  # InstructBLIP reads the prompt too
+    from unifer_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+    teacher_input = pipeline.resolve_config(tcfg.input)
+    text_tok = tokenizer_lib.load(teacher_input.text_tokenizer or tok_dir)
+    text_len = teacher_input.text_len
+  prompts = {t: likelihood.label_prompt(tok, t, text_tok=text_tok, text_len=text_len)
+             for t in LABEL_TASKS}
   if max(int(np.max(p.candidate_ids)) for p in prompts.values()) >= model_cfg.llm.vocab_size:
     raise ValueError(f'tokenizer {tok_dir} has ids beyond the teacher vocabulary '
                      f'{model_cfg.llm.vocab_size}')

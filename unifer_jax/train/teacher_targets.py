@@ -80,15 +80,17 @@ def compute(config, batch_size: int = 64) -> tuple[dict[str, np.ndarray], int]:
 
   @jax.jit
   def encode(inp, x):
-    """The image path once per record: the LLM prefix both label tasks score from, and
-    the feature the loss regresses (None without a feature loss)."""
+    """The image path once per record: {task: the LLM prefix it scores from} (one shared
+    prefix unless the Q-Former is instruction-aware), and the feature the loss regresses
+    (None without a feature loss)."""
     model = teacher.bind(inp)
-    queries = model.image_queries(x)
-    feature = distill_losses.teacher_feature(model, queries, kind) if kind else None
-    return model.llm_proj(queries), feature
+    queries = likelihood.task_queries(model, x, {t: inp['prompts'][t] for t in TASKS})
+    first = queries[next(iter(TASKS))]
+    feature = distill_losses.teacher_feature(model, first, kind) if kind else None
+    return {t: model.llm_proj(q) for t, q in queries.items()}, feature
 
   scorers = {task: jax.jit(lambda inp, prefix, task=task: likelihood.candidate_log_likelihoods(
-      teacher.bind(inp), prefix, **inp['prompts'][task])) for task in TASKS}
+      teacher.bind(inp), prefix, **likelihood.scored(inp['prompts'][task]))) for task in TASKS}
 
   cfg = pipeline.resolve_config(config.input)
   pipe = pipeline.Pipeline(cfg, pipeline.STAGE_FORMATS['distill'], batch_size=batch_size,
@@ -123,7 +125,7 @@ def compute(config, batch_size: int = 64) -> tuple[dict[str, np.ndarray], int]:
       for task, key in TASKS.items():
         if batch[key][row] >= 0:
           pending[task][0].append(int(batch['_index'][row]))
-          pending[task][1].append(prefix[row])
+          pending[task][1].append(prefix[task][row])
     for task in TASKS:
       flush(task)
     elapsed = time.monotonic() - start
