@@ -31,13 +31,14 @@ transfer set (0.911 at best), an 800-step teacher that keeps its label under rew
 Kept from then: the prefix loss and T=0.5 (0.883 -> 0.901). Online targets with
 augmentation: 0.349 in 300 steps.
 `agree_basic` and `teacher_acc_basic` in metrics.jsonl show both on training batches.
-Args: the student preset: demo (64 px / patch 16 over a conv stem, 4 x 128) or tiny
-(tests).
+Args: the student preset: demo (64 px / patch 16 over a conv stem, 4 x 128), 224
+(ViT-Ti/16 for a teacher fine-tuned from BLIP-2, configs/finetune.py) or tiny (tests).
 """
 
 import ml_collections
 
 from unifer_jax import config_lib
+from unifer_jax.data import augment
 from unifer_jax.models import student
 
 STUDENTS = {
@@ -48,6 +49,9 @@ STUDENTS = {
                  stem='conv', stem_channels=(16, 32, 64, 128)),
     'tiny': dict(image_size=32, patch_size=16, width=32, depth=1, heads=2, mlp_dim=64,
                  stem='conv', stem_channels=(4, 8, 8, 16)),
+    # For a teacher fine-tuned from BLIP-2 / InstructBLIP (224 px; configs/finetune.py):
+    # ViT-Ti/16 (5.5 M parameters, 196 patches).
+    '224': dict(image_size=224, patch_size=16, width=192, depth=12, heads=3, mlp_dim=768),
 }
 
 
@@ -59,6 +63,8 @@ def get_config(arg: str = 'demo'):
                               batch_size=64, peak_lr=1e-3, freeze='')
   c.model = student.default_config(encoder=STUDENTS[arg])
   c.model.feature_dim = 0   # distill_losses.feature_size(teacher, feature_target)
+  if arg == '224':  # the teacher's view: a BLIP-2 / InstructBLIP normalises as CLIP does
+    c.input.image_mean, c.input.image_std = augment.CLIP_MEAN, augment.CLIP_STD
   c.input.augment.enabled = True
   c.distill = ml_collections.ConfigDict(dict(
       teacher_workdir='',      # the instruct stage's workdir (config.json + checkpoints)

@@ -66,3 +66,22 @@ def astronaut_face_scene(size=(320, 240)):
 
 
 __all__ = ['common']
+
+
+RAF_MANUAL = '30.5\t40.25\n69.0\t41.0\n50\t60\n36\t75\n64\t75\n{g}\n{r}\n{a}\n'
+
+
+def rafdb_fixture(root, subset, codes):
+  """RAF-DB's real layout under ``root/subset`` ('basic' | 'compound'): every 4th image a
+  test one, _aligned.jpg faces, _manu_attri.txt annotations. Returns (the subset's
+  folder, the label lines for EmoLabel/list_patition_label.txt, not yet written)."""
+  base = os.path.join(root, subset)
+  lines = []
+  for i, code in enumerate(codes, 1):
+    split = 'train' if i % 4 else 'test'
+    stem = f'{split}_{i:05d}' if split == 'train' else f'{split}_{i:04d}'
+    lines.append(f'{stem}.jpg {code}')
+    image(f'{base}/Image/aligned/{stem}_aligned.jpg', (100, 100), value=i)
+    write(f'{base}/Annotation/manual/{stem}_manu_attri.txt',
+          RAF_MANUAL.format(g=i % 3, r=(i + 1) % 3, a=i % 5))
+  return base, lines

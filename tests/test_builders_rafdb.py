@@ -14,26 +14,12 @@ from unifer_jax.data import labels
 # RAF-DB's own table: 1 Surprise 2 Fear 3 Disgust 4 Happiness 5 Sadness 6 Anger 7 Neutral.
 RAF_TABLE = {1: 'surprise', 2: 'fear', 3: 'disgust', 4: 'happiness', 5: 'sadness', 6: 'anger',
              7: 'neutral'}
-MANUAL = '30.5\t40.25\n69.0\t41.0\n50\t60\n36\t75\n64\t75\n{g}\n{r}\n{a}\n'
-
-
-def _fixture(root, subset, codes):
-  base = os.path.join(root, subset)
-  lines = []
-  for i, code in enumerate(codes, 1):
-    split = 'train' if i % 4 else 'test'
-    stem = f'{split}_{i:05d}' if split == 'train' else f'{split}_{i:04d}'
-    lines.append(f'{stem}.jpg {code}')
-    u.image(f'{base}/Image/aligned/{stem}_aligned.jpg', (100, 100), value=i)
-    u.write(f'{base}/Annotation/manual/{stem}_manu_attri.txt',
-            MANUAL.format(g=i % 3, r=(i + 1) % 3, a=i % 5))
-  return base, lines
 
 
 def test_rafdb_basic(tmp_path):
   src, out = tmp_path / 'RAF-DB', tmp_path / 'out'
   codes = [1 + i % 7 for i in range(14)]
-  base, lines = _fixture(str(src), 'basic', codes)
+  base, lines = u.rafdb_fixture(str(src), 'basic', codes)
   # One bad input of each kind (lines 15..18).
   lines += ['train_00015.jpg 8',            # label out of range
             'train_00016.jpg',              # malformed line
@@ -83,7 +69,7 @@ def test_rafdb_basic(tmp_path):
 def test_rafdb_compound_and_original_alignment(tmp_path):
   src, out = tmp_path / 'RAF-DB', tmp_path / 'out'
   codes = list(range(1, 12)) + [12]            # 12 is out of range
-  base, lines = _fixture(str(src), 'compound', codes)
+  base, lines = u.rafdb_fixture(str(src), 'compound', codes)
   u.write(f'{base}/EmoLabel/list_patition_label.txt', '\n'.join(lines) + '\n')
   report = registry.prepare('rafdb_compound', src, out, max_skip_fraction=0.1)
   assert report.skipped == {common.LABEL: 1}
@@ -121,7 +107,7 @@ def test_a_split_past_the_writer_budget_names_beam(tmp_path, monkeypatch):
   from tensorflow_datasets.core import shuffle as tfds_shuffle
   from data_prep import tfds_writer
   src, out = tmp_path / 'RAF-DB', tmp_path / 'out'
-  base, lines = _fixture(str(src), 'basic', [1 + i % 7 for i in range(12)])
+  base, lines = u.rafdb_fixture(str(src), 'basic', [1 + i % 7 for i in range(12)])
   u.write(f'{base}/EmoLabel/list_patition_label.txt', '\n'.join(lines) + '\n')
   monkeypatch.setattr(tfds_shuffle, 'MAX_MEM_BUFFER_SIZE', 2_000)
   assert registry.prepare('rafdb', src, out).written == {'test': 3, 'train': 9}

@@ -35,8 +35,9 @@ def base(model: str = 'tiny') -> ml_collections.ConfigDict:
   c.input = dict(type='synthetic_random', batch_size=8, seq_len=32, data_dir='', workers=0,
                  pool=0)
   c.model = model
-  # Pretrained towers (HF dirs or converted checkpoints) and/or an earlier stage's workdir.
-  c.init = dict(vision='', qformer='', llm='', checkpoint='')
+  # Pretrained towers (HF dirs or converted checkpoints), a whole pretrained VLM (BLIP-2 /
+  # InstructBLIP) and/or an earlier stage's workdir.
+  c.init = dict(vlm='', vision='', qformer='', llm='', checkpoint='')
   c.mesh = dict(data=-1, fsdp=1, tensor=1)
   c.sharding = dict(rules=[list(r) for r in sharding.DEFAULT_RULES])
   c.compute_dtype = ''  # '' = the model config's own; 'bfloat16' switches every tower

@@ -19,18 +19,12 @@ SFEW 57.24, AffectNet-8 42.77; UniFER-7B overall 68.84.
 
 import ml_collections
 
-SUBSETS = {'rafdb': 'rafdb_qa.json', 'ferplus': 'ferplus_qa.json',
-           'affectnet': 'affectnet_qa.json', 'sfew': 'sfew_2.0_qa.json'}
+from unifer_jax.evaluators import ferbench
 
 
 def get_config(arg: str = ''):
   root, _, items = (arg or '').partition(',')
-  items = items or '/work/shared/ferbench'
   c = ml_collections.ConfigDict()
-  c.evals = {
-      f'ferbench_{name}': dict(
-          type='generative', prompt='ferbench', batch_size=16,
-          decoding=dict(max_new_tokens=128, temperature=0.0),   # think + answer; raise for big LLMs
-          dataset=dict(type='ferbench', items=f'{items}/{file}', image_root=root))
-      for name, file in SUBSETS.items()}
+  # think + answer; raise max_new_tokens for big LLMs.
+  c.evals = ferbench.evals_config(root, items or '/work/shared/ferbench', max_new_tokens=128)
   return c

@@ -31,6 +31,9 @@ DEFAULT_AUGMENT = dict(crop_scale=(0.75, 1.0), crop_ratio=(0.85, 1.18), flip=0.5
                        brightness=0.2, contrast=0.2, saturation=0.2, occlusion=0.2,
                        occlusion_size=(0.15, 0.4))
 _GREY = np.array([0.299, 0.587, 0.114], np.float32)
+# OpenAI CLIP's pixel statistics: what BLIP-2 / InstructBLIP (and their towers) expect.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def decode(data) -> Image.Image:

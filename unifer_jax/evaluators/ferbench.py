@@ -65,6 +65,19 @@ PROMPT = ('As an expert in facial expression recognition, which expression is mo
           'then give your final answer between the <answer></answer> tags.')
 
 
+def evals_config(image_root, items_dir, *, max_new_tokens: int = 128,
+                 batch_size: int = 16) -> dict:
+  """``config.evals`` entries ``ferbench_<subset>``: each published item file under the
+  protocol (fixed prompt, greedy decoding). ``image_root`` / ``items_dir`` may be strings
+  or ml_collections FieldReferences (then ``--config.`` overrides of them reach every
+  entry)."""
+  return {f'ferbench_{subset}': dict(
+      type='generative', prompt='ferbench', batch_size=batch_size,
+      decoding=dict(max_new_tokens=max_new_tokens, temperature=0.0),
+      dataset=dict(type='ferbench', items=items_dir + f'/{file}', image_root=image_root))
+      for file, subset in FILES.items()}
+
+
 def protocol_for(path_or_name: str) -> Protocol:
   """The protocol of a published file name (``rafdb_qa.json``) or subset name; any other
   file gets RAF-DB's (the project's canonical nouns)."""

@@ -88,6 +88,17 @@ def check_feature(config) -> None:
                      f"{dcfg.teacher_workdir}, not {config.model.get('feature_dim', 0)}")
 
 
+def _check_same_view(config, tcfg, workdir: Path) -> None:
+  """The student's images are the teacher's: normalised as the teacher was trained."""
+  from unifer_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  ours, theirs = pipeline.resolve_config(config.input), pipeline.resolve_config(tcfg.input)
+  for key in ('image_mean', 'image_std'):
+    if not np.allclose(ours[key], theirs[key]):
+      raise ValueError(f'config.input.{key}={tuple(ours[key])} but the teacher {workdir} '
+                       f'trained with {tuple(theirs[key])}: teacher and student read one '
+                       f'view; pass --config.input.{key}="{tuple(theirs[key])}"')
+
+
 def build(config, mesh) -> Teacher:
   """Abstract teacher (nothing read but its config.json and tokenizer)."""
   dcfg = config.distill
@@ -104,6 +115,7 @@ def build(config, mesh) -> Teacher:
   if model_cfg.vit.image_size != input_size:
     raise ValueError(f'teacher {workdir} sees {model_cfg.vit.image_size}px images but the '
                      f'distill input is {input_size}px: teacher and student share one view')
+  _check_same_view(config, tcfg, workdir)
   abstract = nnx.eval_shape(lambda: UniFER(model_cfg, rngs=nnx.Rngs(0)))
   graphdef, param_state = nnx.split(abstract, nnx.Param)
   rules = [tuple(r) for r in config.sharding.rules]

@@ -1,0 +1,83 @@
+"""The recipe for real photos (configs/finetune.py) end to end, as a user runs it, on a
+tiny random InstructBLIP directory and a RAF-DB fixture in the real layout:
+`unifer prep` -> 30 steps of `unifer train` -> `unifer eval` under the FERBench protocol
+(the published item file) -> distillation -> `unifer export`."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+import builders_util as u
+import vlm_util
+from unifer_jax.data import augment
+
+REPO = Path(__file__).resolve().parents[1]
+UNIFER = [sys.executable, '-m', 'unifer_jax.cli']
+# RAF-DB's own codes: 1..7 basic, 1..11 compound; every 4th image is a test one.
+BASIC_CODES = [1 + i % 7 for i in range(32)]
+COMPOUND_CODES = [1 + i % 11 for i in range(22)]
+
+
+def _unifer(*args, env):
+  done = subprocess.run(UNIFER + list(args), cwd=REPO, env=env, capture_output=True, text=True)
+  assert done.returncode == 0, f'unifer {args[0]} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}'
+  return done.stdout
+
+
+def test_finetune_recipe_end_to_end(tmp_path):
+  env = dict(os.environ, PYTHONPATH=str(REPO))
+  # -- the user's files: RAF-DB as it ships, FERBench's items, an InstructBLIP ----------
+  raf = tmp_path / 'fer' / 'RAF-DB'
+  for subset, codes in (('basic', BASIC_CODES), ('compound', COMPOUND_CODES)):
+    base, lines = u.rafdb_fixture(str(raf), subset, codes)
+    u.write(f'{base}/EmoLabel/list_patition_label.txt', '\n'.join(lines) + '\n')
+  # FERBench's rafdb items name /RAF-DB/aligned/test_NNNN_aligned.jpg under the image root.
+  os.symlink(raf / 'basic' / 'Image' / 'aligned', raf / 'aligned')
+  hf_dir = vlm_util.instructblip_dir(tmp_path / 'instructblip')
+  data, work = tmp_path / 'data', tmp_path / 'work'
+
+  # -- prep ------------------------------------------------------------------------------
+  for name in ('rafdb', 'rafdb_compound'):
+    out = _unifer('prep', name, '--src', str(raf), '--out', str(data), env=env)
+    assert 'train' in out
+
+  # -- fine-tune: 30 steps ---------------------------------------------------------------
+  recipe = f'configs/finetune.py:cpu,{hf_dir}'
+  out = _unifer('train', '--config', recipe, '--workdir', str(work / 'finetune'),
+                f'--config.input.data_dir={data}', f'--config.ferbench.image_root={tmp_path / "fer"}',
+                '--config.log_every_steps=1', env=env)
+  assert 'init: ' in out and 'vit' in out   # the whole VLM loaded (InitReport)
+  rows = [json.loads(l) for l in (work / 'finetune' / 'metrics.jsonl').read_text().splitlines()]
+  losses = [r['loss'] for r in rows if 'loss' in r]
+  assert len(losses) == 30 and all(np.isfinite(losses))
+  assert np.mean(losses[-5:]) < np.mean(losses[:5])   # it learns the fixture's answers
+  config = json.loads((work / 'finetune' / 'config.json').read_text())
+  assert config['init']['vlm'] == str(hf_dir)
+  assert config['input']['text_tokenizer'] == str(hf_dir / 'qformer_tokenizer')
+
+  # -- FERBench: the published RAF-DB items whose images exist ------------------------------
+  _unifer('eval', '--workdir', str(work / 'finetune'), env=env)
+  report = json.loads((work / 'finetune' / 'report.json').read_text())
+  raf_result = report['ferbench_rafdb'] if 'ferbench_rafdb' in report else report['evals']['ferbench_rafdb']
+  tests = sum(1 for i in range(1, len(BASIC_CODES) + 1) if i % 4 == 0)
+  assert raf_result['n'] == tests, raf_result
+  assert 0.0 <= raf_result['accuracy'] <= 1.0
+  # Subsets without any image are reported, not fatal.
+  others = report.get('evals', report)
+  assert 'error' in others['ferbench_sfew'] and 'no image' in others['ferbench_sfew']['error']
+
+  # -- distill the fine-tuned model into the tiny student, then export ----------------------
+  mixture = "[['rafdb', 1.0], ['rafdb_compound', 1.0]]"
+  _unifer('train', '--config', 'configs/distill.py:tiny', '--workdir', str(work / 'distill'),
+          f'--config.distill.teacher_workdir={work / "finetune"}',
+          f'--config.input.data_dir={data}', f'--config.input.mixture={mixture}',
+          f'--config.input.image_mean={augment.CLIP_MEAN}',
+          f'--config.input.image_std={augment.CLIP_STD}',
+          '--config.total_steps=6', '--config.input.batch_size=8', env=env)
+  out = _unifer('export', '--workdir', str(work / 'distill'), '--out', str(work / 'export'),
+                '--format', 'onnx', env=env)
+  assert (work / 'export').is_dir() and any(p.suffix == '.onnx' for p in (work / 'export').iterdir())
