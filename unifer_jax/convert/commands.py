@@ -92,10 +92,8 @@ def read_tower(path) -> Tower:
                             f'model_type={meta["model_type"]!r}')
     return Tower(path, converter, meta['model_type'],
                  ml_collections.ConfigDict(meta['config']), is_hf=False)
-  hf_config = hf_io.read_hf_config(path)
-  converter = convert.tower_for(hf_config['model_type'])
-  return Tower(path, converter, hf_config['model_type'], converter.config_from_hf(hf_config),
-               is_hf=True)
+  converter, hf_config, cfg = convert.hf_tower_config(path)
+  return Tower(path, converter, hf_config['model_type'], cfg, is_hf=True)
 
 
 # -- the converted directory -----------------------------------------------------------
