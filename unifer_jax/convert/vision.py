@@ -1,15 +1,16 @@
 """Hugging Face ViT / CLIP-vision / SigLIP-vision / BLIP-2-vision checkpoints <->
 ``models.vit.ViT``.
 
-model_type                  HF class                tensors read
-'vit'                       ViTModel                ``*`` (or ``vit.*`` of a ViTFor... checkpoint)
-'clip_vision_model'         CLIPVisionModel         ``*`` (or the older ``vision_model.*`` form)
-'siglip_vision_model'       SiglipVisionModel       ``*`` (or the older ``vision_model.*`` form)
-'clip'                      CLIPModel               ``vision_model.*`` only; text tower ignored
-'siglip'                    SiglipModel             ``vision_model.*`` only; text tower ignored
-'blip_2_vision_model'       Blip2VisionModel        ``*``; attention biases fused
-                                                    (``qkv.bias``) or EVA's q_bias / v_bias
-'instructblip_vision_model' InstructBlipVisionModel the same layout
+model_type                   HF class            tensors read
+'vit'                        ViTModel            ``*`` (or ``vit.*`` of a ViTFor... model)
+'clip_vision_model'          CLIPVisionModel     ``*`` (or the older ``vision_model.*`` form)
+'siglip_vision_model'        SiglipVisionModel   ``*`` (or the older ``vision_model.*`` form)
+'clip'                       CLIPModel           ``vision_model.*`` only; text tower ignored
+'siglip'                     SiglipModel         ``vision_model.*`` only; text tower ignored
+'blip_2_vision_model'        Blip2VisionModel    ``*``; attention biases fused (``qkv.bias``)
+                                                 or the EVA form (``q_bias``, ``v_bias``)
+'instructblip_vision_model'  InstructBlip-       the same as Blip2VisionModel
+                             VisionModel
 
 ``convert.load_hf(dir)``, ``unifer convert from-hf`` and ``config.init.vision=`` all read
 a directory through ``convert.hf_tower_config``: ``config_from_hf`` (config.json), then
@@ -130,10 +131,10 @@ def config_from_hf(hf_config: dict) -> ml_collections.ConfigDict:
   return vit.default_config(
       image_size=_square(c['image_size'], 'image_size', model_type),
       patch_size=_square(c['patch_size'], 'patch_size', model_type),
-      num_channels=3 if family == 'blip2' else int(c['num_channels']), width=width, depth=int(c['num_hidden_layers']),
-      heads=heads, mlp_dim=int(c['intermediate_size']), variant=family, pool=pool, act=act,
-      layer_norm_eps=float(c['layer_norm_eps']), qkv_bias=bool(c.get('qkv_bias', True)),
-      pooler=pooler)
+      num_channels=3 if family == 'blip2' else int(c['num_channels']), width=width,
+      depth=int(c['num_hidden_layers']), heads=heads, mlp_dim=int(c['intermediate_size']),
+      variant=family, pool=pool, act=act, layer_norm_eps=float(c['layer_norm_eps']),
+      qkv_bias=bool(c.get('qkv_bias', True)), pooler=pooler)
 
 
 def config_for_tensors(cfg, names: Iterable[str]) -> ml_collections.ConfigDict:
