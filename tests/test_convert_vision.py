@@ -323,14 +323,25 @@ def test_blip_vision_to_hf_and_round_trip(name, tmp_root, tmp_path):
     assert np.abs(got.numpy() - want_split).max() <= 1e-5
 
 
-def test_unifer_convert_check_passes_on_blip2_vision(tmp_root, tmp_path, capsys):
-  hf_dir, _, _ = hf_checkpoint('blip2', tmp_root)
+@pytest.mark.parametrize('name', list(BLIP))
+def test_unifer_convert_check_and_to_hf_on_blip_vision(name, tmp_root, tmp_path, capsys):
+  hf_dir, want, _ = hf_checkpoint(name, tmp_root)
+  cls, _, model_type = BLIP[name]
   assert cli.main(['convert', 'from-hf', '--src', hf_dir, '--out', str(tmp_path / 'ours')]) == 0
   assert cli.main(['convert', 'check', '--hf', hf_dir, '--src', str(tmp_path / 'ours'),
                    '--atol', '1e-5']) == 0
   out = capsys.readouterr().out
-  assert 'HF Blip2VisionModel' in out and out.rstrip().endswith('PASS')
+  assert f'HF {cls.__name__}' in out and out.rstrip().endswith('PASS')
   assert float(out.split('max abs diff ')[1].split()[0]) <= 1e-5
+  # to-hf writes the model_type it came from (InstructBLIP's is not Blip2VisionModel).
+  assert cli.main(['convert', 'to-hf', '--src', str(tmp_path / 'ours'),
+                   '--out', str(tmp_path / 'back')]) == 0
+  assert hf_io.read_hf_config(tmp_path / 'back')['model_type'] == model_type
+  back, info = cls.from_pretrained(tmp_path / 'back', output_loading_info=True)
+  assert not any(info[k] for k in ('missing_keys', 'unexpected_keys', 'mismatched_keys')), info
+  with torch.no_grad():
+    got = back.eval()(pixel_values=torch.from_numpy(PIXELS.transpose(0, 3, 1, 2)))
+  np.testing.assert_array_equal(got.last_hidden_state.numpy(), want)
 
 
 def test_vit_model_without_pooler_loads_everywhere(tmp_root, tmp_path):

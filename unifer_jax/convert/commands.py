@@ -196,6 +196,12 @@ def from_hf(src, out, dtype: str | None = None) -> tuple[Tower, int]:
   return tower, sum(x.size for x in jax.tree.leaves(params))
 
 
+def _hf_config(tower: Tower, cfg) -> dict:
+  if tower.kind == 'vision':  # InstructBLIP's vision model goes back as itself, not as the
+    return tower.converter.hf_config_from(cfg, tower.model_type)  # Blip2 of its layout
+  return tower.converter.hf_config_from(cfg)
+
+
 def to_hf(src, out, dtype: str | None = None, max_shard_bytes: int = 2 << 30
           ) -> tuple[Tower, dict, list[Path]]:
   """Writes the tower in ``src`` as an HF directory (config.json + safetensors);
@@ -203,13 +209,13 @@ def to_hf(src, out, dtype: str | None = None, max_shard_bytes: int = 2 << 30
   src, out = Path(src), Path(out)
   tower = read_tower(src)
   _empty_out(out)
-  tower.converter.hf_config_from(tower.cfg)  # refuse before reading any weight
+  _hf_config(tower, tower.cfg)  # refuse before reading any weight
   params = tower.params()
   if dtype:
     cast_params(params, dtype)
   cfg = ml_collections.ConfigDict(tower.cfg.to_dict())
   cfg.param_dtype = floating_dtype(params) or cfg.param_dtype
-  hf_config = tower.converter.hf_config_from(cfg)
+  hf_config = _hf_config(tower, cfg)
   files = hf_io.write_hf_dir(out, hf_config, tower.converter.params_to_hf(params, cfg),
                              max_shard_bytes=max_shard_bytes)
   return tower, hf_config, files
