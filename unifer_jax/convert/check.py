@@ -45,6 +45,7 @@ class Result:
 _NOT_IN_AUTO_MODEL = {'blip_2_vision_model': 'Blip2VisionModel',
                       'instructblip_vision_model': 'InstructBlipVisionModel'}
 
+
 def _input_kind(model_type: str) -> str:
   if model_type in llm.MODEL_TYPES:
     return 'tokens'

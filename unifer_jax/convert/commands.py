@@ -197,8 +197,10 @@ def from_hf(src, out, dtype: str | None = None) -> tuple[Tower, int]:
 
 
 def _hf_config(tower: Tower, cfg) -> dict:
-  if tower.kind == 'vision':  # InstructBLIP's vision model goes back as itself, not as the
-    return tower.converter.hf_config_from(cfg, tower.model_type)  # Blip2 of its layout
+  # A vision tower goes back as the model_type it came from: an InstructBLIP vision model
+  # as InstructBlipVisionModel, not as the Blip2VisionModel of the same layout.
+  if tower.kind == 'vision':
+    return tower.converter.hf_config_from(cfg, tower.model_type)
   return tower.converter.hf_config_from(cfg)
 
 
