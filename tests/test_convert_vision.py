@@ -1,4 +1,5 @@
-"""HF ViT / CLIP / SigLIP vision checkpoints -> ViT parity, the to-HF round trip, errors.
+"""HF ViT / CLIP / SigLIP / BLIP-2 / InstructBLIP vision checkpoints -> ViT parity, the to-HF
+round trip, errors.
 
 The references are tiny random transformers (torch) models built offline; every weight
 (norms included) is perturbed away from its init so a swapped or dropped tensor shows.
@@ -6,6 +7,8 @@ The references are tiny random transformers (torch) models built offline; every 
 
 import functools
 import json
+import os
+import shutil
 
 import jax
 import numpy as np
@@ -15,9 +18,10 @@ import transformers as T
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from unifer_jax import convert
-from unifer_jax.convert import hf_io, vision
-from unifer_jax.models import vit
+from unifer_jax import cli, convert
+from unifer_jax.convert import commands, compose, hf_io, vision
+from unifer_jax.models import presets, vit
+from unifer_jax.models.unifer import UniFER
 
 VISION = dict(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2,
               num_attention_heads=4, intermediate_size=128)
@@ -43,6 +47,10 @@ HF_MODELS = {
     'siglip_no_head': lambda: T.SiglipVisionModel(
         T.SiglipVisionConfig(**VISION, vision_use_head=False)),
     'siglip': lambda: T.SiglipModel(T.SiglipConfig(vision_config=VISION, text_config=TEXT)),
+    'vit_no_pooler': lambda: T.ViTModel(T.ViTConfig(**VISION), add_pooling_layer=False),
+    'blip2': lambda: T.Blip2VisionModel(T.Blip2VisionConfig(**VISION)),
+    'blip2_no_qkv_bias': lambda: T.Blip2VisionModel(T.Blip2VisionConfig(**VISION, qkv_bias=False)),
+    'instructblip': lambda: T.InstructBlipVisionModel(T.InstructBlipVisionConfig(**VISION)),
 }
 
 
@@ -87,7 +95,9 @@ def run(model):
 
 @pytest.mark.parametrize('name,scan', [
     ('vit', True), ('vit_classifier', False), ('clip_vision_model', True), ('clip', False),
-    ('siglip_vision_model', True), ('siglip_no_head', True), ('siglip', True)])
+    ('siglip_vision_model', True), ('siglip_no_head', True), ('siglip', True),
+    ('vit_no_pooler', False), ('blip2', True), ('blip2', False), ('blip2_no_qkv_bias', True),
+    ('instructblip', True), ('instructblip', False)])
 def test_parity_with_hf(name, scan, tmp_root):
   hf_dir, want_hidden, want_pooled = hf_checkpoint(name, tmp_root)
   model = convert.load_hf(hf_dir, scan_layers=scan)
@@ -95,12 +105,12 @@ def test_parity_with_hf(name, scan, tmp_root):
   hidden, pooled = run(model)
   assert hidden.shape == want_hidden.shape
   err = np.abs(hidden - want_hidden).max()
-  assert err <= 1e-4, (name, err)
+  assert err <= (1e-5 if model.cfg.variant == 'blip2' else 1e-4), (name, err)
   if want_pooled is None and model.cfg.variant == 'siglip':  # no head: no pooled output
     assert model.cfg.pool == 'none' and pooled is None
   elif want_pooled is None:  # ViTFor... has no pooler; ours pools the cls token (as its head)
     np.testing.assert_array_equal(pooled, hidden[:, 0])
-  else:  # ViTModel pooler / CLIP post_layernorm(cls) / SigLIP MAP head
+  else:  # ViTModel pooler / CLIP, BLIP-2 post_layernorm(cls) / SigLIP MAP head
     assert np.abs(pooled - want_pooled).max() <= 1e-4, name
   # The comparison is not vacuous: the outputs are far from zero.
   assert np.abs(want_hidden).max() > 0.5
@@ -223,3 +233,155 @@ def test_bad_configs_are_named():
   # Keys an old config.json leaves out take HF's defaults.
   cfg = vision.config_from_hf(dict(model_type='clip', vision_config=dict(hidden_size=64)))
   assert (cfg.width, cfg.patch_size, cfg.image_size, cfg.act) == (64, 32, 224, 'quick_gelu')
+
+
+# -- BLIP-2 / InstructBLIP: the two attention-bias forms, export, check ------------------
+
+BLIP = {'blip2': (T.Blip2VisionModel, T.Blip2VisionConfig, 'blip_2_vision_model'),
+        'instructblip': (T.InstructBlipVisionModel, T.InstructBlipVisionConfig,
+                         'instructblip_vision_model')}
+
+
+@functools.cache
+def blip_forms(name, tmp_root):
+  """(fused dir, q_bias/v_bias dir, last_hidden_state) of one model saved both ways. The
+  EVA form has no key bias, so the source model's key slice of qkv.bias is zeroed first."""
+  cls, config_cls, _ = BLIP[name]
+  torch.manual_seed(0)
+  model = _perturb(cls(config_cls(**VISION)))
+  with torch.no_grad():
+    for layer in model.encoder.layers:
+      layer.self_attn.qkv.bias[64:128] = 0.0
+  fused, split = f'{tmp_root}/{name}_fused', f'{tmp_root}/{name}_qv'
+  model.save_pretrained(fused)
+  with torch.no_grad():
+    want = model(pixel_values=torch.from_numpy(PIXELS.transpose(0, 3, 1, 2))).last_hidden_state
+  tensors = {}
+  for k, v in load_file(f'{fused}/model.safetensors').items():
+    if k.endswith('self_attn.qkv.bias'):  # rename into the EVA / LAVIS form
+      tensors[k.replace('qkv.bias', 'q_bias')], _, tensors[k.replace('qkv.bias', 'v_bias')] = \
+          np.split(v, 3)
+    else:
+      tensors[k] = v
+  os.makedirs(split)
+  save_file(tensors, f'{split}/model.safetensors', metadata={'format': 'pt'})
+  shutil.copy(f'{fused}/config.json', split)
+  return fused, split, want.numpy()
+
+
+@pytest.mark.parametrize('name', list(BLIP))
+@pytest.mark.parametrize('scan', [True, False])
+def test_blip_vision_both_bias_forms_match_hf(name, scan, tmp_root):
+  fused, split, want = blip_forms(name, tmp_root)
+  assert 'encoder.layers.1.self_attn.v_bias' in hf_io.TensorReader(split).keys()
+  models = [convert.load_hf(d, scan_layers=scan) for d in (fused, split)]
+  for model in models:
+    assert model.cfg.variant == 'blip2' and model.cfg.layer_norm_eps == 1e-6
+    hidden, _ = run(model)
+    assert np.abs(hidden - want).max() <= 1e-5
+  jax.tree.map(np.testing.assert_array_equal, *map(convert.params_of, models))
+  assert np.abs(want).max() > 0.5
+  # transformers 5.23 itself has no rule for that form: it drops the biases, we do not.
+  _, info = BLIP[name][0].from_pretrained(split, output_loading_info=True)
+  assert 'encoder.layers.0.self_attn.q_bias' in info['unexpected_keys']
+
+
+@pytest.mark.parametrize('name', ['blip2', 'blip2_no_qkv_bias', 'instructblip'])
+def test_blip_vision_to_hf_and_round_trip(name, tmp_root, tmp_path):
+  """from-hf -> to-hf is what transformers 5.23 loads; from-hf -> to-hf -> from-hf is exact;
+  an EVA-form checkpoint is written back fused."""
+  hf_dir, want, want_pooled = hf_checkpoint(name, tmp_root)
+  cfg = vision.config_from_hf(hf_io.read_hf_config(hf_dir))
+  params = vision.params_from_hf(hf_io.TensorReader(hf_dir), cfg)
+  model_type = hf_io.read_hf_config(hf_dir)['model_type']
+  hf_io.write_hf_dir(tmp_path / 'out', vision.hf_config_from(cfg, model_type),
+                     vision.params_to_hf(params, cfg))
+  cls = BLIP['instructblip' if name == 'instructblip' else 'blip2'][0]
+  model, info = cls.from_pretrained(tmp_path / 'out', output_loading_info=True)
+  assert not any(info[k] for k in ('missing_keys', 'unexpected_keys', 'mismatched_keys')), info
+  with torch.no_grad():
+    out = model.eval()(pixel_values=torch.from_numpy(PIXELS.transpose(0, 3, 1, 2)))
+  assert np.abs(out.last_hidden_state.numpy() - want).max() <= 1e-5
+  assert np.abs(out.pooler_output.numpy() - want_pooled).max() <= 1e-5
+  written, original = (load_file(f'{d}/model.safetensors') for d in (tmp_path / 'out', hf_dir))
+  assert written.keys() == original.keys()
+  for k, v in original.items():
+    np.testing.assert_array_equal(written[k], v, err_msg=k)
+  again = vision.params_from_hf(hf_io.TensorReader(tmp_path / 'out'),
+                                vision.config_from_hf(hf_io.read_hf_config(tmp_path / 'out')))
+  jax.tree.map(np.testing.assert_array_equal, again, params)
+  if name == 'blip2':  # the EVA form comes back fused, with a zero key bias
+    _, split, want_split = blip_forms('blip2', tmp_root)
+    hf_io.write_hf_dir(tmp_path / 'fused', vision.hf_config_from(cfg), vision.params_to_hf(
+        vision.params_from_hf(hf_io.TensorReader(split), cfg), cfg))
+    qkv_bias = load_file(tmp_path / 'fused' / 'model.safetensors')[
+        'encoder.layers.1.self_attn.qkv.bias']
+    assert not qkv_bias[64:128].any() and qkv_bias[:64].any() and qkv_bias[128:].any()
+    with torch.no_grad():
+      got = cls.from_pretrained(tmp_path / 'fused').eval()(
+          pixel_values=torch.from_numpy(PIXELS.transpose(0, 3, 1, 2))).last_hidden_state
+    assert np.abs(got.numpy() - want_split).max() <= 1e-5
+
+
+@pytest.mark.parametrize('name', list(BLIP))
+def test_unifer_convert_check_and_to_hf_on_blip_vision(name, tmp_root, tmp_path, capsys):
+  hf_dir, want, _ = hf_checkpoint(name, tmp_root)
+  cls, _, model_type = BLIP[name]
+  assert cli.main(['convert', 'from-hf', '--src', hf_dir, '--out', str(tmp_path / 'ours')]) == 0
+  assert cli.main(['convert', 'check', '--hf', hf_dir, '--src', str(tmp_path / 'ours'),
+                   '--atol', '1e-5']) == 0
+  out = capsys.readouterr().out
+  assert f'HF {cls.__name__}' in out and out.rstrip().endswith('PASS')
+  assert float(out.split('max abs diff ')[1].split()[0]) <= 1e-5
+  # to-hf writes the model_type it came from (InstructBLIP's is not Blip2VisionModel).
+  assert cli.main(['convert', 'to-hf', '--src', str(tmp_path / 'ours'),
+                   '--out', str(tmp_path / 'back')]) == 0
+  assert hf_io.read_hf_config(tmp_path / 'back')['model_type'] == model_type
+  back, info = cls.from_pretrained(tmp_path / 'back', output_loading_info=True)
+  assert not any(info[k] for k in ('missing_keys', 'unexpected_keys', 'mismatched_keys')), info
+  with torch.no_grad():
+    got = back.eval()(pixel_values=torch.from_numpy(PIXELS.transpose(0, 3, 1, 2)))
+  np.testing.assert_array_equal(got.last_hidden_state.numpy(), want)
+
+
+def test_vit_model_without_pooler_loads_everywhere(tmp_root, tmp_path):
+  """Whether a ViTModel has its pooler is read from the tensors: config.json is the same
+  with add_pooling_layer=False (architectures still says ViTModel)."""
+  hf_dir, want, _ = hf_checkpoint('vit_no_pooler', tmp_root)
+  hf_config = hf_io.read_hf_config(hf_dir)
+  assert hf_config['architectures'] == ['ViTModel'] and 'unifer_pooler' not in hf_config
+  assert vision.config_from_hf(hf_config).pooler  # config.json alone would guess wrong
+  assert not convert.load_hf(hf_dir).cfg.pooler
+  assert convert.load_hf(hf_checkpoint('vit', tmp_root)[0]).cfg.pooler  # one with a pooler
+  # unifer convert from-hf
+  tower, _ = commands.from_hf(hf_dir, tmp_path / 'ours')
+  assert not tower.cfg.pooler and 'pooler' not in commands.read_tower(tmp_path / 'ours').params()
+  # config.init.vision=
+  init = dict(vision=str(hf_dir))
+  cfg = compose.model_config_with_init(presets.get('tiny'), init)
+  assert (cfg.vit.width, cfg.vit.pooler, cfg.qformer.encoder_width) == (64, False, 64)
+  params = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: UniFER(cfg, rngs=nnx.Rngs(0))),
+                                      nnx.Param))
+  params, report = compose.apply_init(params, init, cfg)
+  assert not any(f.startswith('vit/') for f in report.fresh)
+  hidden, _ = run(convert.fill(nnx.eval_shape(lambda: vit.ViT(cfg.vit, rngs=nnx.Rngs(0))),
+                               params['vit']))
+  assert np.abs(hidden - want).max() <= 1e-4
+
+
+def test_blip2_configs_and_refusals():
+  cfg = vision.config_from_hf(dict(model_type='instructblip_vision_model'))
+  assert (cfg.variant, cfg.width, cfg.depth, cfg.patch_size, cfg.act, cfg.layer_norm_eps,
+          cfg.num_channels, cfg.qkv_bias) == ('blip2', 1408, 39, 14, 'gelu', 1e-6, 3, True)
+  tiny = dict(image_size=32, patch_size=8, width=64, depth=2, heads=4, mlp_dim=128)
+  written = vision.hf_config_from(vit.default_config(variant='blip2', qkv_bias=False, **tiny))
+  assert (written['model_type'], written['architectures'], written['qkv_bias']) == \
+      ('blip_2_vision_model', ['Blip2VisionModel'], False)
+  assert 'num_channels' not in written
+  for bad, match in [(dict(stem='conv', stem_channels=(8, 16, 32)), "stem='conv'"),
+                     (dict(num_channels=1), 'num_channels=1'),
+                     (dict(pooler=True), 'pooler=True'), (dict(pool='map'), "pool='map'")]:
+    with pytest.raises(hf_io.ConversionError, match=f"variant 'blip2'.*{match}"):
+      vision.hf_config_from(vit.default_config(variant='blip2', **{**tiny, **bad}))
+  with pytest.raises(hf_io.ConversionError, match="'instructblip_vision_model' does not hold"):
+    vision.hf_config_from(vit.default_config(variant='clip'), 'instructblip_vision_model')

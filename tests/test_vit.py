@@ -1,4 +1,4 @@
-"""ViT encoder (vit / clip / siglip layouts) and the FER student."""
+"""ViT encoder (vit / clip / siglip / blip2 layouts) and the FER student."""
 
 import functools
 
@@ -54,7 +54,7 @@ def run(model, images=IMAGES):
 
 @pytest.mark.parametrize('variant,pool,pooler,tokens', [
     ('vit', 'cls', True, 17), ('vit', 'map', False, 17), ('clip', 'gap', False, 17),
-    ('siglip', 'gap', False, 16)])
+    ('siglip', 'gap', False, 16), ('blip2', 'cls', False, 17)])
 def test_shapes_per_variant_and_pool(variant, pool, pooler, tokens):
   model = vit.ViT(tiny(variant=variant, pool=pool, pooler=pooler), rngs=nnx.Rngs(0))
   hidden, pooled = run(model)
@@ -83,8 +83,9 @@ def test_pool_none_has_no_pooled_output_and_bad_configs_are_named():
 
 def test_every_param_has_known_logical_axes():
   known = {name for name, _ in sharding.DEFAULT_RULES}
-  for scan in (True, False):
-    model = nnx.eval_shape(lambda: vit.ViT(tiny(variant='siglip', pool='map', scan_layers=scan),
+  for variant, scan in (('siglip', True), ('siglip', False), ('blip2', True)):
+    pool = 'map' if variant == 'siglip' else 'cls'
+    model = nnx.eval_shape(lambda: vit.ViT(tiny(variant=variant, pool=pool, scan_layers=scan),
                                            rngs=nnx.Rngs(0)))
     state = nnx.state(model, nnx.Param)
     axes = nnx.to_flat_state(sharding.logical_axes(state))
@@ -104,7 +105,7 @@ def test_every_param_has_known_logical_axes():
   assert tuple(kernel_axes['blocks'][1]['mlp']['fc2']['kernel']) == ('mlp', 'embed')
 
 
-@pytest.mark.parametrize('variant', ['clip', 'siglip'])
+@pytest.mark.parametrize('variant', ['clip', 'siglip', 'blip2'])
 def test_scanned_and_unrolled_stacks_compute_the_same(variant):
   pool = 'map' if variant == 'siglip' else 'cls'
   scanned = vit.ViT(tiny(variant=variant, pool=pool), rngs=nnx.Rngs(1))
@@ -131,6 +132,26 @@ def test_clip_post_layernorm_touches_only_the_pooled_token():
   hidden2, pooled2 = run(model)
   np.testing.assert_array_equal(hidden2, hidden)
   np.testing.assert_allclose(pooled2, 2.0 * pooled, atol=1e-5)
+
+
+def test_blip2_final_norm_is_on_every_token_and_the_cls_pool_norms_again():
+  """BLIP-2: ``final_norm`` (HF post_layernorm, LAVIS ln_vision) ends the last hidden
+  state; HF's pooler_output is that norm applied once more to the cls token."""
+  # eps ~0 so the normalised statistics are exact (the init's cls token is near constant).
+  model = vit.ViT(tiny(variant='blip2', pool='cls', layer_norm_eps=1e-12), rngs=nnx.Rngs(0))
+  assert model.pre_norm is None and model.pool_norm is None and model.pooler is None
+  assert model.patch_embed.bias is not None and model.cls_token is not None
+  rng = np.random.default_rng(0)
+  scale, bias = 1.0 + 0.5 * rng.random(32, np.float32), rng.standard_normal(32, np.float32)
+  model.final_norm.scale[...], model.final_norm.bias[...] = scale, bias
+  hidden, pooled = run(model)
+  unit = (hidden - bias) / scale  # every token left a LayerNorm: mean 0, variance 1
+  np.testing.assert_allclose(unit.mean(-1), 0.0, atol=1e-5)
+  np.testing.assert_allclose(unit.var(-1), 1.0, atol=1e-4)
+  cls = hidden[:, 0]
+  again = (cls - cls.mean(-1, keepdims=True)) / np.sqrt(cls.var(-1, keepdims=True))
+  np.testing.assert_allclose(pooled, again * scale + bias, atol=1e-4)
+  assert np.abs(pooled - cls).max() > 0.1  # the second norm is not the identity here
 
 
 def test_bf16_compute_is_close_to_f32():

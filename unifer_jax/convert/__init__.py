@@ -48,11 +48,26 @@ def fill(module: nnx.Module, params: dict) -> nnx.Module:
   return module
 
 
-def load_hf(hf_dir: str | os.PathLike, **config_overrides):
-  """Our module with the weights of an HF model directory (safetensors only)."""
+def hf_tower_config(hf_dir: str | os.PathLike):
+  """(converter module, config.json dict, our tower config) of an HF model directory.
+
+  The config comes from config.json; a converter that needs the checkpoint's tensor names
+  to settle it (``config_for_tensors``: does a ViTModel have its pooler?) gets them from
+  the safetensors headers, no weights read. Every reader of an HF directory (``load_hf``,
+  ``unifer convert from-hf | check``, ``config.init``) comes through here.
+  """
   hf_config = read_hf_config(hf_dir)
   tower = tower_for(hf_config['model_type'])
   cfg = tower.config_from_hf(hf_config)
+  settle = getattr(tower, 'config_for_tensors', None)
+  if settle is not None:
+    cfg = settle(cfg, TensorReader(hf_dir).keys())
+  return tower, hf_config, cfg
+
+
+def load_hf(hf_dir: str | os.PathLike, **config_overrides):
+  """Our module with the weights of an HF model directory (safetensors only)."""
+  tower, _, cfg = hf_tower_config(hf_dir)
   cfg.update(config_overrides)
   params = tower.params_from_hf(TensorReader(hf_dir), cfg)
   module = nnx.eval_shape(lambda: tower.build(cfg, rngs=nnx.Rngs(0)))
@@ -68,5 +83,5 @@ def as_numpy(params: dict) -> dict:
   return jax.tree.map(np.asarray, params)
 
 
-__all__ = ['ConversionError', 'TensorReader', 'load_hf', 'read_hf_config', 'supported_model_types',
-           'tower_for', 'fill', 'params_of']
+__all__ = ['ConversionError', 'TensorReader', 'load_hf', 'hf_tower_config', 'read_hf_config',
+           'supported_model_types', 'tower_for', 'fill', 'params_of']

@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from unifer_jax import convert
-from unifer_jax.convert import commands, hf_io, llm, vision, vlm
+from unifer_jax.convert import commands, llm, vision, vlm
 from unifer_jax.convert.hf_io import ConversionError
 
 NEEDS_TORCH = (
@@ -41,6 +41,10 @@ class Result:
 
 
 # -- inputs and the two models ---------------------------------------------------------
+
+_NOT_IN_AUTO_MODEL = {'blip_2_vision_model': 'Blip2VisionModel',
+                      'instructblip_vision_model': 'InstructBlipVisionModel'}
+
 
 def _input_kind(model_type: str) -> str:
   if model_type in llm.MODEL_TYPES:
@@ -111,6 +115,8 @@ def _hf_forward(hf_dir: Path, model_type: str, cfg, kind: str):
   elif kind == 'pixels':
     if model_type == 'vit':
       m = load(T.ViTModel, add_pooling_layer=bool(cfg.get('pooler', False)))
+    elif model_type in _NOT_IN_AUTO_MODEL:  # AutoModel does not map these model_types
+      m = load(getattr(T, _NOT_IN_AUTO_MODEL[model_type]))
     else:
       m = load(T.AutoModel)
       m = m.vision_model if model_type in ('clip', 'siglip') else m
@@ -189,10 +195,8 @@ def check(hf_dir, src, *, atol: float = 1e-3, max_kl: float = 1e-4, batch: int =
   """Runs the HF model in ``hf_dir`` (PyTorch) and the tower in ``src`` (a converted
   tower directory, or an HF directory read by our converter) on the same inputs."""
   hf_dir = Path(hf_dir)
-  hf_config = hf_io.read_hf_config(hf_dir)
+  converter, hf_config, hf_cfg = convert.hf_tower_config(hf_dir)
   model_type = hf_config['model_type']
-  converter = convert.tower_for(model_type)
-  hf_cfg = converter.config_from_hf(hf_config)
   tower = commands.read_tower(src)
   if tower.converter is not converter:
     raise ConversionError(f'--hf {hf_dir} holds a {model_type!r} model, --src {src} a '

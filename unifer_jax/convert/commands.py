@@ -144,10 +144,8 @@ def read_tower(path) -> Tower:
                             f'model_type={meta["model_type"]!r}')
     return Tower(path, converter, meta['model_type'],
                  ml_collections.ConfigDict(meta['config']), is_hf=False)
-  hf_config = hf_io.read_hf_config(path)
-  converter = convert.tower_for(hf_config['model_type'])
-  return Tower(path, converter, hf_config['model_type'], converter.config_from_hf(hf_config),
-               is_hf=True)
+  converter, hf_config, cfg = convert.hf_tower_config(path)
+  return Tower(path, converter, hf_config['model_type'], cfg, is_hf=True)
 
 
 # -- the converted directory -----------------------------------------------------------
@@ -272,6 +270,14 @@ def from_hf(src, out, dtype: str | None = None) -> tuple[Tower, int]:
   return tower, count
 
 
+def _hf_config(tower: Tower, cfg) -> dict:
+  # A vision tower goes back as the model_type it came from: an InstructBLIP vision model
+  # as InstructBlipVisionModel, not as the Blip2VisionModel of the same layout.
+  if tower.kind == 'vision':
+    return tower.converter.hf_config_from(cfg, tower.model_type)
+  return tower.converter.hf_config_from(cfg)
+
+
 def to_hf(src, out, dtype: str | None = None, max_shard_bytes: int = 2 << 30
           ) -> tuple[Tower, dict, list[Path]]:
   """Writes the tower in ``src`` as an HF directory (config.json + safetensors);
@@ -279,7 +285,7 @@ def to_hf(src, out, dtype: str | None = None, max_shard_bytes: int = 2 << 30
   src, out = Path(src), Path(out)
   tower = read_tower(src)
   _empty_out(out)
-  tower.converter.hf_config_from(tower.cfg)  # refuse before reading any weight
+  _hf_config(tower, tower.cfg)  # refuse before reading any weight
   cfg = ml_collections.ConfigDict(tower.cfg.to_dict())
   if tower.parts == ('',):
     params = tower.params()
@@ -290,7 +296,7 @@ def to_hf(src, out, dtype: str | None = None, max_shard_bytes: int = 2 << 30
     params = _LazyParts(tower, dtype)
     if dtype:
       _set_param_dtype(cfg, {dtype})
-  hf_config = tower.converter.hf_config_from(cfg)
+  hf_config = _hf_config(tower, cfg)
   files = hf_io.write_hf_dir(out, hf_config, tower.converter.params_to_hf(params, cfg),
                              max_shard_bytes=max_shard_bytes)
   return tower, hf_config, files

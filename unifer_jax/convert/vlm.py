@@ -110,9 +110,8 @@ def hf_config_from(cfg) -> dict:
   """The config.json of the whole HF model for a UniFER model config."""
   check_exportable(cfg)
   model_type = model_type_of(cfg)
-  vision_cfg = vision.hf_config_from(cfg.vit)
+  vision_cfg = vision.hf_config_from(cfg.vit, _VISION_TYPE[model_type])
   vision_cfg.pop('architectures', None)
-  vision_cfg['model_type'] = _VISION_TYPE[model_type]
   text_cfg = llm.hf_config_from(cfg.llm)
   text_cfg.pop('architectures', None)
   out = dict(model_type=model_type, architectures=[HF_CLASS[model_type]],

@@ -64,6 +64,14 @@ def _tfds_input(config, model_cfg):
 INPUTS = {'synthetic_random': RandomInput, 'tfds': _tfds_input}
 
 
+def batch_spec(config, model_cfg) -> dict[str, jax.ShapeDtypeStruct]:
+  """The global batch's keys, shapes and dtypes without reading any data (compile-check)."""
+  if config.input.type == 'tfds':
+    from unifer_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+    return pipeline.global_batch_spec(config, model_cfg)
+  return make_input(config, model_cfg).batch_spec()
+
+
 def make_input(config, model_cfg) -> Input:
   kind = config.input.type
   if kind not in INPUTS:

@@ -313,6 +313,35 @@ def _jsonable(x):
   return x
 
 
+def stage_input(config, model_cfg) -> tuple[ml_collections.ConfigDict, str, int]:
+  """(resolved config.input, format, image size) of a training run, checked against the
+  model; what the input and :func:`global_batch_spec` share."""
+  cfg = resolve_config(config.input)
+  if 'qformer' in model_cfg:  # an InstructBLIP reads the prompt beside its queries
+    cfg.qformer_prompt = bool(model_cfg.qformer.get('instruction_aware', False))
+  stage = config.get('stage', '')
+  fmt = cfg.format or STAGE_FORMATS.get(stage)
+  if fmt is None:
+    raise ValueError(f'config.stage={stage!r} has no input format; set config.input.format '
+                     f'to one of {examples.FORMATS}')
+  vision = presets.vision_config(model_cfg)  # a UniFER's vit or a student's encoder
+  image_size = cfg.image_size or vision.image_size
+  if image_size != vision.image_size:
+    tower = 'vit' if 'vit' in model_cfg else 'encoder'
+    raise ValueError(f'config.input.image_size={image_size} but model.{tower}.image_size='
+                     f'{vision.image_size}')
+  return cfg, fmt, image_size
+
+
+def global_batch_spec(config, model_cfg) -> dict[str, jax.ShapeDtypeStruct]:
+  """The device keys of a global training batch from the config alone -- no dataset or
+  tokenizer is opened (compile-check lowers a step for data that is elsewhere)."""
+  cfg, fmt, image_size = stage_input(config, model_cfg)
+  spec = examples.example_spec(fmt, image_size, cfg.seq_len, cfg.text_len, cfg.qformer_prompt)
+  return {k: jax.ShapeDtypeStruct((cfg.batch_size, *shape), dtype)
+          for k, (shape, dtype) in spec.items()}
+
+
 class TfdsInput:
   """The trainer's input (``config.input.type='tfds'``): inputs.Input protocol.
 
@@ -321,20 +350,7 @@ class TfdsInput:
   """
 
   def __init__(self, config, model_cfg):
-    cfg = resolve_config(config.input)
-    if 'qformer' in model_cfg:  # an InstructBLIP reads the prompt beside its queries
-      cfg.qformer_prompt = bool(model_cfg.qformer.get('instruction_aware', False))
-    stage = config.get('stage', '')
-    fmt = cfg.format or STAGE_FORMATS.get(stage)
-    if fmt is None:
-      raise ValueError(f'config.stage={stage!r} has no input format; set config.input.format '
-                       f'to one of {examples.FORMATS}')
-    vision = presets.vision_config(model_cfg)  # a UniFER's vit or a student's encoder
-    image_size = cfg.image_size or vision.image_size
-    if image_size != vision.image_size:
-      tower = 'vit' if 'vit' in model_cfg else 'encoder'
-      raise ValueError(f'config.input.image_size={image_size} but model.{tower}.image_size='
-                       f'{vision.image_size}')
+    cfg, fmt, image_size = stage_input(config, model_cfg)
     n = jax.process_count()
     if cfg.batch_size % n:
       raise ValueError(f'config.input.batch_size={cfg.batch_size} is not divisible by the '

@@ -1,13 +1,22 @@
-"""ViT face encoder: one pre-LN transformer covering the HF ViT, CLIP-vision and SigLIP-vision
-layouts, so any of their checkpoints loads into it (``unifer_jax.convert.vision``).
+"""ViT face encoder: one pre-LN transformer covering the HF ViT, CLIP-vision, SigLIP-vision
+and BLIP-2 / InstructBLIP vision layouts, so any of their checkpoints loads into it
+(``unifer_jax.convert.vision``).
 
-The three families differ only around the block stack (checked against transformers 5.23):
+The families differ only around the block stack (checked against transformers 5.23):
 
 | variant  | cls token | patch bias | before blocks | after blocks                          |
 |----------|-----------|------------|---------------|---------------------------------------|
 | 'vit'    | yes       | yes        | --            | ``final_norm`` on every token         |
 | 'clip'   | yes       | no         | ``pre_norm``  | ``pool_norm`` on the pooled cls ONLY  |
 | 'siglip' | no        | yes        | --            | ``final_norm`` on every token         |
+| 'blip2'  | yes       | yes        | --            | ``final_norm`` on every token         |
+
+'blip2' is BLIP-2's EVA ViT-g as HF's ``Blip2VisionModel`` / ``InstructBlipVisionModel``
+hold it: its ``final_norm`` (HF ``post_layernorm``) is LAVIS's ``ln_vision``, so the last
+hidden state is what BLIP-2's Q-Former reads. HF fuses q/k/v into one ``qkv`` projection
+(no key bias in the original); ours stay separate and the converter splits them. Its
+'cls' pool applies ``final_norm`` once more to the (already normed) cls token, as HF's
+``pooler_output`` does.
 
 A from-scratch tower may replace the patchify with a convolutional stem (``stem='conv'``,
 see ``ConvStem``); no HF family has one, so such a tower neither loads from nor exports
@@ -28,7 +37,7 @@ from flax import nnx
 
 from unifer_jax.models import layers
 
-VARIANTS = ('vit', 'clip', 'siglip')
+VARIANTS = ('vit', 'clip', 'siglip', 'blip2')
 POOLS = ('cls', 'map', 'gap', 'none')
 STEMS = ('patch', 'conv')
 
@@ -190,7 +199,7 @@ class ViT(nnx.Module):
     kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
     d, p = cfg.width, cfg.patch_size
     self.num_patches = (cfg.image_size // p) ** 2
-    self.has_cls = cfg.variant in ('vit', 'clip')
+    self.has_cls = cfg.variant in ('vit', 'clip', 'blip2')
     self.num_tokens = self.num_patches + self.has_cls  # the last hidden state's length
 
     self.stem = (ConvStem(cfg.stem_channels, cfg.num_channels, eps=cfg.layer_norm_eps, **kw)
@@ -209,7 +218,7 @@ class ViT(nnx.Module):
     norm = lambda: layers.LayerNorm(d, eps=cfg.layer_norm_eps, **kw)
     self.pre_norm = norm() if cfg.variant == 'clip' else None
     self.blocks = layers.make_stack(lambda r: Block(cfg, rngs=r), cfg.depth, cfg.scan_layers, rngs)
-    self.final_norm = norm() if cfg.variant in ('vit', 'siglip') else None
+    self.final_norm = norm() if cfg.variant in ('vit', 'siglip', 'blip2') else None
     self.pool_norm = norm() if cfg.variant == 'clip' else None
     self.pooler = (layers.Dense(d, d, axes=('embed', 'embed'), **kw)
                    if cfg.get('pooler', False) else None)
@@ -250,12 +259,14 @@ class ViT(nnx.Module):
 
   def pool(self, hidden: jax.Array) -> jax.Array:
     """``[B, N, D]`` last hidden state -> ``[B, D]`` per ``cfg.pool`` (HF pooler_output for
-    'cls' on CLIP / pooler-ViT and 'map' on SigLIP)."""
+    'cls' on CLIP / pooler-ViT / BLIP-2 and 'map' on SigLIP)."""
     mode = self.cfg.pool
     if mode == 'cls':
       y = hidden[:, 0]
       if self.pool_norm is not None:  # CLIP: post_layernorm on the pooled token only
         y = self.pool_norm(y)
+      if self.cfg.variant == 'blip2':  # HF Blip2VisionModel: post_layernorm a second time
+        y = self.final_norm(y)
       if self.pooler is not None:  # HF ViTModel pooler: tanh(dense(cls))
         y = jnp.tanh(self.pooler(y))
       return y

@@ -172,7 +172,7 @@ def run(config, topology: str, *, hbm_gib: float | None = None, log=None,
 
   # The same construction as train/loop.py: state.build -> compile_step -> trace.
   t0 = time.perf_counter()
-  batch_spec = inputs_lib.make_input(config, state_lib.model_config(config)).batch_spec()
+  batch_spec = inputs_lib.batch_spec(config, state_lib.model_config(config))
   setup, traced = step_cost.trace_step(config, mesh, batch_spec)
   matmuls = step_cost.step_flops(config, mesh, batch_spec, traced)
   t1 = time.perf_counter()
