@@ -99,7 +99,9 @@ def get_config(arg: str = '7b'):
   # (uncertainty), AffectNet's valence/arousal; FERBench-style candidate lists.
   c.input.tasks = ['basic', 'compound', 'valence_arousal', 'uncertainty', 'open_vocab']
   c.input.seq_len = 256 if pod else 64
-  c.input.text_len = 64 if pod else 32
+  # The Q-Former reads the prompt too (InstructBLIP); FERBench-style candidate lists run
+  # to ~90 WordPiece tokens.
+  c.input.text_len = 128 if pod else 64
   c.input.augment.enabled = pod   # flips, colour, occlusion; no crops (stage_config)
   c.checkpoint.every_steps = 500 if pod else 10
   # FERBench at the end of training (--config.ferbench.image_root=/data/fer).

@@ -216,6 +216,7 @@ def test_trainer_input(corpus, stage):
   config, model = _trainer_config(corpus, stage)
   data = inputs.make_input(config, model)
   spec = data.batch_spec()
+  assert inputs.batch_spec(config, model) == spec      # compile-check's, from the config alone
   local = data.next_local_batch()
   assert set(local) == set(spec)                       # no '_' metadata reaches the device
   for k, v in local.items():
@@ -230,6 +231,30 @@ def test_trainer_input(corpus, stage):
   for k, v in again.next_local_batch().items():
     np.testing.assert_array_equal(v, nxt[k])
   assert data.stats()['rows'] == 16 and again.stats()['rows'] == 16
+
+
+@pytest.mark.parametrize('stage', ['generate', 'instruct'])
+def test_an_instruction_aware_qformer_reads_the_prompt(corpus, stage):
+  """InstructBLIP: beside the LLM tokens each row carries the user's message (captions:
+  examples.CAPTION_PROMPT) as [CLS] + text + eos in the Q-Former's tokenizer."""
+  config, model = _trainer_config(corpus, stage)
+  model.qformer.instruction_aware = True
+  data = inputs.make_input(config, model)
+  spec = data.batch_spec()
+  assert spec['qformer_ids'].shape == spec['qformer_mask'].shape == (8, 32)
+  assert inputs.batch_spec(config, model) == spec
+  batch = data.next_local_batch()
+  tok = tok_lib.load(corpus['tok'])
+  for row in range(8):
+    ids = batch['qformer_ids'][row][batch['qformer_mask'][row] > 0]
+    cut = len(ids) == 32   # a long prompt is cut at text_len (no eos then)
+    assert ids[0] == tok.cls_id and (cut or ids[-1] == tok.eos_id)
+    message = tok.decode(ids[1:] if cut else ids[1:-1])
+    if stage == 'generate':
+      assert message == examples.CAPTION_PROMPT
+    else:  # the message the LLM's chat prompt wraps (the loss-free part of the row)
+      prompt = batch['tokens'][row][(batch['loss_mask'][row] == 0) & (batch['attention_mask'][row] > 0)]
+      assert message in tok.decode(prompt) and len(message) > 10
 
 
 def test_errors(corpus, tok):
