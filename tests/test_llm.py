@@ -1,6 +1,8 @@
 """Decoder LLM: KV-cache decoding == full forward, greedy generate == repeated argmax,
 scan == unscanned == unrolled, grouped attention == jax.nn's, padding invariance, tied
-embeddings, bf16, remat gradients.
+embeddings, bf16, remat gradients; the same for the OPT switches (LayerNorm, learned
+positions, ReLU MLP, biases), and their matmul FLOPs as step_cost counts them. (Parity
+with HF's models: test_convert_llm.py.)
 
 Compiles dominate the run time, so every test uses a few shapes (3 rows, a 6-token
 prompt, 5 new tokens) and module-level functions jitted with the graphdef static:
@@ -21,6 +23,9 @@ from unifer_jax.models import llm
 VOCAB = 97
 PROMPT, NEW = 6, 5
 PADS = (0, 2, 4)  # left padding per row
+# OPT's switches (kv_heads must equal heads = 4).
+OPT = dict(norm='layer', position_embedding='learned', mlp='relu', qkv_bias=True, o_bias=True,
+           mlp_bias=True, tie_embeddings=True, max_seq_len=24)
 
 
 def make(scan=True, kv_heads=2, seed=0, **kw):
@@ -98,9 +103,10 @@ def greedy_reference(model, ids, mask):
   return buf[:, t:]
 
 
-@pytest.mark.parametrize('scan,kv_heads', [(True, 2), (False, 2), (True, 1), (False, 1)])
-def test_kv_cache_matches_full_forward_with_left_padding(scan, kv_heads):
-  model = make(scan, kv_heads)
+@pytest.mark.parametrize('scan,kv_heads,kw', [(True, 2, {}), (False, 2, {}), (True, 1, {}),
+                                               (False, 1, {}), (True, 4, OPT), (False, 4, OPT)])
+def test_kv_cache_matches_full_forward_with_left_padding(scan, kv_heads, kw):
+  model = make(scan, kv_heads, **kw)
   ids, mask = left_padded(tokens(3, PROMPT + NEW))
   full = call(_logits, model, ids, mask)
 
@@ -116,13 +122,27 @@ def test_kv_cache_matches_full_forward_with_left_padding(scan, kv_heads):
   assert cache['k'].shape == (2, 3, PROMPT + NEW + 2, kv_heads, 8)
 
 
-def test_left_padding_does_not_change_logits():
+@pytest.mark.parametrize('kw', [{}, dict(OPT, kv_heads=4)], ids=['llama', 'opt'])
+def test_left_padding_does_not_change_logits(kw):
   ids = tokens(3, PROMPT + NEW)
   ids[1] = ids[0]
   padded, mask = left_padded(ids)
-  out = call(_logits, make(), padded, mask)
+  out = call(_logits, make(**kw), padded, mask)
   # Row 1 is row 0 shifted right by 2 pads: same tokens, same positions, same logits.
   np.testing.assert_allclose(out[1, 2:], out[0, :-2], atol=1e-5)
+
+
+def test_opt_generate_matches_repeated_full_forward_and_refuses_past_its_table():
+  model = make(kv_heads=4, **OPT)
+  ids, mask = left_padded(tokens(3, PROMPT, seed=5))
+  np.testing.assert_array_equal(call(_generate, model, ids, mask, -1, 0),
+                                greedy_reference(model, ids, mask))
+  # 25 slots > max_seq_len=24 rows of learned positions (HF OPT would index past its
+  # table): refused by name, not NaN.
+  with pytest.raises(ValueError, match='llm.max_seq_len=24'):
+    jax.eval_shape(lambda: model(tokens(1, 25)))
+  with pytest.raises(ValueError, match='learned position table'):
+    jax.eval_shape(lambda: llm.generate(model, tokens(1, 10), max_new_tokens=15))
 
 
 def test_greedy_generate_matches_repeated_full_forward():
@@ -297,3 +317,37 @@ def test_every_param_has_logical_axes():
     assert (f'{pre}/attn/v/bias' in flat) == bias
     assert all(v is not None and set(v) <= {n for n, _ in sharding.DEFAULT_RULES}
                for v in flat.values())
+
+
+def test_opt_params_have_logical_axes():
+  for scan in (True, False):
+    model = make(scan, kv_heads=4, **OPT)
+    flat = flatten(nnx.to_pure_dict(sharding.logical_axes(nnx.state(model, nnx.Param))))
+    lead = ('layers',) if scan else ()
+    pre = 'layers' if scan else 'layers/0'
+    # Position rows are not sharded (as the ViT's and Q-Former's tables).
+    assert flat['pos_embed/embedding'] == (None, 'embed')
+    assert flat[f'{pre}/attn_norm/bias'] == lead + ('norm',)
+    assert flat['final_norm/bias'] == ('norm',)
+    assert flat[f'{pre}/attn/o/bias'] == lead + ('embed',)
+    assert flat[f'{pre}/mlp/up/bias'] == lead + ('mlp',)
+    assert flat[f'{pre}/mlp/down/bias'] == lead + ('embed',)
+    assert not any('/gate/' in k for k in flat) and 'lm_head/kernel' not in flat
+    names = {n for n, _ in sharding.DEFAULT_RULES} | {None}
+    assert all(v is not None and set(v) <= names for v in flat.values())
+
+
+def test_step_cost_counts_opt_matmuls():
+  """step_cost.matmul_cost (the MFU counter) of an OPT forward: the projections, the two
+  MLP matmuls, attention and the tied head -- no FLOPs for the position lookup -- and a
+  gradient costs three forwards."""
+  from unifer_jax.train import step_cost
+  b, t, d, f, depth = 3, PROMPT, 32, 64, 2
+  graphdef, state = nnx.split(make(kv_heads=4, **OPT))
+  ids = tokens(b, t)
+  forward = lambda s: jnp.sum(nnx.merge(graphdef, s)(ids))
+  per_token = depth * (4 * d * d + 2 * d * f) + d * VOCAB
+  attention = depth * 2 * (2 * b * t * t * d)  # q.k and p.v over every head
+  expected = 2 * b * t * per_token + attention
+  assert step_cost.matmul_cost(jax.make_jaxpr(forward)(state))[0] == expected
+  assert step_cost.matmul_cost(jax.make_jaxpr(jax.grad(forward))(state))[0] == 3 * expected

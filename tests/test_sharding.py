@@ -1,7 +1,8 @@
 """Sharded execution equals single-device execution, and weights carry the rule's specs.
 
 On 8 fake CPU devices, for each (data, fsdp, tensor) mesh: the tiny UniFER forward pass
-and one AdamW train step (the real step of unifer_jax.train) match one device to 1e-5.
+and one AdamW train step (the real step of unifer_jax.train) match one device to 1e-5;
+also with an OPT-shaped LLM (LayerNorm, learned positions, ReLU MLP, biases).
 """
 
 import jax
@@ -12,13 +13,22 @@ from jax.sharding import PartitionSpec as P
 
 from unifer_jax import config_lib, sharding
 from unifer_jax.data import random_batches
+from unifer_jax.models import presets
 from unifer_jax.train import losses, optim, state as state_lib, step as step_lib, step_cost
 
 MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 4, 2)]
+# The tiny preset's LLM with OPT's switches (kv_heads = heads, as OPT has).
+OPT_LLM = dict(norm='layer', position_embedding='learned', mlp='relu', kv_heads=4,
+               qkv_bias=True, o_bias=True, mlp_bias=True, tie_embeddings=True)
 
 
-def _config(mesh_shape):
+def _config(mesh_shape, llm=None):
   config = config_lib.load('configs/smoke.py:tiny')
+  if llm:
+    model = presets.get('tiny')
+    model.llm.update(llm)
+    with config.ignore_type():  # a full model config where the preset name was
+      config.model = model
   config.mesh = dict(zip(sharding.MESH_AXES, mesh_shape))
   config.schedule.warmup_steps = 0
   config.schedule.peak_lr = 1e-3
@@ -31,8 +41,8 @@ def _config(mesh_shape):
   return config
 
 
-def _run(mesh_shape, devices):
-  config = _config(mesh_shape)
+def _run(mesh_shape, devices, llm=None):
+  config = _config(mesh_shape, llm)
   mesh = sharding.make_mesh(config.mesh, devices)
   setup = state_lib.build(config, mesh)
   state = setup.init_state()
@@ -63,7 +73,28 @@ def reference():
 @pytest.mark.parametrize('mesh_shape', MESHES, ids=lambda m: 'x'.join(map(str, m)))
 def test_sharded_forward_and_step_match_single_device(reference, mesh_shape):
   assert len(jax.devices()) == 8
-  got = _run(mesh_shape, jax.devices())
+  _assert_matches(_run(mesh_shape, jax.devices()), reference)
+
+
+@pytest.fixture(scope='module')
+def opt_reference():
+  return _run((1, 1, 1), jax.devices()[:1], OPT_LLM)
+
+
+def test_opt_llm_sharded_forward_and_step_match_single_device(opt_reference):
+  # One mesh with every axis > 1 (each run compiles the whole UniFER step: ~25 CPU-s).
+  got = _run((2, 2, 2), jax.devices(), OPT_LLM)
+  _assert_matches(got, opt_reference)
+  # OPT's own weights are really sharded by the rules: position rows replicated, width
+  # over fsdp; fc1 (mlp/up) and its bias over tensor.
+  params = optim.flat(got['state']['params'])
+  assert params['llm/pos_embed/embedding'].sharding.spec == P(None, 'fsdp')
+  assert params['llm/layers/mlp/up/kernel'].sharding.spec == P(None, 'fsdp', 'tensor')
+  assert params['llm/layers/mlp/up/bias'].sharding.spec == P(None, 'tensor')
+  assert 'llm/layers/mlp/gate/kernel' not in params
+
+
+def _assert_matches(got, reference):
   np.testing.assert_allclose(got['logits'], reference['logits'], atol=1e-5, rtol=0)
   assert abs(got['loss'] - reference['loss']) <= 1e-5
   # Same initial parameters (sharded init) and same parameters after one AdamW step.

@@ -1,31 +1,52 @@
-"""Llama/Qwen2-family decoder LLM: RMSNorm, RoPE, grouped-query attention, SwiGLU,
-optional qkv bias (Qwen2), optional tied embeddings, and a pure-functional KV cache.
+"""Decoder-only LLM of the Llama/Qwen2 family and of OPT, one module with config switches,
+and a pure-functional KV cache (decoding loop: ``models.generation``, re-exported here).
+
+=====================  ===============================  ================================
+switch                 Llama / Qwen2 (default)          OPT
+=====================  ===============================  ================================
+``norm``               'rms': RMSNorm (``rms_eps``)     'layer': LayerNorm with bias
+                                                        (``layer_norm_eps``)
+``position_embedding`` 'rope' (``rope_*`` keys)         'learned': a table of
+                                                        ``max_seq_len + position_offset``
+                                                        rows added to the input
+``mlp``                'swiglu' (gate, up, down)        'relu': ``down(relu(up(x)))``
+biases                 Qwen2 ``qkv_bias``; Llama        all of ``qkv_bias``, ``o_bias``,
+                       none or all three                ``mlp_bias`` (or none)
+attention              grouped-query (``kv_heads``)     ``kv_heads == heads``
+=====================  ===============================  ================================
+
+Both are pre-norm with a final norm; ``tie_embeddings`` (OPT's default, Llama 3.2 / Qwen2.5
+small) reads the logits off the token embedding. ``position_offset`` is HF OPT's: the
+token at position p reads row p + 2 of the table.
 
 Parameter tree (``nnx.to_pure_dict(nnx.state(model, nnx.Param))``)::
 
   token_embed/embedding           [V, D]           ('vocab', 'embed')
-  layers/attn_norm/scale          [L, D]           ('layers', 'norm')
+  pos_embed/embedding             [S + 2, D]       (None, 'embed')  S = max_seq_len ('learned')
+  layers/attn_norm/scale          [L, D]           ('layers', 'norm')   (+ bias: norm='layer')
   layers/attn/{q,k,v,o}/kernel    [L, D, N*H] ...  ('layers', 'embed', 'heads'|'kv_heads')
   layers/attn/{q,k,v}/bias        (cfg.qkv_bias)   o/bias (cfg.o_bias)
-  layers/mlp_norm/scale           [L, D]
-  layers/mlp/{gate,up,down}/kernel
-  final_norm/scale                [D]
+  layers/mlp_norm/scale           [L, D]                                (+ bias: norm='layer')
+  layers/mlp/{gate,up,down}/kernel                 (no gate: mlp='relu'; biases: cfg.mlp_bias)
+  final_norm/scale                [D]                                   (+ bias: norm='layer')
   lm_head/kernel                  [D, V]           (absent when cfg.tie_embeddings)
 
 With ``scan_layers=False`` ``layers`` is an ``nnx.List``: ``layers/<i>/...`` without the
 leading L axis.
 
-Positions: unless given, a token's RoPE position is the number of valid tokens before
-it in its row (``cumsum(attention_mask) - 1``), so a left-padded prompt gets exactly
-the logits of the unpadded one (HF ``generate`` does the same; HF ``forward`` without
-``position_ids`` uses ``arange`` instead).
+Positions: unless given, a token's position (RoPE angle or learned-table row) is the
+number of valid tokens before it in its row (``cumsum(attention_mask) - 1``), so a
+left-padded prompt gets exactly the logits of the unpadded one. HF ``generate`` does the
+same for every family, and so does HF OPT's ``forward`` (``cumsum(mask) * mask - 1``;
+padding tokens read row 1, ours a valid row: they are never attended to); HF Llama's
+``forward`` without ``position_ids`` uses ``arange`` instead.
 
 KV cache (a dict; passed in and returned, so it works under ``jax.jit``)::
 
   k, v   [L, B, S, K, H]  keys (after RoPE) and values per layer and slot
   valid  [B, S] bool      slot holds a real token (padding slots stay False)
   index  int32 []         next slot to write (shared by the batch)
-  pos    int32 [B]        RoPE position of each row's next token
+  pos    int32 [B]        position of each row's next token
 """
 
 from __future__ import annotations
@@ -41,6 +62,7 @@ from flax import nnx
 
 from unifer_jax import sharding
 from unifer_jax.models import layers
+from unifer_jax.models.generation import generate, sample_logits  # noqa: F401  (llm.generate)
 
 # Logical names of [batch, length, vocab] logits.
 LOGIT_AXES = ('activation_batch', 'activation_length', 'activation_vocab')
@@ -57,6 +79,9 @@ def default_config(**overrides) -> ml_collections.ConfigDict:
       rope_scaling='default', rope_factor=8.0, rope_low_freq_factor=1.0,
       rope_high_freq_factor=4.0, rope_original_max_len=8192,
       rms_eps=1e-6, qkv_bias=False, o_bias=False, mlp_bias=False, tie_embeddings=False,
+      # Architecture switches (module docstring); OPT: 'layer', 'learned', 'relu'.
+      norm='rms', layer_norm_eps=1e-5, position_embedding='rope', position_offset=2,
+      mlp='swiglu',
       max_seq_len=2048, dtype='float32', param_dtype='float32', scan_layers=True,
       # With scan_layers: run the stacked layers unrolled (layers.run_stack).
       unroll_layers=False, remat='none'))
@@ -82,8 +107,11 @@ def rope_inv_freq(cfg, head_dim: int) -> np.ndarray:
   return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-  """HF rotate-half RoPE on ``x [B, T, N, H]`` at ``positions [B, T]`` (computed in f32)."""
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray | None) -> jax.Array:
+  """HF rotate-half RoPE on ``x [B, T, N, H]`` at ``positions [B, T]`` (computed in f32);
+  ``x`` unchanged when ``inv_freq`` is None (learned absolute positions)."""
+  if inv_freq is None:
+    return x
   freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, H/2]
   cos, sin = jnp.cos(freqs)[:, :, None], jnp.sin(freqs)[:, :, None]
   x32 = x.astype(jnp.float32)
@@ -128,27 +156,44 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-  """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+  """SwiGLU ``down(silu(gate(x)) * up(x))``, or with ``mlp='relu'`` OPT's
+  ``down(relu(up(x)))`` (HF fc1 = up, fc2 = down: LoRA targets name both alike)."""
 
   def __init__(self, cfg, *, rngs: nnx.Rngs):
+    kind = cfg.get('mlp', 'swiglu')
+    if kind not in ('swiglu', 'relu'):
+      raise ValueError(f"llm.mlp={kind!r}; expected 'swiglu' or 'relu'")
     kw = dict(use_bias=cfg.get('mlp_bias', False), dtype=cfg.dtype,
               param_dtype=cfg.param_dtype, rngs=rngs)
-    self.gate = layers.Dense(cfg.hidden, cfg.mlp_dim, axes=('embed', 'mlp'), **kw)
+    self.gate = (layers.Dense(cfg.hidden, cfg.mlp_dim, axes=('embed', 'mlp'), **kw)
+                 if kind == 'swiglu' else None)
     self.up = layers.Dense(cfg.hidden, cfg.mlp_dim, axes=('embed', 'mlp'), **kw)
     self.down = layers.Dense(cfg.mlp_dim, cfg.hidden, axes=('mlp', 'embed'), **kw)
 
   def __call__(self, x):
+    if self.gate is None:
+      return self.down(jax.nn.relu(self.up(x)))
     return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+
+
+def make_norm(cfg, rngs: nnx.Rngs) -> nnx.Module:
+  """RMSNorm (``norm='rms'``) or LayerNorm with bias (``norm='layer'``, OPT)."""
+  kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+  kind = cfg.get('norm', 'rms')
+  if kind == 'rms':
+    return layers.RMSNorm(cfg.hidden, eps=cfg.rms_eps, **kw)
+  if kind == 'layer':
+    return layers.LayerNorm(cfg.hidden, eps=cfg.layer_norm_eps, **kw)
+  raise ValueError(f"llm.norm={kind!r}; expected 'rms' or 'layer'")
 
 
 class DecoderLayer(nnx.Module):
   """Pre-norm block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``."""
 
   def __init__(self, cfg, *, rngs: nnx.Rngs):
-    norm = dict(eps=cfg.rms_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
-    self.attn_norm = layers.RMSNorm(cfg.hidden, **norm)
+    self.attn_norm = make_norm(cfg, rngs)
     self.attn = Attention(cfg, rngs=rngs)
-    self.mlp_norm = layers.RMSNorm(cfg.hidden, **norm)
+    self.mlp_norm = make_norm(cfg, rngs)
     self.mlp = MLP(cfg, rngs=rngs)
 
   def __call__(self, x, positions, mask, inv_freq, kv_cache=None, index=None):
@@ -158,7 +203,7 @@ class DecoderLayer(nnx.Module):
 
 
 def positions_from_mask(mask: jax.Array, start: jax.Array | int = 0) -> jax.Array:
-  """RoPE positions ``[B, T]``: ``start`` + number of valid tokens before each token."""
+  """Positions ``[B, T]``: ``start`` + number of valid tokens before each token."""
   mask = mask.astype(jnp.int32)
   start = jnp.asarray(start, jnp.int32)
   return jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0) + (start[:, None] if start.ndim else start)
@@ -175,10 +220,16 @@ class LLM(nnx.Module):
     self.scan = cfg.get('scan_layers', True)
     self.token_embed = layers.Embed(cfg.vocab_size, cfg.hidden, axes=('vocab', 'embed'),
                                     dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+    kind = cfg.get('position_embedding', 'rope')
+    if kind not in ('rope', 'learned'):
+      raise ValueError(f"llm.position_embedding={kind!r}; expected 'rope' or 'learned'")
+    # Rows, like the ViT's and the Q-Former's position tables, are not sharded.
+    self.pos_embed = layers.Embed(
+        cfg.max_seq_len + cfg.position_offset, cfg.hidden, axes=(None, 'embed'),
+        dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs) if kind == 'learned' else None
     self.layers = layers.make_stack(lambda r: DecoderLayer(cfg, rngs=r), cfg.depth, self.scan,
                                     rngs)
-    self.final_norm = layers.RMSNorm(cfg.hidden, eps=cfg.rms_eps, dtype=cfg.dtype,
-                                     param_dtype=cfg.param_dtype, rngs=rngs)
+    self.final_norm = make_norm(cfg, rngs)
     self.lm_head = None if cfg.tie_embeddings else layers.Dense(
         cfg.hidden, cfg.vocab_size, axes=('embed', 'vocab'), use_bias=False, dtype=cfg.dtype,
         param_dtype=cfg.param_dtype, rngs=rngs)
@@ -206,9 +257,18 @@ class LLM(nnx.Module):
     return x, attention_mask.astype(bool)
 
   def _run_layers(self, x, positions, mask, cache_kv=None, index=None):
-    # Recomputed per call (a few flops at trace time): a numpy array as module attribute
-    # would land in the graphdef.
-    inv_freq = rope_inv_freq(self.cfg, self.head_dim)
+    inv_freq = None
+    if self.pos_embed is None:
+      # Recomputed per call (a few flops at trace time): a numpy array as module
+      # attribute would land in the graphdef.
+      inv_freq = rope_inv_freq(self.cfg, self.head_dim)
+    else:
+      # Positions count valid tokens, so they stay below the key slots S: checking S
+      # (static) keeps every row inside the table (jnp.take would read NaN past it).
+      if mask.shape[-1] > self.cfg.max_seq_len:
+        raise ValueError(f'{mask.shape[-1]} token slots exceed the learned position table '
+                         f'(llm.max_seq_len={self.cfg.max_seq_len})')
+      x = x + self.pos_embed(positions + self.cfg.position_offset)
 
     def layer_fn(layer, h, kv):  # kv: this layer's (k, v) cache slices, or None
       return layer(h, positions, mask, inv_freq, kv, index)
@@ -274,73 +334,3 @@ class LLM(nnx.Module):
     """One token per row (``[B]``); returns f32 logits ``[B, V]`` and the cache."""
     h, cache = self.extend(cache, token[:, None])
     return self.logits_from_hidden(h[:, 0]), cache
-
-
-# ------------------------------------------------------------------ generation
-def sample_logits(logits: jax.Array, rng: jax.Array | None, temperature: float = 0.0,
-                  top_k: int | None = None, top_p: float | None = None) -> jax.Array:
-  """Next tokens ``[B]`` from logits ``[B, V]``: greedy when ``temperature == 0``."""
-  if temperature == 0:
-    return jnp.argmax(logits, -1).astype(jnp.int32)
-  logits = logits.astype(jnp.float32) / temperature
-  neg = jnp.finfo(jnp.float32).min
-  if top_k:
-    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
-    logits = jnp.where(logits < kth, neg, logits)
-  if top_p is not None and top_p < 1.0:
-    sorted_logits = jnp.sort(logits, -1)[:, ::-1]
-    cum = jnp.cumsum(jax.nn.softmax(sorted_logits, -1), -1)
-    # Keep the smallest prefix whose mass reaches top_p (always at least one token).
-    cutoff_idx = jnp.sum(cum - jax.nn.softmax(sorted_logits, -1) < top_p, -1, keepdims=True) - 1
-    cutoff = jnp.take_along_axis(sorted_logits, cutoff_idx, -1)
-    logits = jnp.where(logits < cutoff, neg, logits)
-  return jax.random.categorical(rng, logits, -1).astype(jnp.int32)
-
-
-def generate(model: LLM, input_ids=None, *, inputs_embeds=None, attention_mask=None,
-             max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
-             top_p: float | None = None, rng: jax.Array | None = None,
-             eos_id: int | None = None, pad_id: int = 0, cache_dtype=None) -> jax.Array:
-  """Generated tokens ``[B, max_new_tokens]`` after a (left- or right-padded) prompt.
-
-  Prefill, then a ``jax.lax.while_loop`` of decode steps that stops early once every row
-  has produced ``eos_id``; tokens after a row's eos are ``pad_id``. Jittable: call it
-  inside ``jax.jit`` on ``nnx.merge(graphdef, state)``; ``max_new_tokens``,
-  ``temperature``, ``top_k`` and ``top_p`` must be Python values, ``eos_id``/``pad_id``
-  may be traced (a never-matching ``eos_id`` such as -1 disables stopping).
-  """
-  if temperature and rng is None:
-    raise ValueError('sampling (temperature > 0) needs rng')
-  rng = jax.random.key(0) if rng is None else rng
-  graphdef, state = nnx.split(model)
-  x, valid = model._inputs(input_ids, inputs_embeds, attention_mask)
-  b, t = valid.shape
-  cache = model.init_cache(b, t + max_new_tokens, cache_dtype)
-  h, cache = model.extend(cache, inputs_embeds=x, attention_mask=valid)
-  # The next token follows each row's last valid prompt token (right padding included).
-  last = jnp.max(jnp.where(valid, jnp.arange(t), 0), axis=1)
-  logits = model.logits_from_hidden(jnp.take_along_axis(h, last[:, None, None], 1)[:, 0])
-
-  def pick(logits, step, done, out):
-    tok = sample_logits(logits, jax.random.fold_in(rng, step), temperature, top_k, top_p)
-    tok = jnp.where(done, pad_id, tok)
-    out = out.at[:, step].set(tok)
-    if eos_id is not None:
-      done = done | (tok == eos_id)
-    return tok, done, out
-
-  out = jnp.full((b, max_new_tokens), pad_id, jnp.int32)
-  tok, done, out = pick(logits, 0, jnp.zeros((b,), bool), out)
-
-  def cond(carry):
-    step, _, done, _, _ = carry
-    return (step < max_new_tokens) & ~jnp.all(done)
-
-  def body(carry):
-    step, tok, done, out, cache = carry
-    logits, cache = nnx.merge(graphdef, state).decode_step(cache, tok)
-    tok, done, out = pick(logits, step, done, out)
-    return step + 1, tok, done, out, cache
-
-  carry = jax.lax.while_loop(cond, body, (jnp.int32(1), tok, done, out, cache))
-  return carry[3]
