@@ -4,8 +4,10 @@
 architecture read from ``config.json``; it is called like the HF model's main output
 (LLM: ``model(input_ids)`` -> logits; vision: ``model(pixel_values_nhwc)`` -> last hidden
 state; BERT: ``model(input_ids, attention_mask)``; Q-Former:
-``model(query_embeds, encoder_hidden_states)``). Each tower's mapping lives in its own
-module (``llm``, ``vision``, ``qformer``) with the same five functions.
+``model(query_embeds, encoder_hidden_states)``; InstructBLIP's Q-Former:
+``model(input_ids, attention_mask, query_embeds, encoder_hidden_states)``). Each tower's
+mapping lives in its own module (``llm``, ``vision``, ``qformer``) with the same five
+functions; read an HF directory's config through ``tower_config``.
 """
 
 from __future__ import annotations
@@ -46,11 +48,20 @@ def fill(module: nnx.Module, params: dict) -> nnx.Module:
   return module
 
 
+def tower_config(tower: ModuleType, hf_config: dict, hf_dir: str | os.PathLike):
+  """``tower.config_from_hf(hf_config)``; a tower whose architecture also depends on which
+  tensors the checkpoint holds (``CONFIG_READS_TENSORS``: a BERT's pooler) gets a
+  reader of ``hf_dir`` too."""
+  if getattr(tower, 'CONFIG_READS_TENSORS', False):
+    return tower.config_from_hf(hf_config, TensorReader(hf_dir))
+  return tower.config_from_hf(hf_config)
+
+
 def load_hf(hf_dir: str | os.PathLike, **config_overrides):
   """Our module with the weights of an HF model directory (safetensors only)."""
   hf_config = read_hf_config(hf_dir)
   tower = tower_for(hf_config['model_type'])
-  cfg = tower.config_from_hf(hf_config)
+  cfg = tower_config(tower, hf_config, hf_dir)
   cfg.update(config_overrides)
   params = tower.params_from_hf(TensorReader(hf_dir), cfg)
   module = nnx.eval_shape(lambda: tower.build(cfg, rngs=nnx.Rngs(0)))
@@ -67,4 +78,4 @@ def as_numpy(params: dict) -> dict:
 
 
 __all__ = ['ConversionError', 'TensorReader', 'load_hf', 'read_hf_config', 'supported_model_types',
-           'tower_for', 'fill', 'params_of']
+           'tower_for', 'tower_config', 'fill', 'params_of']

@@ -4,7 +4,9 @@ MaxText's forward-pass logit checker, for every tower: both models run in float3
 (bf16 weights are upcast exactly on both sides, so only the implementations differ).
 LLMs: max abs diff of the logits and KL(HF || ours) of the next-token distributions at
 every position (plus top-1 agreement). Encoders (vision, BERT, Q-Former): max abs diff
-and cosine similarity of the last hidden states per token. Fails (exit 1) when the max
+and cosine similarity of the last hidden states per token (unpadded ones). InstructBLIP's
+Q-Former runs on queries plus a right-padded instruction; inside a whole BLIP-2 /
+InstructBLIP the learned queries' outputs are compared (the LLM prefix before projection). Fails (exit 1) when the max
 abs diff exceeds ``--atol`` or, for LLMs, the max KL exceeds ``--max-kl``.
 
 torch is only in the test extra: without it the check explains that and exits 2.
@@ -47,7 +49,16 @@ def _input_kind(model_type: str) -> str:
     return 'tokens'
   if model_type in vision.MODEL_TYPES:
     return 'pixels'
-  return {'bert': 'text', 'blip_2_qformer': 'queries', 'blip-2': 'image_tokens'}[model_type]
+  return {'bert': 'text', 'blip_2_qformer': 'queries', 'blip-2': 'image_tokens',
+          'instructblip_qformer': 'instruction', 'instructblip': 'instructed_image_tokens'
+          }[model_type]
+
+
+def _padded_text(cfg, rng: np.random.Generator, batch: int, seq_len: int) -> dict:
+  t = min(seq_len, cfg.max_position)
+  mask = np.ones((batch, t), np.int64)
+  mask[-1, t // 2:] = 0  # right padding on the last row; compared on valid tokens only
+  return dict(ids=rng.integers(1, cfg.vocab_size, (batch, t)), mask=mask)
 
 
 def _inputs(kind: str, cfg, rng: np.random.Generator, batch: int, seq_len: int) -> dict:
@@ -57,15 +68,18 @@ def _inputs(kind: str, cfg, rng: np.random.Generator, batch: int, seq_len: int) 
     s, c = cfg.image_size, cfg.num_channels
     return dict(pixels=rng.standard_normal((batch, s, s, c), np.float32))
   if kind == 'text':
-    t = min(seq_len, cfg.max_position)
-    mask = np.ones((batch, t), np.int64)
-    mask[-1, t // 2:] = 0  # right padding on the last row; compared on valid tokens only
-    return dict(ids=rng.integers(1, cfg.vocab_size, (batch, t)), mask=mask)
+    return _padded_text(cfg, rng, batch, seq_len)
   image = rng.standard_normal((batch, 10, cfg.encoder_width), np.float32)
   if kind == 'image_tokens':
     return dict(image=image)
-  return dict(queries=rng.standard_normal((batch, cfg.num_queries or 8, cfg.hidden), np.float32),
-              image=image)
+  if kind == 'instructed_image_tokens':
+    return dict(image=image, **_padded_text(cfg, rng, batch, seq_len))
+  queries = rng.standard_normal((batch, cfg.num_queries or 8, cfg.hidden), np.float32)
+  if kind == 'queries':
+    return dict(queries=queries, image=image)
+  text = _padded_text(cfg, rng, batch, seq_len)  # 'instruction': HF's mask covers both
+  full = np.concatenate([np.ones(queries.shape[:2], np.int64), text['mask']], axis=1)
+  return dict(ids=text['ids'], full_mask=full, queries=queries, image=image, valid=full)
 
 
 def _hf_forward(hf_dir: Path, model_type: str, cfg, kind: str):
@@ -94,6 +108,20 @@ def _hf_forward(hf_dir: Path, model_type: str, cfg, kind: str):
     m = load(T.Blip2QFormerModel)
     fn = lambda x: m(query_embeds=t(x['queries']),
                      encoder_hidden_states=t(x['image'])).last_hidden_state
+  elif kind == 'instruction':
+    m = load(T.InstructBlipQFormerModel)
+    fn = lambda x: m(input_ids=t(x['ids']), attention_mask=t(x['full_mask']),
+                     query_embeds=t(x['queries']),
+                     encoder_hidden_states=t(x['image'])).last_hidden_state
+  elif kind == 'instructed_image_tokens':
+    m = load(T.InstructBlipForConditionalGeneration)
+
+    def fn(x):  # what InstructBLIP's get_image_features runs, read at the query positions
+      queries = m.query_tokens.expand(len(x['image']), -1, -1)
+      mask = torch.cat([torch.ones(queries.shape[:2], dtype=torch.long), t(x['mask'])], 1)
+      out = m.qformer(input_ids=t(x['ids']), attention_mask=mask, query_embeds=queries,
+                      encoder_hidden_states=t(x['image'])).last_hidden_state
+      return out[:, :queries.shape[1]]
   else:
     m = load(T.Blip2ForConditionalGeneration)
     fn = lambda x: m.qformer(query_embeds=m.query_tokens.expand(len(x['image']), -1, -1),
@@ -116,7 +144,10 @@ def _our_forward(tower: commands.Tower, kind: str):
           'pixels': lambda m, x: m(x['pixels']),
           'text': lambda m, x: m(x['ids'], x['mask']),
           'queries': lambda m, x: m(x['queries'], x['image']),
-          'image_tokens': lambda m, x: m.encode_queries(x['image'])}[kind]
+          'image_tokens': lambda m, x: m.encode_queries(x['image']),
+          'instruction': lambda m, x: m(x['ids'], x['full_mask'], x['queries'], x['image']),
+          'instructed_image_tokens':
+              lambda m, x: m.encode_queries(x['image'], None, x['ids'], x['mask'])}[kind]
   fn = jax.jit(lambda s, x: call(nnx.merge(graphdef, s), x))
   return lambda x: np.asarray(fn(state, x), np.float32)
 
@@ -165,7 +196,7 @@ def check(hf_dir, src, *, atol: float = 1e-3, max_kl: float = 1e-4, batch: int =
   hf_config = hf_io.read_hf_config(hf_dir)
   model_type = hf_config['model_type']
   converter = convert.tower_for(model_type)
-  hf_cfg = converter.config_from_hf(hf_config)
+  hf_cfg = convert.tower_config(converter, hf_config, hf_dir)
   tower = commands.read_tower(src)
   if tower.converter is not converter:
     raise ConversionError(f'--hf {hf_dir} holds a {model_type!r} model, --src {src} a '
@@ -175,7 +206,8 @@ def check(hf_dir, src, *, atol: float = 1e-3, max_kl: float = 1e-4, batch: int =
   hf_class, hf_run = _hf_forward(hf_dir, model_type, hf_cfg, kind)
   ref = hf_run(inputs)
   ours = _our_forward(tower, kind)(inputs)
-  result = compare(ref, ours, kind, inputs.get('mask'), atol=atol, max_kl=max_kl)
+  valid = inputs.get('valid', None if kind == 'instructed_image_tokens' else inputs.get('mask'))
+  result = compare(ref, ours, kind, valid, atol=atol, max_kl=max_kl)
   shape = 'x'.join(map(str, next(iter(inputs.values())).shape))
   result.lines.insert(0, f'check: HF {hf_class} ({hf_dir}, torch float32) vs unifer '
                          f'{tower.describe()} on random {kind} {shape} (seed {seed})')

@@ -94,8 +94,8 @@ def read_tower(path) -> Tower:
                  ml_collections.ConfigDict(meta['config']), is_hf=False)
   hf_config = hf_io.read_hf_config(path)
   converter = convert.tower_for(hf_config['model_type'])
-  return Tower(path, converter, hf_config['model_type'], converter.config_from_hf(hf_config),
-               is_hf=True)
+  return Tower(path, converter, hf_config['model_type'],
+               convert.tower_config(converter, hf_config, path), is_hf=True)
 
 
 # -- the converted directory -----------------------------------------------------------
