@@ -22,6 +22,9 @@ IDS = RNG.integers(0, 128, (2, 9))
 PIXELS = RNG.standard_normal((2, 3, 32, 32)).astype(np.float32)
 QUERIES = RNG.standard_normal((2, 5, 32)).astype(np.float32)
 IMAGE = RNG.standard_normal((2, 7, 24)).astype(np.float32)
+# InstructBLIP's mask covers [queries; instruction]: the second instruction right-padded.
+QFORMER_MASK = np.ones((2, 5 + 9), np.int64)
+QFORMER_MASK[1, 5 + 6:] = 0
 
 TOWERS = {
     'llm': (lambda: T.LlamaForCausalLM(T.LlamaConfig(
@@ -38,7 +41,18 @@ TOWERS = {
                 T.Blip2QFormerModel,
                 lambda m: m(query_embeds=torch.tensor(QUERIES),
                             encoder_hidden_states=torch.tensor(IMAGE)).last_hidden_state),
+    'instructblip_qformer': (lambda: T.InstructBlipQFormerModel(T.InstructBlipQFormerConfig(
+        vocab_size=128, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+        intermediate_size=48, encoder_hidden_size=24, cross_attention_frequency=2,
+        max_position_embeddings=16)),
+                             T.InstructBlipQFormerModel,
+                             lambda m: m(input_ids=torch.tensor(IDS),
+                                         attention_mask=torch.tensor(QFORMER_MASK),
+                                         query_embeds=torch.tensor(QUERIES),
+                                         encoder_hidden_states=torch.tensor(IMAGE)
+                                         ).last_hidden_state),
 }
+KIND = {'instructblip_qformer': 'qformer'}  # the tower kind a converted directory records
 
 
 def unifer(*args) -> int:
@@ -75,7 +89,7 @@ def test_round_trip_through_from_pretrained(tower, hf_dirs, tmp_path, capsys):
   _, auto_cls, fn = TOWERS[tower]
   assert unifer('from-hf', '--src', src, '--out', tmp_path / 'ours') == 0
   meta = json.loads((tmp_path / 'ours' / 'config.json').read_text())
-  assert (meta['format'], meta['tower']) == ('unifer-tower', tower)
+  assert (meta['format'], meta['tower']) == ('unifer-tower', KIND.get(tower, tower))
   assert (tmp_path / 'ours' / 'params').is_dir()
   # Sharded output (a few KB per shard) for the LLM: the index must be right too.
   shard = ['--max-shard-size', '20KB'] if tower == 'llm' else []
@@ -102,7 +116,9 @@ def _perturb(hf_dir, out, name):
 @pytest.mark.parametrize('tower,weight', [
     ('llm', 'model.layers.1.mlp.down_proj.weight'),
     ('vision', 'encoder.layers.0.self_attn.v_proj.bias'),
-    ('qformer', 'encoder.layer.1.output_query.dense.weight')])
+    ('qformer', 'encoder.layer.1.output_query.dense.weight'),
+    # the text FFN of the last layer: only the instruction's (unpadded) positions see it
+    ('instructblip_qformer', 'encoder.layer.2.output.dense.weight')])
 def test_check_passes_on_a_converted_pair_and_fails_on_a_perturbed_weight(
     tower, weight, hf_dirs, tmp_path, capsys):
   src, _ = hf_dirs[tower]
@@ -154,7 +170,8 @@ def test_errors_are_named_with_exit_code_2(hf_dirs, tmp_path, capsys, monkeypatc
   assert unifer('from-hf', '--src', tmp_path / 'gpt2', '--out', tmp_path / 'x') == 2
   err = capsys.readouterr().err
   assert "unsupported model_type 'gpt2'; supported:" in err
-  assert all(t in err for t in ('llama', 'qwen2', 'clip', 'siglip', 'vit', 'bert', 'blip-2'))
+  assert all(t in err for t in ('llama', 'qwen2', 'clip', 'siglip', 'vit', 'bert', 'blip-2',
+                                'instructblip_qformer', 'instructblip'))
   assert 'Traceback' not in err
 
   # Missing, unexpected and mis-shaped tensors: all named at once, shapes given.

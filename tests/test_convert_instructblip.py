@@ -12,7 +12,7 @@ import transformers as tf
 from flax import nnx
 
 from unifer_jax import convert
-from unifer_jax.convert import hf_io
+from unifer_jax.convert import check, hf_io
 from unifer_jax.convert import qformer as cq
 from unifer_jax.models import qformer as qf
 
@@ -171,6 +171,10 @@ def test_qformer_inside_instructblip_for_conditional_generation(tmp_path):
   assert {k: hf_q[k] for k in entries['qformer_config']} == entries['qformer_config']
   with pytest.raises(hf_io.ConversionError, match='instructblip_params_to_hf'):
     cq.hf_config_from(cfg)  # learned queries: only inside the whole model
+  # `unifer convert check` on the whole model compares the instructed prefix.
+  result = check.check(tmp_path, tmp_path, atol=TOL)
+  assert result.ok and result.max_abs <= TOL, result.lines
+  assert 'random instructed_image_tokens' in result.lines[0]
   with pytest.raises(hf_io.ConversionError, match='blip2_params_to_hf: needs'):
     dict(cq.blip2_params_to_hf(params, cfg))
 
