@@ -18,8 +18,7 @@ as a copy of BERT's FFN, and the cross-attention and query tokens are fresh; fro
 Q-Former checkpoint (Blip2QFormerModel, BLIP-2's Q-Former, a converted one) its weights
 load and the text side (absent from BLIP-2 Q-Formers) is fresh; an InstructBLIP Q-Former
 brings its text side (vocabulary, positions, ``instruction_aware``) and only an ITG head
-stays fresh. Fresh parameters keep the
-values of the random init.
+stays fresh. Fresh parameters keep the values of the random init.
 """
 
 from __future__ import annotations

@@ -29,8 +29,8 @@ the ``qformer_config`` and ``num_query_tokens`` of the VLM's config.json.
 BLIP-2 checkpoints saved by transformers 4.x also carry a text FFN per layer
 (``encoder.layer.*.intermediate.dense`` / ``output.{dense,LayerNorm}``, LAVIS's, unused
 by its forward); 5.x's Blip2QFormerModel has no such module and drops them on load as
-unexpected keys. So do we, with one log line: without the text embeddings they were
-trained with (not in those checkpoints) they are no text side to load.
+unexpected keys. So do we, with one log line: a text FFN without the text embeddings it
+was trained with (absent from those files) is no text side worth loading.
 
 The tensor names of every parameter: ``convert.qformer_names``.
 """
