@@ -293,20 +293,27 @@ def test_bf16_compute_dtype():
   assert model.query_tokens[...].dtype == jnp.float32  # f32 master weights
 
 
-def test_grads_flow_through_remat_scan_to_queries_and_cross_attention():
-  model = make(tiny_cfg(remat='dots'))
+@pytest.mark.parametrize('depth', [4, 3])
+def test_grads_flow_through_remat_scan_to_queries_and_cross_attention(depth):
+  model = make(tiny_cfg(remat='dots', depth=depth))
   image, ids, mask = inputs()
   graphdef, params = nnx.split(model, nnx.Param)
 
   def loss(p):
-    logits = nnx.merge(graphdef, p).caption_logits(image, ids, mask)
-    return -jax.nn.log_softmax(logits)[..., 0].mean()
+    m = nnx.merge(graphdef, p)
+    logits = m.caption_logits(image, ids, mask)
+    # The last layer's cross-attention reaches only the query outputs, which the ITG
+    # logits never read: add a query-side term (the LLM prefix's path).
+    return -jax.nn.log_softmax(logits)[..., 0].mean() + jnp.square(m.encode_queries(image)).mean()
 
   grads = nnx.to_pure_dict(jax.jit(jax.grad(loss))(params))
   assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
   assert float(jnp.abs(grads['query_tokens']).max()) > 0
   cross = grads['blocks']['layers'][0]['cross_attention']['key']['kernel']
-  assert cross.shape == (2, 12, 16) and float(jnp.abs(cross).max()) > 0
+  assert cross.shape == (depth // 2, 12, 16) and float(jnp.abs(cross).max()) > 0
+  if depth == 3:  # the tail's layer (index 2) cross-attends, under remat too
+    tail = grads['tail']['layers'][0]['cross_attention']['key']['kernel']
+    assert tail.shape == (12, 16) and float(jnp.abs(tail).max()) > 0
 
 
 def test_errors_name_the_problem():
