@@ -22,6 +22,9 @@ IDS = RNG.integers(0, 128, (2, 9))
 PIXELS = RNG.standard_normal((2, 3, 32, 32)).astype(np.float32)
 QUERIES = RNG.standard_normal((2, 5, 32)).astype(np.float32)
 IMAGE = RNG.standard_normal((2, 7, 24)).astype(np.float32)
+# InstructBLIP's mask covers [queries; instruction]: the second instruction right-padded.
+QFORMER_MASK = np.ones((2, 5 + 9), np.int64)
+QFORMER_MASK[1, 5 + 6:] = 0
 
 TOWERS = {
     'llm': (lambda: T.LlamaForCausalLM(T.LlamaConfig(
@@ -43,8 +46,18 @@ TOWERS = {
                 T.Blip2QFormerModel,
                 lambda m: m(query_embeds=torch.tensor(QUERIES),
                             encoder_hidden_states=torch.tensor(IMAGE)).last_hidden_state),
+    'instructblip_qformer': (lambda: T.InstructBlipQFormerModel(T.InstructBlipQFormerConfig(
+        vocab_size=128, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+        intermediate_size=48, encoder_hidden_size=24, cross_attention_frequency=2,
+        max_position_embeddings=16)),
+                             T.InstructBlipQFormerModel,
+                             lambda m: m(input_ids=torch.tensor(IDS),
+                                         attention_mask=torch.tensor(QFORMER_MASK),
+                                         query_embeds=torch.tensor(QUERIES),
+                                         encoder_hidden_states=torch.tensor(IMAGE)
+                                         ).last_hidden_state),
 }
-KIND = {'opt': 'llm'}  # the tower kind of each entry, where it is not its name
+KIND = {'opt': 'llm', 'instructblip_qformer': 'qformer'}  # the tower kind, where not the name
 LLMS = ('llm', 'opt')
 
 
@@ -110,7 +123,9 @@ def _perturb(hf_dir, out, name):
     ('llm', 'model.layers.1.mlp.down_proj.weight'),
     ('opt', 'model.decoder.embed_positions.weight'),
     ('vision', 'encoder.layers.0.self_attn.v_proj.bias'),
-    ('qformer', 'encoder.layer.1.output_query.dense.weight')])
+    ('qformer', 'encoder.layer.1.output_query.dense.weight'),
+    # the text FFN of the last layer: only the instruction's (unpadded) positions see it
+    ('instructblip_qformer', 'encoder.layer.2.output.dense.weight')])
 def test_check_passes_on_a_converted_pair_and_fails_on_a_perturbed_weight(
     tower, weight, hf_dirs, tmp_path, capsys):
   src, _ = hf_dirs[tower]
@@ -163,7 +178,7 @@ def test_errors_are_named_with_exit_code_2(hf_dirs, tmp_path, capsys, monkeypatc
   err = capsys.readouterr().err
   assert "unsupported model_type 'gpt2'; supported:" in err
   assert all(t in err for t in ('llama', 'qwen2', 'opt', 'clip', 'siglip', 'vit', 'bert',
-                                 'blip-2'))
+                                 'blip-2', 'instructblip_qformer', 'instructblip'))
   assert 'Traceback' not in err
 
   # Missing, unexpected and mis-shaped tensors: all named at once, shapes given.

@@ -238,3 +238,54 @@ def test_bad_inits_are_named(dirs, tmp_path):
   for name in ('layers/mlp/up/kernel', 'layers/mlp/gate/kernel', 'layers/mlp/down/kernel'):
     assert name in msg
   assert 'layers/mlp/up/kernel: expected (3, 40, 65), found (3, 40, 64)' in msg
+
+
+def _zero_params(cfg) -> dict:
+  """The UniFER's parameter tree as numpy zeros (apply_init only needs shapes/dtypes)."""
+  abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: UniFER(cfg, rngs=nnx.Rngs(0))),
+                                        nnx.Param))
+  return jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract)
+
+
+def test_pooler_less_bert_initialises_the_qformer(dirs, tmp_path):
+  """A BertModel saved with add_pooling_layer=False (its config.json still says BertModel)
+  starts the Q-Former from its HF directory and from its converted one alike."""
+  bert = T.BertModel(T.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=2, intermediate_size=64,
+                                  max_position_embeddings=40), add_pooling_layer=False)
+  _randomise(bert, 7).save_pretrained(tmp_path / 'hf')
+  commands.from_hf(tmp_path / 'hf', tmp_path / 'conv')
+  got = {}
+  for name in ('hf', 'conv'):
+    init = dict(qformer=str(tmp_path / name))
+    cfg = state_lib.model_config(_config(init))
+    params, report = compose.apply_init(_zero_params(cfg), init, cfg)
+    assert report.note['qformer'] == 'BLIP-2 init from BERT'
+    got[name] = params['qformer']
+  _assert_same(got['conv'], got['hf'], 'qformer')
+  np.testing.assert_array_equal(got['hf']['word_embed']['embedding'][:50],
+                                bert.embeddings.word_embeddings.weight.detach().numpy())
+
+
+def test_instructblip_qformer_initialises_the_qformer_with_its_text_side(dirs, tmp_path):
+  """An InstructBlipQFormerModel of depth 3 (cross-attention on layers 0 and 2): its text
+  side and instruction-awareness come along; only the ITG head and the queries (the
+  standalone model has none) stay fresh."""
+  hf = T.InstructBlipQFormerModel(T.InstructBlipQFormerConfig(
+      vocab_size=50, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+      intermediate_size=64, encoder_hidden_size=WIDTH, cross_attention_frequency=2,
+      max_position_embeddings=40))
+  _randomise(hf, 8).save_pretrained(tmp_path / 'ib')
+  init = dict(vision=str(dirs['vision']), qformer=str(tmp_path / 'ib'))
+  cfg = state_lib.model_config(_config(init))
+  q = cfg.qformer
+  assert (q.depth, q.cross_attention_freq, q.vocab_size, q.max_position, q.type_vocab_size,
+          q.instruction_aware) == (3, 2, 50, 40, 0, True)
+  params, report = compose.apply_init(_zero_params(cfg), init, cfg)
+  want = _flat(convert.params_of(convert.load_hf(tmp_path / 'ib')))
+  got = _flat(params['qformer'])
+  assert 'tail/layers/0/cross_attention/key/kernel' in want
+  for k, v in want.items():
+    np.testing.assert_array_equal(got[k], v, err_msg=k)
+  fresh = {f.split('/', 1)[1] for f in report.fresh if f.startswith('qformer/')}
+  assert fresh == {'query_tokens'} | {k for k in got if k.startswith('lm_head/')}

@@ -12,7 +12,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from unifer_jax import convert
-from unifer_jax.convert import hf_io
+from unifer_jax.convert import commands, hf_io
 from unifer_jax.convert import qformer as cq
 from unifer_jax.models import qformer as qf
 
@@ -143,7 +143,8 @@ def test_blip2_qformer_parity_and_round_trip(freq, tmp_path):
 
 # -- Blip2ForConditionalGeneration -----------------------------------------------------
 
-def test_qformer_inside_blip2_for_conditional_generation(tmp_path):
+@pytest.fixture(scope='module')
+def blip2_dir(tmp_path_factory):
   config = tf.Blip2Config(
       vision_config=dict(hidden_size=ENC, intermediate_size=40, num_hidden_layers=1,
                          num_attention_heads=2, image_size=16, patch_size=8),
@@ -153,7 +154,11 @@ def test_qformer_inside_blip2_for_conditional_generation(tmp_path):
       num_query_tokens=4, image_token_index=63)
   torch.manual_seed(3)
   hf = randomise(tf.Blip2ForConditionalGeneration(config), seed=3)
-  save(hf, tmp_path)
+  return save(hf, tmp_path_factory.mktemp('blip2')), hf
+
+
+def test_qformer_inside_blip2_for_conditional_generation(blip2_dir):
+  tmp_path, hf = blip2_dir
   model = convert.load_hf(tmp_path)
   assert isinstance(model, qf.QFormer) and model.query_tokens[...].shape == (4, H)
   assert model.word_embed is None  # BLIP-2 ships the Q-Former without its text side
@@ -183,6 +188,53 @@ def test_qformer_inside_blip2_for_conditional_generation(tmp_path):
   entries = cq.blip2_config_entries(cfg)
   assert entries['num_query_tokens'] == 4
   assert entries['qformer_config']['cross_attention_frequency'] == 2
+
+
+def test_transformers4_blip2_checkpoint_with_text_ffn_loads(blip2_dir, tmp_path, caplog):
+  """Hub BLIP-2 files from transformers 4.x carry each Q-Former layer's (unused) text FFN;
+  5.x's Blip2QFormerModel has none and reports them unexpected. We skip them, saying so."""
+  path, _ = blip2_dir
+  tensors = load_file(path / 'model.safetensors')
+  r = np.random.RandomState(0)
+  legacy = {}
+  for i in range(LAYERS):
+    for name, shape in (('intermediate.dense.weight', (MLP, H)), ('intermediate.dense.bias', (MLP,)),
+                        ('output.dense.weight', (H, MLP)), ('output.dense.bias', (H,)),
+                        ('output.LayerNorm.weight', (H,)), ('output.LayerNorm.bias', (H,))):
+      legacy[f'qformer.encoder.layer.{i}.{name}'] = r.randn(*shape).astype(np.float32)
+  save_file({**tensors, **legacy}, tmp_path / 'model.safetensors', metadata={'format': 'pt'})
+  (tmp_path / 'config.json').write_text((path / 'config.json').read_text())
+  _, info = tf.Blip2ForConditionalGeneration.from_pretrained(tmp_path, output_loading_info=True)
+  assert set(info['unexpected_keys']) == set(legacy) and not info['missing_keys']  # HF 5.x
+
+  with caplog.at_level('INFO', logger='unifer_jax.convert.qformer'):
+    got = convert.params_of(convert.load_hf(tmp_path))
+  jax.tree.map(np.testing.assert_array_equal, got, convert.params_of(convert.load_hf(path)))
+  skipped = [rec.getMessage() for rec in caplog.records if 'text-FFN' in rec.getMessage()]
+  assert len(skipped) == 1 and f'skipping {len(legacy)} text-FFN tensors' in skipped[0]
+
+
+def test_bert_without_pooler_loads_and_writes_back(tmp_path):
+  """Whether a BERT has a pooler is in its tensors: BertModel(add_pooling_layer=False)
+  says 'BertModel' in config.json like any other."""
+  torch.manual_seed(8)
+  hf = randomise(tf.BertModel(bert_config(), add_pooling_layer=False), seed=8)
+  save(hf, tmp_path / 'hf')
+  assert hf_io.read_hf_config(tmp_path / 'hf')['architectures'] == ['BertModel']
+  model = convert.load_hf(tmp_path / 'hf')
+  assert isinstance(model, qf.Bert) and model.pooler is None
+  ids, mask = text_batch(4)
+  want = torch_out(hf, ids, mask).last_hidden_state.numpy()
+  assert np.abs(np.asarray(run(model, ids, mask)) - want).max() <= TOL
+
+  commands.from_hf(tmp_path / 'hf', tmp_path / 'ours')
+  assert commands.read_tower(tmp_path / 'ours').cfg.pooler is False
+  commands.to_hf(tmp_path / 'ours', tmp_path / 'back')
+  back, info = tf.BertModel.from_pretrained(tmp_path / 'back', add_pooling_layer=False,
+                                            output_loading_info=True)
+  assert not any(info[k] for k in ('missing_keys', 'unexpected_keys', 'mismatched_keys')), info
+  np.testing.assert_array_equal(torch_out(back.eval(), ids, mask).last_hidden_state.numpy(), want)
+  assert convert.load_hf(tmp_path / 'back').pooler is None  # what to-hf wrote has none
 
 
 def test_bf16_checkpoint_stays_bf16_and_gamma_beta_names_load(bert_dir, tmp_path):

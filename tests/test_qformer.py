@@ -142,47 +142,130 @@ def test_itg_query_states_equal_the_queries_only_pass(model):
 
   @nnx.jit
   def itg_query_states(m):
-    x, valid = m._queries_and_text(ids, mask)
+    x, valid = m._queries_and_text(m._queries(B), ids, mask)
     return m._encode(x, qf.multimodal_causal_mask(Q, valid), Q, image, None)[:, :Q]
 
   np.testing.assert_allclose(itg_query_states(model), run(model, image, name='encode_queries'),
                              atol=1e-5)
 
 
+def test_instruction_aware_prefix_is_the_itm_pass():
+  """InstructBLIP: the queries see the instruction (every valid token, never padding)
+  through the same bidirectional pass as ITM; without instruction ids, the plain pass."""
+  model = make(tiny_cfg(instruction_aware=True))
+  image, ids, mask = inputs()
+  prefix = lambda i: run(model, image, None, i, mask, name='encode_queries')
+  base = prefix(ids)
+  assert base.shape == (B, Q, 16)
+  np.testing.assert_array_equal(base, run(model, image, ids, mask, name='match'))
+  assert changed(base, prefix(ids.at[:, 3].set((ids[:, 3] + 1) % V)), 1).all()
+  np.testing.assert_allclose(prefix(ids.at[1, 5].set((ids[1, 5] + 1) % V)), base, atol=1e-6)
+  plain = run(model, image, name='encode_queries')
+  assert not np.allclose(plain, base, atol=1e-4)
+  np.testing.assert_array_equal(plain, run(model, image, None, None, None, name='encode_queries'))
+
+
+def test_instruct_qformer_is_called_like_hf():
+  """``InstructQFormer(input_ids, attention_mask, query_embeds, encoder_hidden_states)``
+  -> [B, Q + T, H]: the mask covers queries and text; either part may be left out."""
+  cfg = tiny_cfg(instruction_aware=True, lm_head=False)
+  model = model_util.random_module(lambda: qf.InstructQFormer(cfg, rngs=nnx.Rngs(0)))
+  image, ids, mask = inputs()
+  queries = jnp.broadcast_to(model.query_tokens[...][None], (B, Q, 16))
+  full_mask = jnp.concatenate([jnp.ones((B, Q), mask.dtype), mask], 1)
+  call = nnx.jit(lambda m, *a: m(*a))
+  out = call(model, ids, full_mask, queries, image)
+  assert out.shape == (B, Q + T, 16)
+  np.testing.assert_allclose(out[:, :Q], run(model, image, None, ids, mask,
+                                             name='encode_queries'), atol=1e-6)
+  np.testing.assert_allclose(call(model, ids, mask), run(model, ids, mask, name='encode_text'),
+                             atol=1e-6)
+  np.testing.assert_allclose(call(model, None, None, queries, image),
+                             run(model, image, name='encode_queries'), atol=1e-6)
+  with pytest.raises(ValueError, match=r'attention_mask has shape \(2, 6\); expected \(2, 9\)'):
+    jax.eval_shape(lambda: model(ids, mask, queries, image))
+
+
 def _unscanned_params(scanned: dict, groups: int) -> dict:
-  out = {k: v for k, v in scanned.items() if k != 'blocks'}
+  out = {k: v for k, v in scanned.items() if k != 'blocks'}  # 'tail' is never scanned
   out['blocks'] = {g: {'layers': jax.tree.map(lambda a: a[g], scanned['blocks']['layers'])}
                    for g in range(groups)}
   return out
 
 
-@pytest.mark.parametrize('freq', [1, 2])
-def test_scan_equals_unrolled(freq, model):
-  scanned = model if freq == 2 else make(tiny_cfg(cross_attention_freq=freq))
-  flat = make(tiny_cfg(cross_attention_freq=freq, scan_layers=False), seed=7)
+@pytest.mark.parametrize('depth,freq', [(4, 1), (4, 2), (3, 2), (5, 2), (5, 3)])
+def test_scan_equals_unrolled(depth, freq, model):
+  cfg = dict(depth=depth, cross_attention_freq=freq)
+  scanned = model if (depth, freq) == (4, 2) else make(tiny_cfg(**cfg))
+  flat = make(tiny_cfg(scan_layers=False, **cfg), seed=7)
   state = nnx.state(flat, nnx.Param)
-  nnx.replace_by_pure_dict(state, _unscanned_params(params_of(scanned), 4 // freq))
+  nnx.replace_by_pure_dict(state, _unscanned_params(params_of(scanned), depth // freq))
   nnx.update(flat, state)
   image, ids, mask = inputs()
   # The ITG pass runs every layer path: cross-attention, both FFNs, the LM head.
-  np.testing.assert_allclose(run(flat, image, ids, mask, name='caption_logits'),
-                             run(scanned, image, ids, mask, name='caption_logits'), atol=1e-5)
+  want = run(scanned, image, ids, mask, name='caption_logits')
+  np.testing.assert_allclose(run(flat, image, ids, mask, name='caption_logits'), want,
+                             atol=1e-5)
+  if depth % freq:  # the tail runs: dropping its last layer changes the output
+    cut = make(tiny_cfg(depth=depth - 1, cross_attention_freq=freq))
+    kept = params_of(scanned)
+    if depth % freq == 1:
+      del kept['tail']
+    else:
+      del kept['tail']['layers'][depth % freq - 1]
+    state = nnx.state(cut, nnx.Param)
+    nnx.replace_by_pure_dict(state, kept)
+    nnx.update(cut, state)
+    assert not np.allclose(run(cut, image, ids, mask, name='caption_logits'), want, atol=1e-3)
 
 
-@pytest.mark.parametrize('freq,cross_layers', [(1, [0, 1, 2, 3]), (2, [0, 2])])
-def test_cross_attention_every_freq_layers(freq, cross_layers):
-  model = make(tiny_cfg(cross_attention_freq=freq, scan_layers=False))
-  found = [g * freq + i for g, block in enumerate(model.blocks)
-           for i, layer in enumerate(block.layers) if layer.cross_attention is not None]
-  assert found == cross_layers
+def _layers_with_cross_attention(model, freq) -> list[int]:
+  """Global indices of the layers that cross-attend (unscanned model: blocks + tail)."""
+  groups = [*model.blocks] + ([model.tail] if model.tail is not None else [])
+  size = len(groups[0].layers)
+  return [g * size + i for g, block in enumerate(groups)
+          for i, layer in enumerate(block.layers) if layer.cross_attention is not None]
+
+
+@pytest.mark.parametrize('depth,freq,cross_layers', [
+    (4, 1, [0, 1, 2, 3]), (4, 2, [0, 2]), (3, 2, [0, 2]), (5, 2, [0, 2, 4]), (5, 3, [0, 3]),
+    (7, 3, [0, 3, 6]), (1, 2, [0]), (3, 5, [0])])
+def test_cross_attention_where_hf_puts_it(depth, freq, cross_layers):
+  """HF: layer i cross-attends iff i % cross_attention_frequency == 0, at any depth."""
+  assert [i for i in range(depth) if i % freq == 0] == cross_layers
+  model = make(tiny_cfg(depth=depth, cross_attention_freq=freq, scan_layers=False))
+  assert _layers_with_cross_attention(model, freq) == cross_layers
+  assert sum(len(b.layers) for b in model.blocks) + (
+      len(model.tail.layers) if model.tail is not None else 0) == depth
   # The cross-attention keys/values read image tokens of encoder_width.
   assert model.blocks[0].layers[0].cross_attention.key.kernel.shape == (12, 16)
-  with pytest.raises(ValueError, match='multiple of qformer.cross_attention_freq'):
-    make(tiny_cfg(depth=3, cross_attention_freq=2))
+  # Scanned: whole groups stacked, the shorter rest unscanned.
+  tree = params_of(make(tiny_cfg(depth=depth, cross_attention_freq=freq)))
+  size = min(freq, depth)
+  assert tree['blocks']['layers'][0]['attention']['query']['kernel'].shape[0] == depth // size
+  assert ('tail' in tree) == bool(depth % size)
+  if depth % size:
+    assert sorted(tree['tail']['layers']) == list(range(depth % size))
+    assert 'cross_attention' in tree['tail']['layers'][0]
+    assert all('cross_attention' not in tree['tail']['layers'][i] for i in range(1, depth % size))
 
 
-def test_every_param_has_logical_axes():
-  model = make(tiny_cfg(type_vocab_size=2, pooler=True))
+def test_layouts_of_multiple_depths_are_unchanged(model):
+  """Depths that are a multiple of the frequency keep the layout converted towers and
+  train checkpoints on disk were written with: no 'tail', [depth // freq] stacks."""
+  tree = params_of(model)
+  assert set(tree) == {'query_tokens', 'word_embed', 'pos_embed', 'embed_norm', 'blocks',
+                       'lm_head'}
+  assert set(tree['blocks']) == {'layers'} and set(tree['blocks']['layers']) == {0, 1}
+  assert tree['blocks']['layers'][0]['cross_attention']['key']['kernel'].shape == (2, 12, 16)
+  assert 'cross_attention' not in tree['blocks']['layers'][1]
+  flat = make(tiny_cfg(scan_layers=False))
+  assert set(params_of(flat)['blocks']) == {0, 1} and flat.tail is None
+
+
+@pytest.mark.parametrize('depth', [4, 5])
+def test_every_param_has_logical_axes(depth):
+  model = make(tiny_cfg(depth=depth, type_vocab_size=2, pooler=True))
   known = {name for name, _ in sharding.DEFAULT_RULES}
   axes = sharding.logical_axes(nnx.state(model, nnx.Param))
   flat = jax.tree_util.tree_flatten_with_path(
@@ -196,6 +279,9 @@ def test_every_param_has_logical_axes():
     assert set(names) - {None} <= known, (key, names)
     if key.startswith("['blocks']"):
       assert names[0] == 'layers', key
+    if key.startswith("['tail']"):  # unscanned: no stacked axis
+      assert 'layers' not in names, key
+  assert any(jax.tree_util.keystr(p).startswith("['tail']") for p, _ in flat) == (depth == 5)
   assert sharding.logical_axes(nnx.state(model, nnx.Param))['query_tokens'] == ('queries', 'embed')
 
 
@@ -207,20 +293,27 @@ def test_bf16_compute_dtype():
   assert model.query_tokens[...].dtype == jnp.float32  # f32 master weights
 
 
-def test_grads_flow_through_remat_scan_to_queries_and_cross_attention():
-  model = make(tiny_cfg(remat='dots'))
+@pytest.mark.parametrize('depth', [4, 3])
+def test_grads_flow_through_remat_scan_to_queries_and_cross_attention(depth):
+  model = make(tiny_cfg(remat='dots', depth=depth))
   image, ids, mask = inputs()
   graphdef, params = nnx.split(model, nnx.Param)
 
   def loss(p):
-    logits = nnx.merge(graphdef, p).caption_logits(image, ids, mask)
-    return -jax.nn.log_softmax(logits)[..., 0].mean()
+    m = nnx.merge(graphdef, p)
+    logits = m.caption_logits(image, ids, mask)
+    # The last layer's cross-attention reaches only the query outputs, which the ITG
+    # logits never read: add a query-side term (the LLM prefix's path).
+    return -jax.nn.log_softmax(logits)[..., 0].mean() + jnp.square(m.encode_queries(image)).mean()
 
   grads = nnx.to_pure_dict(jax.jit(jax.grad(loss))(params))
   assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
   assert float(jnp.abs(grads['query_tokens']).max()) > 0
   cross = grads['blocks']['layers'][0]['cross_attention']['key']['kernel']
-  assert cross.shape == (2, 12, 16) and float(jnp.abs(cross).max()) > 0
+  assert cross.shape == (depth // 2, 12, 16) and float(jnp.abs(cross).max()) > 0
+  if depth == 3:  # the tail's layer (index 2) cross-attends, under remat too
+    tail = grads['tail']['layers'][0]['cross_attention']['key']['kernel']
+    assert tail.shape == (12, 16) and float(jnp.abs(tail).max()) > 0
 
 
 def test_errors_name_the_problem():
@@ -239,3 +332,7 @@ def test_errors_name_the_problem():
     qf.default_config(hiden=3)
   with pytest.raises(ValueError, match='num_queries=3 needs cross_attention_freq'):
     make(tiny_cfg(cross_attention_freq=0))
+  with pytest.raises(ValueError, match='instruction_aware needs a text side'):
+    make(tiny_cfg(vocab_size=0, instruction_aware=True))
+  with pytest.raises(ValueError, match='not instruction-aware'):
+    jax.eval_shape(lambda: make(tiny_cfg()).encode_queries(image, None, ids, mask))

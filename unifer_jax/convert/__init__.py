@@ -4,10 +4,12 @@
 architecture read from ``config.json``; it is called like the HF model's main output
 (LLM: ``model(input_ids)`` -> logits; vision: ``model(pixel_values_nhwc)`` -> last hidden
 state; BERT: ``model(input_ids, attention_mask)``; Q-Former:
-``model(query_embeds, encoder_hidden_states)``; a whole BLIP-2 / InstructBLIP: the
-UniFER, ``model(images_nhwc, input_ids, attention_mask)``). Each tower's mapping lives in
-its own module (``llm``, ``vision``, ``qformer``, ``vlm`` for the whole VLMs) with the
-same five functions.
+``model(query_embeds, encoder_hidden_states)``; InstructBLIP's Q-Former:
+``model(input_ids, attention_mask, query_embeds, encoder_hidden_states)``; a whole BLIP-2 /
+InstructBLIP: the UniFER, ``model(images_nhwc, input_ids, attention_mask)``). Each
+tower's mapping lives in its own module (``llm``, ``vision``, ``qformer``, ``vlm`` for the
+whole VLMs) with the same five functions; read an HF directory's config through
+``hf_tower_config``.
 """
 
 from __future__ import annotations

@@ -4,7 +4,9 @@ MaxText's forward-pass logit checker, for every tower: both models run in float3
 (bf16 weights are upcast exactly on both sides, so only the implementations differ).
 LLMs: max abs diff of the logits and KL(HF || ours) of the next-token distributions at
 every position (plus top-1 agreement). Encoders (vision, BERT, Q-Former): max abs diff
-and cosine similarity of the last hidden states per token. Fails (exit 1) when the max
+and cosine similarity of the last hidden states per token (unpadded ones). InstructBLIP's
+Q-Former runs on queries plus a right-padded instruction; inside a whole BLIP-2 /
+InstructBLIP the learned queries' outputs are compared (the LLM prefix before projection). Fails (exit 1) when the max
 abs diff exceeds ``--atol`` or, for LLMs, the max KL exceeds ``--max-kl``.
 
 torch is only in the test extra: without it the check explains that and exits 2.
@@ -53,7 +55,8 @@ def _input_kind(model_type: str) -> str:
     return 'pixels'
   if model_type in vlm.MODEL_TYPES:
     return 'vlm'
-  return {'bert': 'text', 'blip_2_qformer': 'queries'}[model_type]
+  return {'bert': 'text', 'blip_2_qformer': 'queries', 'instructblip_qformer': 'instruction'
+          }[model_type]
 
 
 def _padded_ids(rng, vocab: int, batch: int, length: int, avoid: int = -1) -> dict:
@@ -82,8 +85,13 @@ def _inputs(kind: str, cfg, rng: np.random.Generator, batch: int, seq_len: int) 
   if kind == 'text':  # right padding on the last row; compared on valid tokens only
     return _padded_ids(rng, cfg.vocab_size, batch, min(seq_len, cfg.max_position))
   image = rng.standard_normal((batch, 10, cfg.encoder_width), np.float32)
-  return dict(queries=rng.standard_normal((batch, cfg.num_queries or 8, cfg.hidden), np.float32),
-              image=image)
+  queries = rng.standard_normal((batch, cfg.num_queries or 8, cfg.hidden), np.float32)
+  if kind == 'queries':
+    return dict(queries=queries, image=image)
+  # 'instruction': HF's mask covers queries and text
+  text = _padded_ids(rng, cfg.vocab_size, batch, min(seq_len, cfg.max_position))
+  full = np.concatenate([np.ones(queries.shape[:2], np.int64), text['mask']], axis=1)
+  return dict(ids=text['ids'], full_mask=full, queries=queries, image=image, valid=full)
 
 
 def _hf_forward(hf_dir: Path, model_type: str, cfg, kind: str):
@@ -124,9 +132,14 @@ def _hf_forward(hf_dir: Path, model_type: str, cfg, kind: str):
   elif kind == 'text':
     m = load(T.BertModel, add_pooling_layer=bool(cfg.get('pooler', False)))
     fn = lambda x: m(input_ids=t(x['ids']), attention_mask=t(x['mask'])).last_hidden_state
-  else:
+  elif kind == 'queries':
     m = load(T.Blip2QFormerModel)
     fn = lambda x: m(query_embeds=t(x['queries']),
+                     encoder_hidden_states=t(x['image'])).last_hidden_state
+  else:  # 'instruction'
+    m = load(T.InstructBlipQFormerModel)
+    fn = lambda x: m(input_ids=t(x['ids']), attention_mask=t(x['full_mask']),
+                     query_embeds=t(x['queries']),
                      encoder_hidden_states=t(x['image'])).last_hidden_state
 
   def run(x):
@@ -147,6 +160,7 @@ def _our_forward(tower: commands.Tower, kind: str):
           'pixels': lambda m, x: m(x['pixels']),
           'text': lambda m, x: m(x['ids'], x['mask']),
           'queries': lambda m, x: m(x['queries'], x['image']),
+          'instruction': lambda m, x: m(x['ids'], x['full_mask'], x['queries'], x['image']),
           'vlm': lambda m, x: m(x['pixels'], x['ids'], x['mask'],
                                 qformer_input_ids=x.get('qformer_ids'),
                                 qformer_attention_mask=x.get('qformer_mask'))}[kind]
@@ -206,7 +220,7 @@ def check(hf_dir, src, *, atol: float = 1e-3, max_kl: float = 1e-4, batch: int =
   hf_class, hf_run = _hf_forward(hf_dir, model_type, hf_cfg, kind)
   ref = hf_run(inputs)
   ours = _our_forward(tower, kind)(inputs)
-  valid = inputs.get('mask')
+  valid = inputs.get('valid', inputs.get('mask'))
   if kind == 'vlm':  # every image position, then the unpadded text
     valid = np.concatenate([np.ones((batch, tower.cfg.qformer.num_queries), np.int64), valid], 1)
   result = compare(ref, ours, kind, valid, atol=atol, max_kl=max_kl)

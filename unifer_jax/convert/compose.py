@@ -19,8 +19,9 @@ The Q-Former follows BLIP-2: from a BERT (``init_qformer_from_bert``) the self-a
 text FFN, embeddings (and MLM head if the checkpoint has one) load, the query FFN starts
 as a copy of BERT's FFN, and the cross-attention and query tokens are fresh; from a
 Q-Former checkpoint (Blip2QFormerModel, BLIP-2's Q-Former, a converted one) its weights
-load and the text side (absent from HF Q-Formers) is fresh. Fresh parameters keep the
-values of the random init.
+load and the text side (absent from BLIP-2 Q-Formers) is fresh; an InstructBLIP Q-Former
+brings its text side (vocabulary, positions, ``instruction_aware``) and only an ITG head
+stays fresh. Fresh parameters keep the values of the random init.
 """
 
 from __future__ import annotations
@@ -100,7 +101,6 @@ def _with_run_keys(arch, model_tower) -> ml_collections.ConfigDict:
 
 def _qformer_config(tower: commands.Tower, q) -> ml_collections.ConfigDict:
   c, q = tower.cfg, ml_collections.ConfigDict(q.to_dict())
-  where = f'config.init.qformer={tower.path}'
   if c.cross_attention_freq == 0:  # a BERT: BLIP-2's start
     q.update({k: c[k] for k in _BERT_KEYS})
     # The Q-Former's text side reads BERT's tokenizer: at least BERT's vocabulary (more
@@ -108,12 +108,13 @@ def _qformer_config(tower: commands.Tower, q) -> ml_collections.ConfigDict:
     q.vocab_size = max(q.vocab_size, c.vocab_size)
     if q.type_vocab_size:
       q.type_vocab_size = c.type_vocab_size
-    if q.depth % max(q.cross_attention_freq, 1):
-      raise ConversionError(f'{where}: BERT has {q.depth} layers, not a multiple of '
-                            f'qformer.cross_attention_freq={q.cross_attention_freq}')
-  else:  # a Q-Former: its queries if it has them; the text side stays the model's
+  else:  # a Q-Former: its queries if it has them
     q.update({k: c[k] for k in _QFORMER_KEYS})
     q.num_queries = c.num_queries or q.num_queries
+    if c.vocab_size:  # InstructBLIP's: its text side (no token types) and its use
+      q.update(vocab_size=c.vocab_size, max_position=c.max_position, type_vocab_size=0,
+               instruction_aware=c.get('instruction_aware', False))
+    # otherwise the text side stays the model's
   return q
 
 
@@ -195,10 +196,11 @@ def _tower_params(key: str, tower: commands.Tower, target_cfg, seed: int):
     return traverse_util.flatten_dict(tower.params(target_cfg)), [], ''
   if tower.cfg.cross_attention_freq == 0:
     return _bert_qformer_params(tower, target_cfg, seed)
-  # A Q-Former checkpoint holds no text side: read it with its own (text-less) layout.
+  # A Q-Former checkpoint holds no ITG head, no token types and no pooler, and a BLIP-2
+  # one no text side at all: read it with its own layout (the rest stays fresh).
   src = ml_collections.ConfigDict(target_cfg.to_dict())
-  src.update(vocab_size=0, type_vocab_size=0, lm_head=False, pooler=False,
-             num_queries=tower.cfg.num_queries)
+  src.update(vocab_size=tower.cfg.vocab_size, type_vocab_size=0, lm_head=False, pooler=False,
+             num_queries=tower.cfg.num_queries, instruction_aware=False)  # same params
   return traverse_util.flatten_dict(tower.params(src)), [], ''
 
 

@@ -1,47 +1,69 @@
 """Hugging Face <-> unifer for the Q-Former family (``unifer_jax.models.qformer``).
 
-| model_type        | HF class                                  | becomes                              |
-|-------------------|-------------------------------------------|--------------------------------------|
-| ``bert``          | BertModel (with/without ``bert.`` prefix) | ``Bert``: ``model(ids, mask)``       |
-| ``blip_2_qformer``| Blip2QFormerModel (no text input)         | ``QFormer`` without learned queries  |
-| ``blip-2``        | Blip2ForConditionalGeneration's Q-Former  | ``QFormer`` with ``query_tokens``    |
+| model_type              | HF class                                  | becomes                        |
+|-------------------------|-------------------------------------------|--------------------------------|
+| ``bert``                | BertModel (with/without ``bert.`` prefix) | ``Bert``: ``model(ids, mask)`` |
+| ``blip_2_qformer``      | Blip2QFormerModel (no text input)         | ``QFormer``, no learned queries |
+| ``instructblip_qformer``| InstructBlipQFormerModel                  | ``InstructQFormer``, no learned queries |
 
-For ``blip-2`` only ``qformer.*`` and ``query_tokens`` are read (the vision tower and
-LLM belong to other converters); ``projection_from_hf`` reads ``language_projection``.
+and, for ``convert.vlm`` (whose model types ``blip-2`` / ``instructblip`` are), the
+Q-Former of Blip2ForConditionalGeneration (``QFormer`` with ``query_tokens``) and of
+InstructBlipForConditionalGeneration (``InstructQFormer`` with ``query_tokens``).
+
+A BERT has a pooler when its checkpoint holds ``pooler.dense.*`` (``config_for_tensors``
+is given the tensors' names; a BertModel saved with ``add_pooling_layer=False`` has none).
+
+For the whole VLMs only ``qformer.*`` and ``query_tokens`` are read (the vision tower and
+LLM belong to other converters); a reader whose names have ``qformer.`` stripped (a view
+of that part, ``query_tokens`` as is) reads the same. The whole-VLM converter calls:
+
+| direction | BLIP-2                              | InstructBLIP                               |
+|-----------|-------------------------------------|--------------------------------------------|
+| config    | ``config_from_hf(blip-2 config)``   | ``config_from_hf(instructblip config)``    |
+| weights   | ``params_from_hf(reader, cfg)``     | ``params_from_hf(reader, cfg)``            |
+| back      | ``blip2_params_to_hf`` / ``blip2_config_entries`` | ``instructblip_params_to_hf`` / ``instructblip_config_entries`` |
+| projection| ``projection_from_hf`` / ``projection_to_hf`` (``language_projection``, both) |
+
+``*_params_to_hf`` yield ``qformer.*`` and ``query_tokens [1, Q, H]``; ``*_config_entries``
+the ``qformer_config`` and ``num_query_tokens`` of the VLM's config.json.
 ``init_qformer_from_bert`` starts a Q-Former from a BERT checkpoint as BLIP-2 does.
 
-Name mapping (per layer; torch Linear ``weight [out, in]`` is our ``kernel [in, out]``):
+BLIP-2 checkpoints saved by transformers 4.x also carry a text FFN per layer
+(``encoder.layer.*.intermediate.dense`` / ``output.{dense,LayerNorm}``, LAVIS's, unused
+by its forward); 5.x's Blip2QFormerModel has no such module and drops them on load as
+unexpected keys. So do we, with one log line: a text FFN without the text embeddings it
+was trained with (absent from those files) is no text side worth loading.
 
-| ours (``Layer``)                   | BERT                     | Blip2QFormer                   |
-|------------------------------------|--------------------------|--------------------------------|
-| attention.{query,key,value}        | attention.self.*         | attention.attention.*          |
-| attention.out / attention.norm     | attention.output.dense / .LayerNorm (both)                |
-| cross_attention.*                  | --                       | crossattention.{attention,output}.* |
-| query_mlp.{up,down,norm}           | (init: intermediate/output) | intermediate_query.dense, output_query.{dense,LayerNorm} |
-| text_mlp.{up,down,norm}            | intermediate.dense, output.{dense,LayerNorm} (both)      |
-| embed_norm                         | embeddings.LayerNorm     | layernorm                      |
+The tensor names of every parameter: ``convert.qformer_names``.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import logging
+import re
 from typing import Iterator
 
 import ml_collections
 import numpy as np
 from flax import nnx, traverse_util
 
+from unifer_jax.convert import qformer_names as names
 from unifer_jax.convert.hf_io import ConversionError, TensorReader, check_keys, read_hf_config
 from unifer_jax.models import qformer as qf
 
-MODEL_TYPES = ('bert', 'blip_2_qformer')
+MODEL_TYPES = ('bert', 'blip_2_qformer', 'instructblip_qformer')
+
+log = logging.getLogger(__name__)
 
 _ACTS = {'gelu': 'gelu', 'gelu_new': 'gelu_tanh', 'gelu_pytorch_tanh': 'gelu_tanh',
          'relu': 'relu'}
 _ACTS_TO_HF = {'gelu': 'gelu', 'gelu_tanh': 'gelu_new', 'relu': 'relu'}
-# BERT classes whose checkpoints hold no pooler (HF builds them with add_pooling_layer=False).
+# BERT classes whose checkpoints hold no pooler (HF builds them with add_pooling_layer=False):
+# the guess when only config.json is at hand.
 _NO_POOLER = ('BertForMaskedLM', 'BertLMHeadModel', 'BertForTokenClassification',
               'BertForQuestionAnswering')
+# transformers 4.x BLIP-2 Q-Former layers' text FFN (see the module docstring).
+_LEGACY_TEXT_FFN = re.compile(r'encoder\.layer\.\d+\.(intermediate|output)\.(dense|LayerNorm)\.\w+')
 # Task heads and buffers a BERT checkpoint may carry that a BertModel does not read.
 _BERT_IGNORED_PREFIXES = ('cls.', 'classifier.', 'qa_outputs.')
 
@@ -64,8 +86,23 @@ def _common(hf: dict, where: str, **kw) -> ml_collections.ConfigDict:
       layer_norm_eps=hf.get('layer_norm_eps', 1e-12), act=_act(hf, where), **kw)
 
 
+def config_for_tensors(cfg, names) -> ml_collections.ConfigDict:
+  """``cfg`` settled by the checkpoint's tensor names: whether a BERT holds its pooler
+  (``BertModel(add_pooling_layer=False)`` writes the same config.json); called by
+  ``convert.hf_tower_config``."""
+  if cfg.cross_attention_freq:
+    return cfg
+  names = set(names)
+  prefix = 'bert.' if any(k.startswith('bert.') for k in names) else ''
+  out = ml_collections.ConfigDict(cfg.to_dict())
+  out.pooler = f'{prefix}pooler.dense.weight' in names
+  return out
+
+
 def config_from_hf(hf_config: dict) -> ml_collections.ConfigDict:
-  """Our Q-Former/BERT config for an HF config.json dict."""
+  """Our Q-Former/BERT config for an HF config.json dict (``blip-2`` / ``instructblip``:
+  the Q-Former of the whole model). A BERT's pooler is guessed from ``architectures``
+  here and settled by :func:`config_for_tensors`."""
   model_type = hf_config.get('model_type')
   if model_type == 'bert':
     where = 'config.json (bert)'
@@ -75,73 +112,110 @@ def config_from_hf(hf_config: dict) -> ml_collections.ConfigDict:
     for key in ('is_decoder', 'add_cross_attention'):
       if hf_config.get(key):
         raise ConversionError(f'{where}: {key}=true is not supported (bidirectional BertModel only)')
-    archs = hf_config.get('architectures') or ['BertModel']
+    pooler = not any(a in _NO_POOLER for a in hf_config.get('architectures') or ['BertModel'])
     return _common(hf_config, where, num_queries=0, cross_attention_freq=0, encoder_width=0,
                    vocab_size=hf_config.get('vocab_size', 30522),
                    type_vocab_size=hf_config.get('type_vocab_size', 2), lm_head=False,
-                   pooler=not any(a in _NO_POOLER for a in archs))
-  if model_type == 'blip_2_qformer':
-    return _qformer_config(hf_config, 'config.json (blip_2_qformer)',
-                           hf_config.get('encoder_hidden_size', 1408), num_queries=0)
-  if model_type == 'blip-2':
+                   pooler=pooler)
+  if model_type in ('blip_2_qformer', 'instructblip_qformer'):
+    return _qformer_config(hf_config, f'config.json ({model_type})',
+                           hf_config.get('encoder_hidden_size', 1408), num_queries=0,
+                           instruction=model_type == 'instructblip_qformer')
+  if model_type in ('blip-2', 'instructblip'):
     q = hf_config.get('qformer_config') or {}
-    # Blip2Config.__post_init__ overrides the Q-Former's encoder width with the ViT's.
+    # Blip2Config / InstructBlipConfig.__post_init__ override the Q-Former's encoder
+    # width with the ViT's.
     width = (hf_config.get('vision_config') or {}).get('hidden_size',
                                                        q.get('encoder_hidden_size', 1408))
-    return _qformer_config(q, 'config.json (blip-2) qformer_config', width,
-                           num_queries=hf_config.get('num_query_tokens', 32))
+    return _qformer_config(q, f'config.json ({model_type}) qformer_config', width,
+                           num_queries=hf_config.get('num_query_tokens', 32),
+                           instruction=model_type == 'instructblip')
   raise ConversionError(f'config.json: model_type={model_type!r} is not a Q-Former/BERT '
                         f'type; expected one of {MODEL_TYPES}')
 
 
-def _qformer_config(hf: dict, where: str, encoder_width: int, num_queries: int):
+def _qformer_config(hf: dict, where: str, encoder_width: int, num_queries: int,
+                    instruction: bool):
   if hf.get('use_qformer_text_input', False):
     raise ConversionError(f'{where}: use_qformer_text_input=true (a Q-Former whose text '
                           'embeddings live outside it) is not supported; initialise the text '
                           'side from BERT with init_qformer_from_bert instead')
+  if hf.get('position_embedding_type', 'absolute') != 'absolute':
+    raise ConversionError(f'{where}: position_embedding_type='
+                          f'{hf["position_embedding_type"]!r}; only "absolute" is supported')
+  # InstructBLIP's Q-Former embeds the instruction (word + position, no token types).
+  text = dict(vocab_size=hf.get('vocab_size', 30522), instruction_aware=True) if instruction \
+      else dict(vocab_size=0)
   return _common(hf, where, num_queries=num_queries, encoder_width=encoder_width,
-                 cross_attention_freq=hf.get('cross_attention_frequency', 2), vocab_size=0,
-                 type_vocab_size=0, lm_head=False, pooler=False)
+                 cross_attention_freq=hf.get('cross_attention_frequency', 2),
+                 type_vocab_size=0, lm_head=False, pooler=False, **text)
 
 
 def _style(cfg) -> str:
+  """The HF layout of ``cfg``: 'bert' | 'blip2' (no text side) | 'instructblip'."""
   if cfg.cross_attention_freq == 0:
     return 'bert'
   if cfg.vocab_size == 0:
     return 'blip2'
-  raise ConversionError(
-      'to-hf: no Hugging Face class holds a Q-Former with a text side (vocab_size > 0: '
-      'text embeddings, text FFN, ITG head); convert the BERT (cross_attention_freq=0) or a '
-      'Q-Former without text side (vocab_size=0) instead')
+  extra = [what for what, has in (('an ITG head (lm_head)', qf.has_lm_head(cfg)),
+                                  ('token types', cfg.type_vocab_size),
+                                  ('a pooler', cfg.get('pooler', False))) if has]
+  if extra:
+    raise ConversionError(
+        f'to-hf: no Hugging Face class holds a Q-Former with a text side and {", ".join(extra)} '
+        '(InstructBlipQFormerModel has text embeddings and the text FFN only); set lm_head=False, '
+        'type_vocab_size=0, pooler=False, or convert a Q-Former without text side '
+        '(vocab_size=0)')
+  return 'instructblip'
 
 
 def hf_config_from(cfg) -> dict:
-  """config.json of BertModel (plain BERT) or Blip2QFormerModel (Q-Former, no text side)."""
+  """config.json of BertModel (plain BERT), Blip2QFormerModel (Q-Former, no text side)
+  or InstructBlipQFormerModel (Q-Former with a text side, no ITG head)."""
   common = dict(hidden_size=cfg.hidden, num_hidden_layers=cfg.depth,
                 num_attention_heads=cfg.heads, intermediate_size=cfg.mlp_dim,
                 hidden_act=_ACTS_TO_HF[cfg.act], layer_norm_eps=cfg.layer_norm_eps,
                 max_position_embeddings=cfg.max_position, pad_token_id=0,
                 initializer_range=0.02)
-  if _style(cfg) == 'bert':
-    if not cfg.get('pooler', False) or qf.has_lm_head(cfg):
-      raise ConversionError('to-hf (BertModel): needs pooler=True and lm_head=False, the '
-                            'parameters a BertModel checkpoint holds')
+  style = _style(cfg)
+  if style == 'bert':
+    if qf.has_lm_head(cfg):
+      raise ConversionError('to-hf (BertModel): needs lm_head=False (a BertModel checkpoint '
+                            'holds no MLM head)')
+    # Without a pooler HF loads it with BertModel.from_pretrained(dir, add_pooling_layer=False);
+    # from-hf sees no pooler.dense tensor and builds none.
     return dict(model_type='bert', architectures=['BertModel'], vocab_size=cfg.vocab_size,
                 type_vocab_size=max(cfg.type_vocab_size, 1), **common)
   if cfg.num_queries:
-    raise ConversionError('to-hf: a Q-Former with learned queries is part of a BLIP-2 model; '
-                          'write it with blip2_params_to_hf / blip2_config_entries')
+    vlm = 'BLIP-2' if style == 'blip2' else 'InstructBLIP'
+    raise ConversionError(f'to-hf: a Q-Former with learned queries is part of a {vlm} model; '
+                          f'write it with {style}_params_to_hf / {style}_config_entries')
+  common.update(encoder_hidden_size=cfg.encoder_width,
+                cross_attention_frequency=cfg.cross_attention_freq)
+  if style == 'instructblip':
+    return dict(model_type='instructblip_qformer', architectures=['InstructBlipQFormerModel'],
+                vocab_size=cfg.vocab_size, **common)
   return dict(model_type='blip_2_qformer', architectures=['Blip2QFormerModel'],
-              vocab_size=30522, encoder_hidden_size=cfg.encoder_width,
-              cross_attention_frequency=cfg.cross_attention_freq,
-              use_qformer_text_input=False, **common)
+              vocab_size=30522, use_qformer_text_input=False, **common)
+
+
+def _config_entries(cfg, style: str) -> dict:
+  if _style(cfg) != style or not cfg.num_queries:
+    raise ConversionError(f'{style}_config_entries: needs a Q-Former with learned queries '
+                          f'and the {style} layout (see _style)')
+  q = hf_config_from(_with(cfg, num_queries=0))
+  q.pop('architectures')
+  return dict(qformer_config=q, num_query_tokens=cfg.num_queries)
 
 
 def blip2_config_entries(cfg) -> dict:
   """The Q-Former part of a ``blip-2`` config.json (``qformer_config``, ``num_query_tokens``)."""
-  q = hf_config_from(_with(cfg, num_queries=0))
-  q.pop('architectures')
-  return dict(qformer_config=q, num_query_tokens=cfg.num_queries)
+  return _config_entries(cfg, 'blip2')
+
+
+def instructblip_config_entries(cfg) -> dict:
+  """The Q-Former part of an ``instructblip`` config.json (as ``blip2_config_entries``)."""
+  return _config_entries(cfg, 'instructblip')
 
 
 def _with(cfg, **changes) -> ml_collections.ConfigDict:
@@ -151,145 +225,18 @@ def _with(cfg, **changes) -> ml_collections.ConfigDict:
 
 
 def build(cfg, *, rngs: nnx.Rngs) -> nnx.Module:
-  return (qf.Bert if cfg.cross_attention_freq == 0 else qf.QFormer)(cfg, rngs=rngs)
-
-
-# -- the name table --------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class _Leaf:
-  path: tuple  # into the pure param dict
-  hf: tuple  # HF tensor names: one per scanned group (stacked on axis 0), or just one
-  kind: str  # 'T': torch Linear weight (transposed); 'q': [1, Q, H] query tokens; '': as is
-
-
-def _to_ours(kind, a):
-  return a.T if kind == 'T' else a[0] if kind == 'q' else a
-
-
-def _to_hf(kind, a):
-  return np.ascontiguousarray(a.T) if kind == 'T' else a[None] if kind == 'q' else a
-
-
-def _hf_shape(kind, shape):
-  return tuple(reversed(shape)) if kind == 'T' else (1, *shape) if kind == 'q' else tuple(shape)
-
-
-def _layer_names(style: str, layer: int, group_index: int, cfg, text_into_query: bool):
-  """(sub-path inside a Layer, HF name suffix after ``encoder.layer.{layer}.``, kind)."""
-  out = []
-
-  def dense(ours, hf):
-    out.extend([((*ours, 'kernel'), f'{hf}.weight', 'T'), ((*ours, 'bias'), f'{hf}.bias', '')])
-
-  def norm(ours, hf):
-    out.extend([((*ours, 'scale'), f'{hf}.weight', ''), ((*ours, 'bias'), f'{hf}.bias', '')])
-
-  def attention(ours, hf_self, hf_out):
-    for n in ('query', 'key', 'value'):
-      dense((ours, n), f'{hf_self}.{n}')
-    dense((ours, 'out'), f'{hf_out}.dense')
-    norm((ours, 'norm'), f'{hf_out}.LayerNorm')
-
-  def mlp(ours, hf_in, hf_out):
-    dense((ours, 'up'), f'{hf_in}.dense')
-    dense((ours, 'down'), f'{hf_out}.dense')
-    norm((ours, 'norm'), f'{hf_out}.LayerNorm')
-
-  attention('attention', 'attention.self' if style == 'bert' else 'attention.attention',
-            'attention.output')
-  if cfg.cross_attention_freq and group_index == 0 and style == 'blip2':
-    attention('cross_attention', 'crossattention.attention', 'crossattention.output')
-  if cfg.cross_attention_freq:
-    if style == 'blip2':
-      mlp('query_mlp', 'intermediate_query', 'output_query')
-    elif text_into_query:  # LAVIS: the query FFN starts as a copy of BERT's FFN
-      mlp('query_mlp', 'intermediate', 'output')
-  if cfg.vocab_size:
-    mlp('text_mlp', 'intermediate', 'output')
-  return [(sub, f'encoder.layer.{layer}.{hf}', kind) for sub, hf, kind in out]
-
-
-def _leaves(cfg, style: str, prefix: str = '', *, text_into_query: bool = False) -> list[_Leaf]:
-  """Every parameter with an HF source in ``style`` ('bert' | 'blip2'); ``prefix`` is
-  'bert.' / 'qformer.' where the checkpoint nests the encoder."""
-  leaves = []
-  add = lambda path, hf, kind='': leaves.append(_Leaf(tuple(path), tuple(hf), kind))
-  if style == 'bert':
-    e = f'{prefix}embeddings.'
-    add(('word_embed', 'embedding'), [e + 'word_embeddings.weight'])
-    add(('pos_embed',), [e + 'position_embeddings.weight'])
-    if cfg.type_vocab_size:
-      add(('type_embed',), [e + 'token_type_embeddings.weight'])
-    add(('embed_norm', 'scale'), [e + 'LayerNorm.weight'])
-    add(('embed_norm', 'bias'), [e + 'LayerNorm.bias'])
-    if cfg.get('pooler', False):
-      add(('pooler', 'kernel'), [f'{prefix}pooler.dense.weight'], 'T')
-      add(('pooler', 'bias'), [f'{prefix}pooler.dense.bias'])
-    if qf.has_lm_head(cfg):  # BertForPreTraining / BertLMHeadModel layout, never prefixed
-      t = 'cls.predictions.transform.'
-      add(('lm_head', 'dense', 'kernel'), [t + 'dense.weight'], 'T')
-      add(('lm_head', 'dense', 'bias'), [t + 'dense.bias'])
-      add(('lm_head', 'norm', 'scale'), [t + 'LayerNorm.weight'])
-      add(('lm_head', 'norm', 'bias'), [t + 'LayerNorm.bias'])
-      add(('lm_head', 'bias'), ['cls.predictions.bias'])
-  else:
-    add(('embed_norm', 'scale'), [f'{prefix}layernorm.weight'])
-    add(('embed_norm', 'bias'), [f'{prefix}layernorm.bias'])
-    if cfg.num_queries:
-      add(('query_tokens',), ['query_tokens'], 'q')
-  n = qf.group_size(cfg)
-  groups = cfg.depth // n
-  for i in range(n):
-    per_group = [_layer_names(style, g * n + i, i, cfg, text_into_query) for g in range(groups)]
-    for j, (sub, _, kind) in enumerate(per_group[0]):
-      names = [prefix + per_group[g][j][1] for g in range(groups)]
-      if cfg.scan_layers:
-        add(('blocks', 'layers', i, *sub), names, kind)
-      else:
-        for g in range(groups):
-          add(('blocks', g, 'layers', i, *sub), [names[g]], kind)
-  return leaves
+  """``Bert``, ``InstructQFormer`` (called like InstructBlipQFormerModel) or ``QFormer``
+  (like Blip2QFormerModel); all three hold the same parameters for the same config."""
+  if cfg.cross_attention_freq == 0:
+    return qf.Bert(cfg, rngs=rngs)
+  cls = qf.InstructQFormer if cfg.get('instruction_aware', False) else qf.QFormer
+  return cls(cfg, rngs=rngs)
 
 
 def _abstract_params(cfg) -> dict:
   """Path tuple -> ShapeDtypeStruct of every parameter of ``build(cfg)``."""
   model = nnx.eval_shape(lambda: build(cfg, rngs=nnx.Rngs(0)))
   return traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-
-
-def _expected(leaves, shapes) -> dict[str, tuple]:
-  """HF name -> HF shape, from our (abstract) parameter shapes."""
-  out = {}
-  for leaf in leaves:
-    shape = tuple(shapes[leaf.path].shape)
-    shape = shape[1:] if _scanned(leaf) else shape  # one HF tensor per scanned group
-    for name in leaf.hf:
-      out[name] = _hf_shape(leaf.kind, shape)
-  return out
-
-
-def _canonical(name: str) -> str:
-  """Old BERT checkpoints (TF-converted) name LayerNorm parameters gamma/beta."""
-  return name.replace('LayerNorm.gamma', 'LayerNorm.weight').replace('LayerNorm.beta',
-                                                                    'LayerNorm.bias')
-
-
-def _found(reader: TensorReader, keep) -> dict[str, str]:
-  """canonical name -> name in the checkpoint, for the keys ``keep`` accepts."""
-  return {_canonical(k): k for k in reader.keys() if keep(_canonical(k))}
-
-
-def _read(reader: TensorReader, leaves, real: dict[str, str], dtype=None) -> Iterator:
-  """(path, numpy value) per leaf, reading one HF tensor at a time."""
-  for leaf in leaves:
-    parts = [_to_ours(leaf.kind, reader.get(real[n])) for n in leaf.hf]
-    value = np.stack(parts) if _scanned(leaf) else parts[0]
-    yield leaf.path, value if dtype is None else value.astype(dtype)
-
-
-def _scanned(leaf: _Leaf) -> bool:
-  return leaf.path[0] == 'blocks' and leaf.path[1] == 'layers'
 
 
 # -- from HF ---------------------------------------------------------------------------
@@ -312,76 +259,99 @@ def _bert_keep(cfg, prefix: str, *, lm_head: bool):
   return keep
 
 
+def _where(reader) -> str:
+  return str(getattr(reader, 'dir', 'checkpoint'))  # a view of a VLM may have no dir
+
+
 def _layout(reader: TensorReader, cfg):
   """(leaves, keep) of the checkpoint layout that ``cfg`` reads."""
   if cfg.cross_attention_freq == 0:
     prefix = _bert_prefix(reader)
-    return _leaves(cfg, 'bert', prefix), _bert_keep(cfg, prefix, lm_head=False)
-  if qf.has_lm_head(cfg) or cfg.vocab_size:
-    raise ConversionError('from-hf: Hugging Face Q-Formers hold no text side; the config asks '
-                          f'for vocab_size={cfg.vocab_size} (use init_qformer_from_bert)')
-  if 'query_tokens' in reader or any(k.startswith('qformer.') for k in reader.keys()):
-    keep = lambda k: k.startswith('qformer.') or k == 'query_tokens'
-    return _leaves(cfg, 'blip2', 'qformer.'), keep
-  return _leaves(cfg, 'blip2'), lambda k: True
+    return names.leaves(cfg, 'bert', prefix), _bert_keep(cfg, prefix, lm_head=False)
+  # A whole VLM nests the Q-Former under 'qformer.' (query_tokens at the top); a view of
+  # that part has the prefix stripped.
+  prefix = 'qformer.' if any(k.startswith('qformer.') for k in reader.keys()) else ''
+  style = 'instructblip' if cfg.vocab_size else 'blip2'
+  if style == 'instructblip' and f'{prefix}embeddings.word_embeddings.weight' not in reader:
+    raise ConversionError(f'{_where(reader)}: the config asks for a text side (vocab_size='
+                          f'{cfg.vocab_size}) but the checkpoint holds no '
+                          f'{prefix}embeddings.word_embeddings (BLIP-2 Q-Formers have none; '
+                          'use init_qformer_from_bert)')
+  ours = lambda k: (k.startswith(prefix) and not k.endswith('position_ids')) or k == 'query_tokens'
+  if style == 'instructblip':
+    return names.leaves(cfg, style, prefix), ours
+  legacy = sorted(k for k in reader.keys()
+                  if k.startswith(prefix) and _LEGACY_TEXT_FFN.fullmatch(k[len(prefix):]))
+  if legacy:
+    log.info('%s: skipping %d text-FFN tensors of a transformers 4.x BLIP-2 Q-Former (e.g. '
+             '%s; 5.x Blip2QFormerModel has no text FFN and drops them too)', _where(reader),
+             len(legacy), legacy[0])
+  skip = set(legacy)
+  return names.leaves(cfg, style, prefix), lambda k: ours(k) and k not in skip
 
 
 def params_from_hf(reader: TensorReader, cfg) -> dict:
   """The pure param dict of ``build(cfg)`` from a BertModel / Blip2QFormerModel /
-  Blip2ForConditionalGeneration checkpoint (its Q-Former part)."""
+  InstructBlipQFormerModel checkpoint, or the Q-Former part of a
+  Blip2/InstructBlipForConditionalGeneration one (``qformer.*`` and ``query_tokens``, or
+  those names with ``qformer.`` stripped)."""
   shapes = _abstract_params(cfg)
   leaves, keep = _layout(reader, cfg)
   covered = {leaf.path for leaf in leaves}
   uncovered = [p for p in shapes if p not in covered]
   if uncovered:  # a config the HF layout cannot fill (e.g. an lm_head on a BertModel)
-    raise ConversionError(f'{reader.dir}: the config has parameters no HF tensor fills: '
+    raise ConversionError(f'{_where(reader)}: the config has parameters no HF tensor fills: '
                           + ', '.join('/'.join(map(str, p)) for p in uncovered))
-  real = _found(reader, keep)
-  check_keys(_expected(leaves, shapes), {k: reader.shape(v) for k, v in real.items()},
-             f'{reader.dir} (Q-Former/BERT)')
-  return traverse_util.unflatten_dict(dict(_read(reader, leaves, real)))
+  real = names.found(reader, keep)
+  check_keys(names.expected(leaves, shapes), {k: reader.shape(v) for k, v in real.items()},
+             f'{_where(reader)} (Q-Former/BERT)')
+  return traverse_util.unflatten_dict(dict(names.read(reader, leaves, real)))
 
 
 def projection_from_hf(reader: TensorReader, cfg) -> dict:
   """BLIP-2's ``language_projection`` as ``{'kernel': [H, D_llm], 'bias': [D_llm]}``."""
   w, b = 'language_projection.weight', 'language_projection.bias'
   if w not in reader or b not in reader:
-    raise ConversionError(f'{reader.dir}: {w} / {b} not found (a Blip2ForConditionalGeneration '
-                          'checkpoint holds them)')
+    raise ConversionError(f'{_where(reader)}: {w} / {b} not found (a Blip2 / '
+                          'InstructBlipForConditionalGeneration checkpoint holds them)')
   out_dim = reader.shape(w)[0]
   check_keys({w: (out_dim, cfg.hidden), b: (out_dim,)}, {w: reader.shape(w), b: reader.shape(b)},
-             f'{reader.dir} (language_projection)')
+             f'{_where(reader)} (language_projection)')
   return {'kernel': reader.get(w).T, 'bias': reader.get(b)}
 
 
 # -- to HF -----------------------------------------------------------------------------
 
-def _write(params: dict, leaves) -> Iterator[tuple[str, np.ndarray]]:
-  flat = traverse_util.flatten_dict(params)
-  for leaf in leaves:
-    value = np.asarray(flat[leaf.path])
-    parts = list(value) if _scanned(leaf) else [value]
-    for name, part in zip(leaf.hf, parts):
-      yield name, _to_hf(leaf.kind, part)
-
-
 def params_to_hf(params: dict, cfg) -> Iterator[tuple[str, np.ndarray]]:
-  """HF tensors of BertModel or Blip2QFormerModel (see ``hf_config_from``)."""
+  """HF tensors of BertModel, Blip2QFormerModel or InstructBlipQFormerModel (see
+  ``hf_config_from``)."""
   hf_config_from(cfg)  # refuses configs no HF class holds
   style = _style(cfg)
-  yield from _write(params, _leaves(cfg, style))
+  yield from names.write(params, names.leaves(cfg, style))
   if style == 'bert' and not cfg.type_vocab_size:
     # BertModel always adds a token-type row; an all-zero one adds nothing.
     h = np.asarray(params['pos_embed'])
     yield 'embeddings.token_type_embeddings.weight', np.zeros((1, h.shape[1]), h.dtype)
 
 
+def _vlm_params_to_hf(params: dict, cfg, style: str) -> Iterator[tuple[str, np.ndarray]]:
+  if not cfg.cross_attention_freq or not cfg.num_queries or _style(cfg) != style:
+    text = 'a text side' if style == 'instructblip' else 'no text side'
+    raise ConversionError(f'{style}_params_to_hf: needs a Q-Former with learned queries and '
+                          f'{text} (num_queries > 0, cross_attention_freq > 0, vocab_size '
+                          f'{"> 0" if style == "instructblip" else "= 0"})')
+  yield from names.write(params, names.leaves(cfg, style, 'qformer.'))
+
+
 def blip2_params_to_hf(params: dict, cfg) -> Iterator[tuple[str, np.ndarray]]:
   """The ``qformer.*`` and ``query_tokens`` tensors of a Blip2ForConditionalGeneration."""
-  if cfg.vocab_size or not cfg.cross_attention_freq or not cfg.num_queries:
-    raise ConversionError('blip2_params_to_hf: needs a Q-Former with learned queries and no '
-                          'text side (num_queries > 0, cross_attention_freq > 0, vocab_size=0)')
-  yield from _write(params, _leaves(cfg, 'blip2', 'qformer.'))
+  yield from _vlm_params_to_hf(params, cfg, 'blip2')
+
+
+def instructblip_params_to_hf(params: dict, cfg) -> Iterator[tuple[str, np.ndarray]]:
+  """The ``qformer.*`` and ``query_tokens`` tensors of an
+  InstructBlipForConditionalGeneration."""
+  yield from _vlm_params_to_hf(params, cfg, 'instructblip')
 
 
 def projection_to_hf(projection: dict) -> Iterator[tuple[str, np.ndarray]]:
@@ -433,9 +403,9 @@ def init_qformer_from_bert(bert_dir, qformer_cfg, rngs: nnx.Rngs) -> tuple[dict,
   src = _with(q, vocab_size=bert.vocab_size, type_vocab_size=bert.type_vocab_size,
               lm_head=lm_head, pooler=False, num_queries=0)
   prefix = _bert_prefix(reader)
-  leaves = _leaves(src, 'bert', prefix, text_into_query=True)
-  real = _found(reader, _bert_keep(src, prefix, lm_head=lm_head))
-  check_keys(_expected(leaves, _abstract_params(src)),
+  leaves = names.leaves(src, 'bert', prefix, text_into_query=True)
+  real = names.found(reader, _bert_keep(src, prefix, lm_head=lm_head))
+  check_keys(names.expected(leaves, _abstract_params(src)),
              {k: reader.shape(v) for k, v in real.items()}, f'{bert_dir} (BERT for Q-Former)')
 
   model = qf.QFormer(q, rngs=rngs)
@@ -444,7 +414,7 @@ def init_qformer_from_bert(bert_dir, qformer_cfg, rngs: nnx.Rngs) -> tuple[dict,
   params = {k: np.asarray(v) for k, v in params.items()}
   fresh = {'/'.join(map(str, p)) for p in params}
   folded_type = None
-  for path, value in _read(reader, leaves, real, params[('embed_norm', 'scale')].dtype):
+  for path, value in names.read(reader, leaves, real, params[('embed_norm', 'scale')].dtype):
     if path == ('type_embed',) and not q.type_vocab_size:
       folded_type = value[0]
       continue

@@ -119,7 +119,9 @@ def hf_config_from(cfg) -> dict:
              image_token_index=int(cfg.get('image_token_index', cfg.llm.vocab_size - 1)),
              use_decoder_only_language_model=True, dtype=text_cfg.get('dtype', 'float32'),
              initializer_factor=1.0, initializer_range=0.02)
-  out.update(qformer.blip2_config_entries(cfg.qformer))
+  entries = (qformer.instructblip_config_entries if model_type == 'instructblip'
+             else qformer.blip2_config_entries)
+  out.update(entries(cfg.qformer))
   return out
 
 
@@ -171,7 +173,9 @@ def part_to_hf(params: dict, cfg, part: str) -> Iterator[tuple[str, np.ndarray]]
     for name, array in vision.params_to_hf(params, cfg.vit):
       yield VISION_PREFIX + name, array
   elif part == 'qformer':
-    yield from qformer.blip2_params_to_hf(params, cfg.qformer)
+    write = (qformer.instructblip_params_to_hf if model_type_of(cfg) == 'instructblip'
+             else qformer.blip2_params_to_hf)
+    yield from write(params, cfg.qformer)
   elif part == 'llm_proj':
     yield from qformer.projection_to_hf(params)
   elif part == 'llm':

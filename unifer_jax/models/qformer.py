@@ -10,23 +10,35 @@ BLIP-2 stage-1 passes:
 | entry point        | positions       | mask                                                   |
 |--------------------|-----------------|--------------------------------------------------------|
 | ``encode_queries`` | queries         | queries see queries (ITC image side, LLM prefix)       |
+| ... + instruction  | queries + text  | everyone sees every valid position (InstructBLIP prefix) |
 | ``encode_text``    | text            | bidirectional over valid text (ITC text side; BERT)    |
 | ``match``          | queries + text  | everyone sees every valid position (ITM)               |
 | ``caption_logits`` | queries + text  | queries see queries; text sees queries + earlier text (ITG) |
 
 One concatenated pass under the ITG mask equals LAVIS's two passes (queries first,
 then text attending to the cached query keys/values): the queries never see text, so
-their keys/values are the same. Text position ids start at 0 in every pass.
+their keys/values are the same. Text position ids start at 0 in every pass (as in HF's
+InstructBlipQFormerEmbeddings: the queries take no position embedding).
+
+InstructBLIP (``instruction_aware=True``) feeds the prompt's tokens to the Q-Former
+beside the queries: ``encode_queries(image, instruction_ids=..., instruction_mask=...)``
+is the ITM pass (same mask, same FFN routing) read at the query positions.
 
 Config switches (0 turns a part off):
 * ``cross_attention_freq=0`` and ``num_queries=0``: plain BERT (``Bert``, no query FFN);
 * ``num_queries=0`` with ``cross_attention_freq>0``: an HF ``Blip2QFormerModel`` (query
   embeddings come from outside, ``model(query_embeds, image_tokens)``);
 * ``vocab_size=0``: no text side (no text embeddings, text FFN or LM head) -- the
-  Q-Former as shipped inside ``Blip2ForConditionalGeneration``.
+  Q-Former as shipped inside ``Blip2ForConditionalGeneration``;
+* ``instruction_aware``: the LLM prefix reads the instruction (InstructBLIP; needs the
+  text side). ``InstructQFormer`` is called like HF's ``InstructBlipQFormerModel``.
 
-Layers are stacked in groups of ``cross_attention_freq`` (the first of each group has
-cross-attention) so ``scan_layers`` scans one traced group. Dropout is not modelled.
+Layer ``i`` cross-attends when ``i % cross_attention_freq == 0`` (HF's rule). Layers are
+stacked in groups of ``cross_attention_freq`` (the first of each group cross-attends)
+so ``scan_layers`` scans one traced group; when the depth is not a multiple of the
+frequency the last ``depth % freq`` layers form one shorter group, ``tail``, which is
+never scanned (a Q-Former shallower than its frequency is a single group). Dropout is
+not modelled.
 """
 
 from __future__ import annotations
@@ -50,7 +62,7 @@ def default_config(**overrides) -> ml_collections.ConfigDict:
   cfg = ml_collections.ConfigDict(dict(
       hidden=768, depth=12, heads=12, mlp_dim=3072, num_queries=32, cross_attention_freq=2,
       encoder_width=1408, vocab_size=30522, max_position=512, type_vocab_size=0,
-      layer_norm_eps=1e-12, act='gelu', lm_head=None, pooler=False,
+      layer_norm_eps=1e-12, act='gelu', lm_head=None, pooler=False, instruction_aware=False,
       dtype='float32', param_dtype='float32', scan_layers=True, unroll_layers=False,
       remat='none'))
   unknown = sorted(set(overrides) - set(cfg))
@@ -68,8 +80,19 @@ def has_lm_head(cfg) -> bool:
 
 
 def group_size(cfg) -> int:
-  """Layers per scanned group: one cross-attention layer and ``freq - 1`` plain ones."""
-  return max(int(cfg.cross_attention_freq), 1)
+  """Layers per scanned group: one cross-attention layer and ``freq - 1`` plain ones
+  (the whole depth when it is smaller than the frequency)."""
+  return max(min(int(cfg.cross_attention_freq), int(cfg.depth)), 1)
+
+
+def num_groups(cfg) -> int:
+  """Whole groups in the (scanned) ``blocks`` stack."""
+  return int(cfg.depth) // group_size(cfg)
+
+
+def tail_size(cfg) -> int:
+  """Layers after the whole groups (``tail``; its first one cross-attends)."""
+  return int(cfg.depth) % group_size(cfg)
 
 
 def check_config(cfg) -> None:
@@ -79,10 +102,8 @@ def check_config(cfg) -> None:
     raise ValueError(f'qformer.hidden={cfg.hidden} is not divisible by qformer.heads={cfg.heads}')
   if cfg.cross_attention_freq < 0 or cfg.num_queries < 0 or cfg.vocab_size < 0:
     raise ValueError('qformer.cross_attention_freq, num_queries and vocab_size must be >= 0')
-  if cfg.depth % group_size(cfg):
-    raise ValueError(f'qformer.depth={cfg.depth} must be a multiple of '
-                     f'qformer.cross_attention_freq={cfg.cross_attention_freq} (layers are '
-                     'scanned in groups that start with a cross-attention layer)')
+  if cfg.depth < 1:
+    raise ValueError(f'qformer.depth={cfg.depth}; expected at least 1 layer')
   if cfg.cross_attention_freq == 0:
     if cfg.num_queries:
       raise ValueError(f'qformer.num_queries={cfg.num_queries} needs cross_attention_freq > 0 '
@@ -93,6 +114,11 @@ def check_config(cfg) -> None:
     raise ValueError('qformer.lm_head needs a text side (vocab_size > 0)')
   if cfg.get('pooler', False) and not cfg.vocab_size:
     raise ValueError('qformer.pooler (BERT pooler) needs a text side (vocab_size > 0)')
+  if cfg.get('instruction_aware', False) and not (cfg.vocab_size and cfg.cross_attention_freq):
+    raise ValueError('qformer.instruction_aware needs a text side (vocab_size > 0, to embed '
+                     'the instruction) and cross-attention (cross_attention_freq > 0); got '
+                     f'vocab_size={cfg.vocab_size}, '
+                     f'cross_attention_freq={cfg.cross_attention_freq}')
 
 
 class Attention(nnx.Module):
@@ -153,13 +179,12 @@ class Layer(nnx.Module):
 
 
 class Block(nnx.Module):
-  """``cross_attention_freq`` consecutive layers, the first with cross-attention: the
-  unit that ``scan_layers`` scans over."""
+  """``size`` consecutive layers, the first with cross-attention: the unit that
+  ``scan_layers`` scans over (``group_size``), or the shorter ``tail``."""
 
-  def __init__(self, cfg, *, rngs: nnx.Rngs):
+  def __init__(self, cfg, size: int, *, rngs: nnx.Rngs):
     cross = cfg.cross_attention_freq > 0
-    self.layers = nnx.List([Layer(cfg, cross and i == 0, rngs=rngs)
-                            for i in range(group_size(cfg))])
+    self.layers = nnx.List([Layer(cfg, cross and i == 0, rngs=rngs) for i in range(size)])
 
   def __call__(self, x, mask, num_query, image, image_mask):
     for layer in self.layers:
@@ -207,8 +232,12 @@ class QFormer(nnx.Module):
                        if text and cfg.type_vocab_size else None)
     # LAVIS's embeddings LayerNorm / HF Blip2QFormerModel.layernorm: on queries and text.
     self.embed_norm = layers.LayerNorm(d, eps=cfg.layer_norm_eps, **kw)
-    self.blocks = layers.make_stack(lambda r: Block(cfg, rngs=r),
-                                    cfg.depth // group_size(cfg), cfg.scan_layers, rngs)
+    self.instruction_aware = bool(cfg.get('instruction_aware', False))
+    self.blocks = layers.make_stack(lambda r: Block(cfg, group_size(cfg), rngs=r),
+                                    num_groups(cfg), cfg.scan_layers, rngs)
+    # Outside the stack, so the stack (and every checkpoint of a depth that is a multiple
+    # of the frequency) keeps its layout; None for those depths.
+    self.tail = Block(cfg, tail_size(cfg), rngs=rngs) if tail_size(cfg) else None
     self.lm_head = LMHead(cfg, rngs=rngs) if has_lm_head(cfg) else None
     self.pooler = (layers.Dense(d, d, axes=('embed', 'embed'), **kw)
                    if cfg.get('pooler', False) else None)
@@ -253,14 +282,24 @@ class QFormer(nnx.Module):
     fn = lambda block, h, _: (block(h, mask, num_query, image, image_mask), None)
     x, _ = layers.run_stack(self.blocks, x, fn, scan=self.scan, remat=self.remat,
                             unroll=self.unroll)
+    if self.tail is not None:
+      x, _ = layers.run_stack([self.tail], x, fn, scan=False, remat=self.remat)
     return x
 
-  def _queries_and_text(self, input_ids, text_mask):
-    """[queries; text] embeddings before the LayerNorm, and their key validity."""
-    b = input_ids.shape[0]
-    x = jnp.concatenate([self._queries(b), self._text_embeddings(input_ids)], axis=1)
-    valid = jnp.concatenate([jnp.ones((b, self.num_queries), bool), text_mask.astype(bool)], 1)
-    return x, valid
+  def _queries_and_text(self, queries, input_ids, text_mask=None):
+    """[queries; text] embeddings before the LayerNorm, and their key validity (every
+    query valid; ``text_mask`` None = all text valid)."""
+    b, q = queries.shape[:2]
+    x = jnp.concatenate([queries, self._text_embeddings(input_ids)], axis=1)
+    text_valid = (jnp.ones(input_ids.shape, bool) if text_mask is None
+                  else text_mask.astype(bool))
+    return x, jnp.concatenate([jnp.ones((b, q), bool), text_valid], 1)
+
+  def _joint(self, queries, image, input_ids, text_mask, image_mask):
+    """Queries and text in one fully bidirectional pass over the valid positions, the
+    queries cross-attending to the image: ``[B, Q + T, H]`` (ITM; InstructBLIP)."""
+    x, valid = self._queries_and_text(queries, input_ids, text_mask)
+    return self._encode(x, layers.padding_mask(valid), queries.shape[1], image, image_mask)
 
   # -- entry points --------------------------------------------------------------------
 
@@ -276,10 +315,21 @@ class QFormer(nnx.Module):
     return self._encode(query_embeds.astype(self.dtype), None, query_embeds.shape[1], image,
                         image_mask)
 
-  def encode_queries(self, image_embeds: jax.Array, image_mask: jax.Array | None = None):
+  def encode_queries(self, image_embeds: jax.Array, image_mask: jax.Array | None = None,
+                     instruction_ids: jax.Array | None = None,
+                     instruction_mask: jax.Array | None = None) -> jax.Array:
     """The learned queries after attending to the image ``[B, Q, H]`` (ITC image side
-    and the LLM prefix)."""
-    return self._query_pass(self._queries(image_embeds.shape[0]), image_embeds, image_mask)
+    and the LLM prefix). With ``instruction_ids`` ``[B, T]`` (``instruction_aware``
+    only; ``instruction_mask`` 1 = token, 0 = padding) the queries also see the
+    instruction: InstructBLIP's pass, HF ``qformer(...)[:, :Q]``."""
+    queries = self._queries(image_embeds.shape[0])
+    if instruction_ids is None:
+      return self._query_pass(queries, image_embeds, image_mask)
+    self._require('encode_queries', self.instruction_aware,
+                  'instruction_ids given, but this Q-Former is not instruction-aware '
+                  '(qformer.instruction_aware=False)')
+    out = self._joint(queries, image_embeds, instruction_ids, instruction_mask, image_mask)
+    return out[:, :self.num_queries]
 
   def encode_text(self, input_ids: jax.Array, text_mask: jax.Array | None = None,
                   token_type_ids: jax.Array | None = None) -> jax.Array:
@@ -291,17 +341,16 @@ class QFormer(nnx.Module):
   def match(self, image_embeds: jax.Array, input_ids: jax.Array, text_mask: jax.Array,
             image_mask: jax.Array | None = None) -> jax.Array:
     """ITM: queries + text, fully bidirectional; the query outputs ``[B, Q, H]``."""
-    x, valid = self._queries_and_text(input_ids, text_mask)
-    out = self._encode(x, layers.padding_mask(valid), self.num_queries, image_embeds,
-                       image_mask)
-    return out[:, :self.num_queries]
+    queries = self._queries(image_embeds.shape[0])
+    return self._joint(queries, image_embeds, input_ids, text_mask, image_mask)[
+        :, :self.num_queries]
 
   def caption_logits(self, image_embeds: jax.Array, input_ids: jax.Array,
                      text_mask: jax.Array, image_mask: jax.Array | None = None) -> jax.Array:
     """ITG (teacher forcing): logits ``[B, T, V]`` at the text positions under the causal
     multimodal mask. Logit t predicts token t + 1; the stage loss shifts."""
     self._require('caption_logits', self.lm_head is not None, 'this Q-Former has no lm_head')
-    x, valid = self._queries_and_text(input_ids, text_mask)
+    x, valid = self._queries_and_text(self._queries(input_ids.shape[0]), input_ids, text_mask)
     out = self._encode(x, multimodal_causal_mask(self.num_queries, valid), self.num_queries,
                        image_embeds, image_mask)
     return self.lm_head(out[:, self.num_queries:], self.word_embed)
@@ -328,3 +377,31 @@ class Bert(QFormer):
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                token_type_ids: jax.Array | None = None) -> jax.Array:
     return self.encode_text(input_ids, attention_mask, token_type_ids)
+
+
+class InstructQFormer(QFormer):
+  """An instruction-aware Q-Former called as HF ``InstructBlipQFormerModel``:
+  ``model(input_ids, attention_mask=None, query_embeds=None, encoder_hidden_states=None,
+  encoder_attention_mask=None)`` -> last hidden state ``[B, Q + T, H]`` over
+  [queries; text]. As in HF, ``attention_mask`` covers both (``[B, Q + T]``; None = all
+  valid), and either ``input_ids`` (a text-only pass) or ``query_embeds`` (a
+  queries-only pass) may be None."""
+
+  def __call__(self, input_ids: jax.Array | None, attention_mask: jax.Array | None = None,
+               query_embeds: jax.Array | None = None,
+               encoder_hidden_states: jax.Array | None = None,
+               encoder_attention_mask: jax.Array | None = None) -> jax.Array:
+    parts = []
+    if query_embeds is not None:
+      parts.append(query_embeds.astype(self.dtype))
+    if input_ids is not None:
+      parts.append(self._text_embeddings(input_ids))
+    if not parts:
+      raise ValueError('InstructQFormer: give input_ids, query_embeds or both')
+    x = jnp.concatenate(parts, axis=1)
+    if attention_mask is not None and attention_mask.shape != x.shape[:2]:
+      raise ValueError(f'InstructQFormer: attention_mask has shape {attention_mask.shape}; '
+                       f'expected {x.shape[:2]} (it covers the queries, then the text)')
+    mask = None if attention_mask is None else layers.padding_mask(attention_mask)
+    num_query = 0 if query_embeds is None else query_embeds.shape[1]
+    return self._encode(x, mask, num_query, encoder_hidden_states, encoder_attention_mask)
