@@ -131,8 +131,8 @@ def test_qformer_inside_instructblip_for_conditional_generation(tmp_path):
   torch.manual_seed(6)
   hf = randomise(tf.InstructBlipForConditionalGeneration(config), seed=6)
   save(hf, tmp_path)
-  model = convert.load_hf(tmp_path)
-  assert isinstance(model, qf.InstructQFormer) and model.instruction_aware
+  model = convert.load_hf(tmp_path).qformer   # the whole UniFER's Q-Former
+  assert isinstance(model, qf.QFormer) and model.instruction_aware
   assert model.query_tokens[...].shape == (4, H) and model.tail is not None
 
   pixels = np.random.RandomState(7).randn(2, 3, 16, 16).astype(np.float32)
@@ -171,10 +171,10 @@ def test_qformer_inside_instructblip_for_conditional_generation(tmp_path):
   assert {k: hf_q[k] for k in entries['qformer_config']} == entries['qformer_config']
   with pytest.raises(hf_io.ConversionError, match='instructblip_params_to_hf'):
     cq.hf_config_from(cfg)  # learned queries: only inside the whole model
-  # `unifer convert check` on the whole model compares the instructed prefix.
+  # `unifer convert check` on the whole model compares the logits over the prefix and text.
   result = check.check(tmp_path, tmp_path, atol=TOL)
   assert result.ok and result.max_abs <= TOL, result.lines
-  assert 'random instructed_image_tokens' in result.lines[0]
+  assert 'random vlm' in result.lines[0]
   with pytest.raises(hf_io.ConversionError, match='blip2_params_to_hf: needs'):
     dict(cq.blip2_params_to_hf(params, cfg))
 

@@ -159,7 +159,7 @@ def blip2_dir(tmp_path_factory):
 
 def test_qformer_inside_blip2_for_conditional_generation(blip2_dir):
   tmp_path, hf = blip2_dir
-  model = convert.load_hf(tmp_path)
+  model = convert.load_hf(tmp_path).qformer   # the whole UniFER's Q-Former
   assert isinstance(model, qf.QFormer) and model.query_tokens[...].shape == (4, H)
   assert model.word_embed is None  # BLIP-2 ships the Q-Former without its text side
 
@@ -208,8 +208,9 @@ def test_transformers4_blip2_checkpoint_with_text_ffn_loads(blip2_dir, tmp_path,
   assert set(info['unexpected_keys']) == set(legacy) and not info['missing_keys']  # HF 5.x
 
   with caplog.at_level('INFO', logger='unifer_jax.convert.qformer'):
-    got = convert.params_of(convert.load_hf(tmp_path))
-  jax.tree.map(np.testing.assert_array_equal, got, convert.params_of(convert.load_hf(path)))
+    got = convert.params_of(convert.load_hf(tmp_path).qformer)
+  jax.tree.map(np.testing.assert_array_equal, got,
+               convert.params_of(convert.load_hf(path).qformer))
   skipped = [rec.getMessage() for rec in caplog.records if 'text-FFN' in rec.getMessage()]
   assert len(skipped) == 1 and f'skipping {len(legacy)} text-FFN tensors' in skipped[0]
 
