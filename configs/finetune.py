@@ -75,7 +75,7 @@ def get_config(arg: str = '7b'):
   hf_dir = Path(hf_dir or SHAPES_ONLY).absolute()
   pod = variant == '7b'
   c = config_lib.stage_config('instruct', '7b' if pod else 'tiny', steps=3000 if pod else 30,
-                              batch_size=128 if pod else 4, peak_lr=1e-4 if pod else 1e-3,
+                              batch_size=128 if pod else 8, peak_lr=1e-4 if pod else 1e-3,
                               freeze=FREEZE)
   c.init.vlm = str(hf_dir)
   model = c.model
