@@ -60,6 +60,12 @@ def test_finetune_recipe_end_to_end(tmp_path):
   assert config['init']['vlm'] == str(hf_dir)
   assert config['input']['text_tokenizer'] == str(hf_dir / 'qformer_tokenizer')
 
+  # -- back out: the fine-tuned model, LoRA merged, as an InstructBLIP transformers loads --
+  out = _unifer('convert', 'to-hf', '--src', str(work / 'finetune'), '--out', str(work / 'hf'),
+                env=env)
+  assert 'InstructBlipForConditionalGeneration' in out and 'LoRA merged into' in out
+  _same_logits_as_transformers(work / 'finetune', work / 'hf')
+
   # -- FERBench: the published RAF-DB items whose images exist ------------------------------
   # The other three subsets have no image here: named as failed (exit 1), RAF-DB still runs.
   out = _unifer('eval', '--workdir', str(work / 'finetune'), env=env, code=1)
@@ -83,3 +89,35 @@ def test_finetune_recipe_end_to_end(tmp_path):
   out = _unifer('export', '--workdir', str(work / 'distill'), '--out', str(work / 'export'),
                 '--format', 'onnx', env=env)
   assert (work / 'export').is_dir() and any(p.suffix == '.onnx' for p in (work / 'export').iterdir())
+
+
+def _same_logits_as_transformers(workdir, hf_dir):
+  """The trained UniFER (adapters applied at run time) and the exported HF model (adapters
+  merged) give the same logits over [image prefix; text]."""
+  import jax
+  import torch
+  import transformers as T
+  from flax import nnx
+  from unifer_jax.evaluators import model_io
+
+  model = model_io.load(workdir)
+  lora_b = [np.abs(np.asarray(v)).max() for k, v in
+            jax.tree_util.tree_leaves_with_path(model.params) if 'lora_b' in jax.tree_util.keystr(k)]
+  assert lora_b and max(lora_b) > 1e-4   # the adapters trained: the merge is not a no-op
+  hf = T.InstructBlipForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.float32).eval()
+  r = np.random.RandomState(0)
+  size, q = hf.config.vision_config.image_size, hf.config.num_query_tokens
+  pixels = r.randn(2, size, size, 3).astype(np.float32)
+  ids = r.randint(3, hf.config.image_token_index, (2, 9))
+  q_ids = r.randint(1000, 2000, (2, 7))
+  mask, q_mask = np.ones_like(ids), np.ones_like(q_ids)
+  ours = np.asarray(jax.jit(lambda p: nnx.merge(model.graphdef, p)(
+      pixels, ids, mask, qformer_input_ids=q_ids, qformer_attention_mask=q_mask))(model.params))
+  with torch.no_grad():
+    want = hf(pixel_values=torch.tensor(pixels.transpose(0, 3, 1, 2).copy()),
+              input_ids=torch.tensor(np.concatenate([np.full((2, q), hf.config.image_token_index),
+                                                     ids], 1)),
+              attention_mask=torch.ones(2, q + 9, dtype=torch.long),
+              qformer_input_ids=torch.tensor(q_ids),
+              qformer_attention_mask=torch.tensor(q_mask)).logits.numpy()
+  assert np.abs(ours - want).max() <= 1e-4

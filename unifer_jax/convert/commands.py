@@ -134,6 +134,9 @@ def read_tower(path) -> Tower:
     meta = json.loads(config_file.read_text())
   except json.JSONDecodeError as e:
     raise ConversionError(f'{config_file}:{e.lineno}: not valid JSON ({e.msg})') from e
+  from unifer_jax.convert import workdir  # pylint: disable=g-import-not-at-top  (cycle)
+  if workdir.is_workdir(path, meta):  # a trained UniFER, back out as BLIP-2 / InstructBLIP
+    return workdir.read_tower(path)
   if meta.get('format') == FORMAT:
     missing = [k for k in ('tower', 'model_type', 'config') if k not in meta]
     if missing:
@@ -318,14 +321,18 @@ def run(args) -> int:
   try:
     if args.convert_command == 'from-hf':
       tower, n = from_hf(args.src, args.out, args.dtype)
+      cfg = tower.cfg
+      dtype = cfg.llm.param_dtype if tower.kind == 'vlm' else cfg.param_dtype
       print(f'from-hf: {tower.describe()} -> {args.out}: {tower.kind} tower, {n:,} parameters, '
-            f'{tower.cfg.param_dtype}')
+            f'{dtype}')
       return 0
     if args.convert_command == 'to-hf':
       tower, hf_config, files = to_hf(args.src, args.out, args.dtype,
                                       parse_size(args.max_shard_size))
+      notes = '; '.join(getattr(tower, 'notes', ()))
       print(f'to-hf: {tower.describe()} -> {args.out}: {hf_config["architectures"][0]}, '
-            f'{len(files)} safetensors file(s), {hf_config.get("dtype", "")}')
+            f'{len(files)} safetensors file(s), {hf_config.get("dtype", "")}'
+            + (f' ({notes})' if notes else ''))
       return 0
     from unifer_jax.convert import check
     return check.run(args)
