@@ -67,9 +67,11 @@ class Server:
       r.begin()
       return r.status, json.loads(r.read()), dict(r.getheaders())
 
-  def analyze(self, data: bytes, filename='face.png', content_type='image/png', query=''):
+  def analyze(self, data: bytes, filename='face.png', content_type='image/png', query='',
+              timeout=60):
     body, ctype = multipart({'file': (filename, content_type, data)})
-    return self.request('POST', '/api/analyze' + query, body, {'Content-Type': ctype})
+    return self.request('POST', '/api/analyze' + query, body, {'Content-Type': ctype},
+                        timeout=timeout)
 
 
 def multipart(fields: dict) -> tuple[bytes, str]:
