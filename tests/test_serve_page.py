@@ -128,9 +128,15 @@ def test_a_dropped_photo_shows_its_numbered_face_and_saves_the_api_answer(page):
 def test_a_text_file_shows_the_error_on_the_page(page, tmp_path):
   notes = tmp_path / 'notes.txt'
   notes.write_text('these are notes, not pixels')
-  page.set_input_files('#file-input', str(notes))
-  page.wait_for_selector('.error')
-  assert page.locator('.error').inner_text().startswith('notes.txt: not an image')
+  big = tmp_path / 'big.jpg'   # over the server's 20 MB: refused before it is sent
+  with open(big, 'wb') as f:
+    f.truncate(21 * 2**20)
+  page.wait_for_selector('#model:has-text("exported student")')   # limits known
+  page.set_input_files('#file-input', [str(notes), str(big)])
+  wait_for(page, "() => document.querySelectorAll('.error').length == 2")
+  errors = page.locator('.error').all_inner_texts()
+  assert errors[0].startswith('notes.txt: not an image'), errors
+  assert errors[1] == 'big.jpg: the file is 21.0 MB; the limit is 20 MB', errors
   assert page.locator('.face').count() == 0 and page.locator('#toolbar').is_hidden()
 
 

@@ -185,7 +185,13 @@ function showError(name, message) {
 }
 
 async function handleFiles(files) {
+  const limit = state.health ? state.health.limits.max_bytes : Infinity;
   for (const file of files) {
+    if (file.size > limit) {   // the server would refuse it too, after the upload
+      showError(file.name, `the file is ${(file.size / 2 ** 20).toFixed(1)} MB; the limit is ` +
+                           `${(limit / 2 ** 20).toFixed(0)} MB`);
+      continue;
+    }
     try {
       const answer = await analyse(file);
       await showResult(file, answer);
@@ -315,27 +321,45 @@ function stopCamera() {
   $('cam-stop').disabled = true;
 }
 
+// Two frames in flight: the browser grabs and encodes the next frame while the server
+// analyses the last one (the server takes a stream's frames one at a time, in order).
+const IN_FLIGHT = 2;
+
+async function grabFrame(video, canvas) {
+  while (!video.videoWidth || !video.videoHeight) await new Promise((r) => setTimeout(r, 50));
+  canvas.width = video.videoWidth;
+  canvas.height = video.videoHeight;
+  canvas.getContext('2d').drawImage(video, 0, 0, canvas.width, canvas.height);
+  const blob = await new Promise((r) => canvas.toBlob(r, 'image/jpeg', 0.8));
+  return new File([blob], 'frame.jpg', { type: 'image/jpeg' });
+}
+
 async function cameraLoop() {
   const video = $('video');
   const grab = document.createElement('canvas');
+  const pending = new Set();
+  let sent = 0;
+  cam.shown = 0;
   while (cam.running) {
-    const w = video.videoWidth, h = video.videoHeight;
-    if (!w || !h) { await new Promise((r) => setTimeout(r, 50)); continue; }
-    grab.width = w;
-    grab.height = h;
-    grab.getContext('2d').drawImage(video, 0, 0, w, h);
-    const blob = await new Promise((r) => grab.toBlob(r, 'image/jpeg', 0.8));
-    try {
-      const answer = await analyse(new File([blob], 'frame.jpg', { type: 'image/jpeg' }),
-                                   `?stream=${cam.id}`);
-      if (!cam.running) break;
-      cam.errors = 0;
-      showFrame(answer);
-    } catch (e) {
-      $('cam-error').replaceChildren(el('div', { class: 'error', text: `frame not analysed: ${e.message}` }));
-      if (++cam.errors >= 5) { stopCamera(); break; }
-      await new Promise((r) => setTimeout(r, 200));
+    if (pending.size >= IN_FLIGHT) {
+      await Promise.race(pending);
+      continue;
     }
+    const frame = await grabFrame(video, grab);
+    if (!cam.running) break;
+    const n = ++sent;
+    const request = analyse(frame, `?stream=${cam.id}`).then((answer) => {
+      cam.errors = 0;
+      if (cam.running && n > cam.shown) {
+        cam.shown = n;
+        showFrame(answer);
+      }
+    }, (e) => {
+      $('cam-error').replaceChildren(el('div', { class: 'error', text: `frame not analysed: ${e.message}` }));
+      if (++cam.errors >= 5) stopCamera();
+      return new Promise((r) => setTimeout(r, 200));
+    }).finally(() => pending.delete(request));
+    pending.add(request);
   }
 }
 
