@@ -95,11 +95,14 @@ def test_health_and_page_come_from_the_server_only(server, demo_dir):
   status, page, headers = server.request('GET', '/')
   assert status == 200 and '<input id="file-input" type="file"' in page
   assert "default-src 'self'" in headers['content-security-policy']
-  for ref in ('/static/app.js', '/static/style.css'):
+  scripts = ''
+  for ref in ('/static/app.js', '/static/reports.js', '/static/webcam.js', '/static/style.css'):
     assert f'"{ref}"' in page
-    assert server.request('GET', ref)[0] == 200
+    status, text, _ = server.request('GET', ref)
+    assert status == 200
+    scripts += text
   assert 'http' not in page.replace('http-equiv', '')   # nothing from elsewhere
-  assert server.request('GET', '/static/app.js')[1].count('fetch(') == 2   # health, analyze
+  assert scripts.count('fetch(') == 2   # health and analyze: the page calls nothing else
 
 
 def test_malformed_uploads_get_a_4xx_and_a_reason(server):

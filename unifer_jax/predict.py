@@ -18,7 +18,8 @@ builders use), cropped, and each crop is asked every FER task. Per face (JSON):
 Generated fields carry the raw answer next to the parsed value; a value the answer
 does not give is null (an untrained model gives few). With an exported student
 (``unifer_jax.export``) the fields it has no head for are reported as absent, with the
-reason. A file that is not an image, or an image with no face, gets a one-line message
+reason. `--model` takes a training workdir, an export or the workdir `unifer demo`
+wrote (model_dirs.py; `--backend auto` prefers its student, which needs no JAX). A file that is not an image, or an image with no face, gets a one-line message
 on stderr and exit status 1 (the other images are still reported).
 """
 

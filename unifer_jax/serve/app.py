@@ -1,6 +1,6 @@
 """The ASGI app behind `unifer serve`: one page and a three-route JSON API (Starlette).
 
-  GET  /                 the page (static/index.html; its script and style under /static/)
+  GET  /                 the page (static/index.html; its scripts and style under /static/)
   GET  /api/health       {"status": "ok", "model": {...which back end, from where}, "limits"}
   POST /api/analyze      multipart `file` -> {"width", "height", "faces": [...], "ms"}
                          (analysis.py gives the face fields); `?stream=ID` marks a webcam
@@ -34,7 +34,8 @@ from starlette.routing import Route
 from unifer_jax.serve import analysis, tracking, uploads
 
 STATIC = Path(__file__).with_name('static')
-PAGE_FILES = {'app.js': 'text/javascript', 'style.css': 'text/css'}
+PAGE_FILES = {'app.js': 'text/javascript', 'reports.js': 'text/javascript',
+              'webcam.js': 'text/javascript', 'style.css': 'text/css'}
 # The page loads nothing from elsewhere; the camera's frames are blob: URLs.
 HEADERS = [(b'content-security-policy',
             b"default-src 'self'; img-src 'self' data: blob:; media-src 'self' blob: mediastream:; "

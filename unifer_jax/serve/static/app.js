@@ -1,7 +1,8 @@
-// The UniFER page: images in (drop or pick), every face boxed, numbered and read; reports
-// saved as JSON / CSV / one self-contained HTML file; a webcam mode with live labels.
-// Plain JavaScript, no libraries: it talks only to the server that served it
-// (POST /api/analyze, GET /api/health). State for tests and curious users: window.unifer.
+// The UniFER page: images in (drop or pick), every face boxed, numbered and read.
+// Plain JavaScript, no libraries, three files sharing these globals: this one (helpers,
+// images, wiring), reports.js (save JSON / CSV / one self-contained HTML file) and
+// webcam.js (live labels and the last minute's timeline). It talks only to the server
+// that served it (POST /api/analyze, GET /api/health). State for tests: window.unifer.
 'use strict';
 
 const BASIC_COLORS = {
@@ -10,7 +11,6 @@ const BASIC_COLORS = {
 };
 const BOX_COLORS = ['#e63946', '#1d7bd6', '#2a9d48', '#f28c00', '#8e44ad', '#00a6a6',
                     '#c2185b', '#6d4c41'];
-const WINDOW_S = 60;          // the webcam timeline's span
 const state = { results: [], errors: [], stream: null };
 window.unifer = state;
 
@@ -208,84 +208,7 @@ function updateToolbar() {
                              `${faces} face${faces === 1 ? '' : 's'}`;
 }
 
-// ---- saving ---------------------------------------------------------------------------
-
-function download(name, type, text) {
-  const a = el('a', { download: name });
-  a.href = URL.createObjectURL(new Blob([text], { type }));
-  document.body.append(a);
-  a.click();
-  setTimeout(() => { URL.revokeObjectURL(a.href); a.remove(); }, 1000);
-}
-
-const stamp = () => new Date().toISOString().slice(0, 19).replace(/[:T]/g, '-');
-
-function saveJSON() {
-  download(`unifer-${stamp()}.json`, 'application/json',
-           JSON.stringify(state.results.map((r) => r.answer), null, 1));
-}
-
-function csvCell(v) {
-  const s = v === null || v === undefined ? '' : String(v);
-  return /[",\n]/.test(s) ? `"${s.replace(/"/g, '""')}"` : s;
-}
-
-function saveCSV() {
-  const labels = state.results.length ? Object.keys(state.results[0].answer.faces[0].basic) : [];
-  const head = ['image', 'face', 'x0', 'y0', 'x1', 'y1', 'label', ...labels.map((l) => `p_${l}`),
-                'compound', 'intensity', 'valence', 'arousal', 'entropy', 'margin',
-                'action_units', 'rationale'];
-  const rows = [head];
-  for (const r of state.results) {
-    r.answer.faces.forEach((f, i) => {
-      rows.push([r.name, i + 1, ...f.box, f.label, ...labels.map((l) => f.basic[l]),
-                 f.compound.label, f.intensity, f.valence, f.arousal, f.uncertainty.entropy,
-                 f.uncertainty.margin, f.rationale?.action_units?.join('; ') ?? '',
-                 f.rationale?.text ?? '']);
-    });
-  }
-  download(`unifer-${stamp()}.csv`, 'text/csv', rows.map((r) => r.map(csvCell).join(',')).join('\n') + '\n');
-}
-
-function escapeHtml(s) {
-  return String(s).replace(/[&<>"']/g, (c) => ({ '&': '&amp;', '<': '&lt;', '>': '&gt;',
-                                                  '"': '&quot;', "'": '&#39;' }[c]));
-}
-
-function saveHTML() {
-  const parts = state.results.map((r) => {
-    const faces = r.answer.faces.map((f, i) => {
-      const probs = Object.entries(f.basic).map(([k, p]) =>
-        `<tr><td>${escapeHtml(k)}</td><td><div class="bar"><i style="width:${(100 * p).toFixed(1)}%;` +
-        `background:${BASIC_COLORS[k] || '#888'}"></i></div></td><td>${(100 * p).toFixed(1)}%</td></tr>`).join('');
-      const aus = f.rationale?.action_units?.join(', ') ??
-                  (f.absent?.rationale ? `not available: ${f.absent.rationale}` : 'not given');
-      return `<div class="face"><h3>${i + 1}. ${escapeHtml(f.label)}</h3><table>${probs}</table>` +
-        `<p>compound: <b>${escapeHtml(f.compound.label ?? 'not given')}</b><br>` +
-        `intensity: ${fmt(f.intensity) ?? 'not given'}<br>valence / arousal: ` +
-        `${fmt(f.valence) ?? 'not given'} / ${fmt(f.arousal) ?? 'not given'}<br>` +
-        `action units: ${escapeHtml(aus)}<br>uncertainty: entropy ${fmt(f.uncertainty.entropy)}, ` +
-        `margin ${fmt(f.uncertainty.margin)}</p>` +
-        (f.rationale?.text ? `<p><i>${escapeHtml(f.rationale.text)}</i></p>` : '') + '</div>';
-    }).join('');
-    return `<section><h2>${escapeHtml(r.name)}</h2><img alt="${escapeHtml(r.name)}" src="` +
-      `${r.canvas.toDataURL('image/jpeg', 0.88)}"><div class="faces">${faces}</div></section>`;
-  }).join('');
-  const model = state.health ? escapeHtml(`${state.health.model.kind} from ${state.health.model.path}`) : '';
-  const html = `<!doctype html><html><head><meta charset="utf-8"><title>UniFER report</title><style>
-body{font:14px system-ui,sans-serif;margin:24px;color:#1d2430}section{margin-bottom:28px}
-img{max-width:520px;display:block;margin:8px 0}.faces{display:flex;flex-wrap:wrap;gap:12px}
-.face{border:1px solid #d9dee7;border-radius:8px;padding:8px 12px;width:320px}
-.bar{width:160px;height:9px;background:#edf0f5}.bar i{display:block;height:100%}td{font-size:12px}
-</style></head><body><h1>UniFER report</h1><p>${new Date().toLocaleString()} &middot; ${model}</p>` +
-    `${parts}<script type="application/json" id="data">` +
-    `${JSON.stringify(state.results.map((r) => r.answer)).replace(/</g, '\\u003c')}</script></body></html>`;
-  download(`unifer-${stamp()}.html`, 'text/html', html);
-}
-
-// ---- webcam ---------------------------------------------------------------------------
-
-const cam = { running: false, media: null, frames: 0, times: [], history: [], started: 0 };
+// ---- wiring ---------------------------------------------------------------------------
 
 function setTab(name) {
   for (const t of ['images', 'webcam']) {
@@ -293,130 +216,6 @@ function setTab(name) {
     $(`tab-${t}`).classList.toggle('active', t === name);
   }
 }
-
-async function startCamera() {
-  $('cam-error').textContent = '';
-  try {
-    cam.media = await navigator.mediaDevices.getUserMedia({
-      video: { width: { ideal: 640 }, height: { ideal: 480 } }, audio: false });
-  } catch (e) {
-    $('cam-error').append(el('div', { class: 'error', text: `no camera: ${e.message}` }));
-    return;
-  }
-  const video = $('video');
-  video.srcObject = cam.media;
-  await video.play();
-  Object.assign(cam, { running: true, frames: 0, times: [], history: [], started: performance.now(),
-                       id: Math.random().toString(36).slice(2, 12), errors: 0 });
-  state.stream = { frames: 0, fps: 0, meanFps: 0, faces: [], labelled: 0 };
-  $('cam-start').disabled = true;
-  $('cam-stop').disabled = false;
-  cameraLoop();
-}
-
-function stopCamera() {
-  cam.running = false;
-  if (cam.media) cam.media.getTracks().forEach((t) => t.stop());
-  $('cam-start').disabled = false;
-  $('cam-stop').disabled = true;
-}
-
-// Two frames in flight: the browser grabs and encodes the next frame while the server
-// analyses the last one (the server takes a stream's frames one at a time, in order).
-const IN_FLIGHT = 2;
-
-async function grabFrame(video, canvas) {
-  while (!video.videoWidth || !video.videoHeight) await new Promise((r) => setTimeout(r, 50));
-  canvas.width = video.videoWidth;
-  canvas.height = video.videoHeight;
-  canvas.getContext('2d').drawImage(video, 0, 0, canvas.width, canvas.height);
-  const blob = await new Promise((r) => canvas.toBlob(r, 'image/jpeg', 0.8));
-  return new File([blob], 'frame.jpg', { type: 'image/jpeg' });
-}
-
-async function cameraLoop() {
-  const video = $('video');
-  const grab = document.createElement('canvas');
-  const pending = new Set();
-  let sent = 0;
-  cam.shown = 0;
-  while (cam.running) {
-    if (pending.size >= IN_FLIGHT) {
-      await Promise.race(pending);
-      continue;
-    }
-    const frame = await grabFrame(video, grab);
-    if (!cam.running) break;
-    const n = ++sent;
-    const request = analyse(frame, `?stream=${cam.id}`).then((answer) => {
-      cam.errors = 0;
-      if (cam.running && n > cam.shown) {
-        cam.shown = n;
-        showFrame(answer);
-      }
-    }, (e) => {
-      $('cam-error').replaceChildren(el('div', { class: 'error', text: `frame not analysed: ${e.message}` }));
-      if (++cam.errors >= 5) stopCamera();
-      return new Promise((r) => setTimeout(r, 200));
-    }).finally(() => pending.delete(request));
-    pending.add(request);
-  }
-}
-
-function showFrame(answer) {
-  const now = performance.now();
-  cam.frames += 1;
-  cam.times.push(now);
-  while (cam.times.length && now - cam.times[0] > 2000) cam.times.shift();
-  const fps = cam.times.length > 1 ? 1000 * (cam.times.length - 1) / (now - cam.times[0]) : 0;
-  const s = state.stream;
-  s.frames = cam.frames;
-  s.fps = fps;
-  s.meanFps = 1000 * cam.frames / (now - cam.started);
-  s.faces = answer.faces;
-  if (answer.faces.length) s.labelled += 1;
-  $('frames').textContent = String(cam.frames);
-  $('fps').textContent = fps.toFixed(1);
-
-  const overlay = $('overlay');
-  overlay.width = answer.width;
-  overlay.height = answer.height;
-  const ctx = overlay.getContext('2d');
-  ctx.clearRect(0, 0, overlay.width, overlay.height);
-  drawFaces(ctx, answer.faces, Math.max(answer.width, answer.height) / 640, { labels: true });
-
-  $('live').replaceChildren(...answer.faces.map((f) => el('li', { value: String(f.track) },
-    el('b', { text: f.label }), ` ${fmt(f.basic[f.label])} - ${f.compound.label ?? ''}` +
-    (f.valence === null ? '' : ` - valence ${fmt(f.valence)}, arousal ${fmt(f.arousal)}`))));
-
-  const first = answer.faces.reduce((a, f) => (a === null || f.track < a.track ? f : a), null);
-  cam.history.push({ t: now, basic: first ? first.basic : null });
-  while (cam.history.length && now - cam.history[0].t > WINDOW_S * 1000) cam.history.shift();
-  drawTimeline(now);
-}
-
-function drawTimeline(now) {
-  const c = $('timeline'), ctx = c.getContext('2d');
-  const W = c.width, H = c.height - 14;
-  ctx.clearRect(0, 0, c.width, c.height);
-  const step = Math.max(1, W / (WINDOW_S * 12));
-  for (const h of cam.history) {
-    const x = W - (now - h.t) / (WINDOW_S * 1000) * W;
-    if (!h.basic) continue;
-    let y = H;
-    for (const [name, p] of Object.entries(h.basic)) {
-      ctx.fillStyle = BASIC_COLORS[name] || '#888';
-      ctx.fillRect(x, y - p * H, step + 0.5, p * H);
-      y -= p * H;
-    }
-  }
-  ctx.fillStyle = '#5b6678';
-  ctx.font = '10px system-ui, sans-serif';
-  ctx.fillText(`-${WINDOW_S} s`, 2, c.height - 2);
-  ctx.fillText('now', W - 20, c.height - 2);
-}
-
-// ---- wiring ---------------------------------------------------------------------------
 
 function init() {
   const drop = $('drop');
@@ -458,4 +257,4 @@ function init() {
   showModel();
 }
 
-init();
+document.addEventListener('DOMContentLoaded', init);
