@@ -4,7 +4,7 @@ photo shows one numbered, boxed face with its bars, and the saved JSON equals th
 answer (the CSV has its row, the HTML report is self-contained); a text file shows the
 error on the page; a fake camera playing corpus faces (a y4m from serve/clip.py) gets
 at least 20 frames analysed with labels drawn, and the analysed frames per second are
-printed.
+printed at the end of the run (conftest.py collects it).
 
 One tiny random student laid out as `unifer demo` lays it out, one server, one browser."""
 
@@ -140,7 +140,7 @@ def test_a_text_file_shows_the_error_on_the_page(page, tmp_path):
   assert page.locator('.face').count() == 0 and page.locator('#toolbar').is_hidden()
 
 
-def test_the_camera_gets_frames_analysed_with_labels_drawn(page, capsys):
+def test_the_camera_gets_frames_analysed_with_labels_drawn(page, record_property):
   page.click('#tab-webcam')
   page.click('#cam-start')
   wait_for(page, '() => window.unifer.stream && window.unifer.stream.frames >= 3')
@@ -148,9 +148,8 @@ def test_the_camera_gets_frames_analysed_with_labels_drawn(page, capsys):
   stream = wait_for(page, '() => window.unifer.stream.frames >= 23 && window.unifer.stream',
                     timeout=60)
   fps = (stream['frames'] - f0) / (time.monotonic() - t0)
-  with capsys.disabled():
-    print(f'\nwebcam: {stream["frames"]} frames analysed, {fps:.1f} per second '
-          f'(640 x 480 fake camera, 2 corpus faces, tiny student)')
+  record_property('figure', f'webcam: {stream["frames"]} frames analysed, {fps:.1f} per '
+                  f'second (Chromium, 640 x 480 fake camera, 2 corpus faces, tiny student)')
   assert stream['labelled'] >= 20
   assert len(stream['faces']) >= 1
   live = page.locator('#live li').all_inner_texts()
