@@ -69,7 +69,8 @@ def main():
   t = time.perf_counter()
   frames = list(clip.frames(args.frames, n_faces=2))
   data = [jpeg(f) for f in frames]
-  print(f'clip: {len(frames)} frames 640 x 480, 2 faces, JPEG q80 ~{np.mean([len(d) for d in data]) / 1e3:.0f} KB '
+  kb = np.mean([len(d) for d in data]) / 1e3
+  print(f'clip: {len(frames)} frames 640 x 480, 2 faces, JPEG q80 ~{kb:.0f} KB '
         f'({time.perf_counter() - t:.1f} s to render)')
   print(f'model: {backend.model.kind} from {backend.path}, {backend.model.image_size} px')
 
@@ -83,7 +84,8 @@ def main():
   parts = {
       'JPEG decode': ms_per_call(lambda d: uploads.decode(d, limits), data[sub]),
       'whole-frame detection (cascade at 320 px)': ms_per_call(faces.detect, decoded[sub]),
-      'one face re-detected in its window': ms_per_call(lambda fb: tracking.redetect(*fb), one[sub]),
+      'one face re-detected in its window': ms_per_call(lambda fb: tracking.redetect(*fb),
+                                                        one[sub]),
       'student on the frame\'s faces': ms_per_call(backend.run, crops[sub]),
   }
   print('\n1. parts, ms per call')

@@ -159,7 +159,8 @@ def test_no_request_reaches_a_file(server):
 
 
 def test_requests_write_nothing_to_disk(server):
-  # Runs after the other requests of this module. A 3 MB upload: Starlette's own form parser would spool it to a temporary file.
+  # Runs after the other requests of this module. A 3 MB upload: Starlette's own form
+  # parser would spool it to a temporary file.
   noise = np.random.default_rng(0).integers(0, 256, (1000, 1000, 3), dtype=np.uint8)
   status, body, _ = server.analyze(serve_util.png_bytes(noise), 'noise.png')
   assert status == 422, body
@@ -187,7 +188,8 @@ def test_webcam_frames_keep_their_face_numbers(server):
     status, answer, _ = server.analyze(serve_util.jpeg_bytes(frame, 80), 'frame.jpg',
                                        'image/jpeg', query='?stream=test-1')
     assert status == 200, answer
-    tracks.append(sorted((f['track'], int(f['box'][0] + f['box'][2] > 640)) for f in answer['faces']))
+    right = lambda f: int(f['box'][0] + f['box'][2] > 640)   # the face's centre x > 320
+    tracks.append(sorted((f['track'], right(f)) for f in answer['faces']))
   # Two faces, numbered once and kept: the same number stays on the same side.
   assert sum(len(t) == 2 for t in tracks) >= 10, tracks
   sides = {}

@@ -56,7 +56,8 @@ def test_the_demo_workdir_holds_both_back_ends(demo_dir):
 def test_the_full_back_end_adds_the_rationale(full_server, demo_dir):
   status, health, _ = full_server.request('GET', '/api/health')
   assert status == 200 and health['model']['backend'] == 'full'
-  assert health['model']['path'] == str(demo_dir / 'instruct') and 'rationale' in health['model']['gives']
+  assert health['model']['path'] == str(demo_dir / 'instruct')
+  assert 'rationale' in health['model']['gives']
   status, answer, _ = full_server.analyze(serve_util.png_bytes(serve_util.astronaut()),
                                           'astronaut.png', timeout=600)
   assert status == 200, answer

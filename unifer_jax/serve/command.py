@@ -42,9 +42,11 @@ def is_loopback(host: str) -> bool:
 
 
 def run(args) -> int:
-  from unifer_jax import model_dirs  # pylint: disable=g-import-not-at-top
-  from unifer_jax.serve import analysis, app as app_lib, uploads  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from unifer_jax import model_dirs
   try:
+    import uvicorn
+    from unifer_jax.serve import analysis, app as app_lib, uploads
     backend = analysis.Backend.load(args.model, args.backend, args.step)
   except (model_dirs.ModelDirError, FileNotFoundError, ValueError) as e:
     print(f'unifer serve: {e}', file=sys.stderr)
@@ -53,9 +55,8 @@ def run(args) -> int:
     print(f'unifer serve: {e} (pip install -e ".[serve,export]")', file=sys.stderr)
     return 2
   if backend.kind == 'student':
-    import onnxruntime  # pylint: disable=g-import-not-at-top
+    import onnxruntime
     onnxruntime.disable_telemetry_events()   # nothing about the user's use leaves the machine
-  import uvicorn  # pylint: disable=g-import-not-at-top
   limits = uploads.Limits(max_bytes=int(args.max_mb * 2**20),
                           max_pixels=int(args.max_megapixels * 1e6))
   loopback = is_loopback(args.host)

@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
+# Pillow opens the multi-picture JPEGs many phone cameras write (format 'MPO') as JPEG.
 FORMATS = ('JPEG', 'PNG', 'WEBP', 'BMP', 'GIF')
 FIELD = 'file'
 ORIENTATION = 0x0112   # the EXIF tag
@@ -145,14 +146,14 @@ def decode(data: bytes, limits: Limits, work_side: int = WORK_SIDE) -> tuple[np.
       if im.getexif().get(ORIENTATION) in (5, 6, 7, 8):
         w, h = h, w
       k = max(w, h) / work_side
-      if im.format == 'JPEG' and k > 1:   # decode at 1/2, 1/4 or 1/8 scale: less memory
+      if im.format in ('JPEG', 'MPO') and k > 1:   # decode at 1/2, 1/4 or 1/8 scale: less memory
         im.draft('RGB', (int(im.size[0] / k) + 1, int(im.size[1] / k) + 1))
       im.load()
       rgb = ImageOps.exif_transpose(im).convert('RGB')
   except UploadError:
     raise
   except UnidentifiedImageError:
-    raise UploadError(415, f'not an image (or not one of {", ".join(FORMATS)})') from None
+    raise UploadError(415, 'not an image (or not one of JPEG, PNG, WebP, BMP, GIF)') from None
   except Image.DecompressionBombError:
     raise UploadError(413, f'the image claims over {2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} '
                            f'megapixels; the limit is {limits.max_pixels / 1e6:.0f}') from None
