@@ -34,7 +34,8 @@ class NoFace(Exception):
 
 
 def _value(field):
-  return field.get('value') if isinstance(field, dict) else field
+  v = field.get('value') if isinstance(field, dict) else field
+  return round(float(v), 5) if isinstance(v, (int, float)) else v
 
 
 def api_face(box, rec: dict) -> dict:
