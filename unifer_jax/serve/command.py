@@ -9,8 +9,16 @@ rationale, at seconds per face on a CPU.
 
 from __future__ import annotations
 
+import argparse
 import ipaddress
 import sys
+
+
+def _positive(text: str) -> int:
+  value = int(text)
+  if value < 1:
+    raise argparse.ArgumentTypeError(f'expected a whole number >= 1, got {text}')
+  return value
 
 
 def add_parser(sub) -> None:
@@ -28,7 +36,7 @@ def add_parser(sub) -> None:
   s.add_argument('--max-mb', type=float, default=20, help='largest upload in MB (default 20)')
   s.add_argument('--max-megapixels', type=float, default=50,
                  help='largest image in megapixels (default 50)')
-  s.add_argument('--detect-every', type=int, default=8,
+  s.add_argument('--detect-every', type=_positive, default=8,
                  help='webcam: full face detection on every k-th frame, tracking between')
 
 

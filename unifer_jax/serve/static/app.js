@@ -41,6 +41,10 @@ async function showModel() {
     const m = h.model;
     $('model').textContent = `model: ${m.kind} (${m.backend} back end) from ${m.path}` +
       (m.backend === 'student' ? ' - the action units and written rationale need --backend full' : '');
+    if (m.backend === 'full') {
+      $('cam-note').textContent = 'The full model takes seconds a frame: for live labels start ' +
+                                  'the server with an exported student (--backend student).';
+    }
     state.health = h;
   } catch (e) {
     $('model').textContent = 'the unifer server does not answer';
