@@ -76,5 +76,7 @@ def run(args) -> int:
   if not loopback:
     print(f'unifer serve: listening on {args.host}: other machines can reach this page',
           file=sys.stderr, flush=True)
-  uvicorn.run(app, host=args.host, port=args.port, log_level='warning', access_log=False)
+  # At most 64 connections at once (more get 503): each may hold an upload in memory.
+  uvicorn.run(app, host=args.host, port=args.port, log_level='warning', access_log=False,
+              limit_concurrency=64)
   return 0
