@@ -8,6 +8,7 @@ HASH   := $(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 # reference models (torch), Beam and libtpu (27 s more of the 76 s install, 2026-12-06).
 DEMO_STAMP := $(VENV)/.installed-demo-$(HASH)
 TEST_STAMP := $(VENV)/.installed-test-$(HASH)
+CHROMIUM   := /usr/bin/chromium
 # XLA's CPU runtime allocates each step's temporaries afresh; glibc maps big blocks with
 # mmap, so every step page-faults them in 4 KB pages (20 % of the demo's CPU time was
 # kernel). Transparent huge pages for malloc's mappings: the vision stage's step 157 ->
@@ -19,22 +20,28 @@ export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 $(DEMO_STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e ".[export]"
+	$(BIN)/pip install -q -e ".[export,serve]"
 	$(BIN)/pip install -q --no-deps jax2onnx==0.17.1  # see the export extra in pyproject.toml
 	rm -f $(VENV)/.installed-demo-* && touch $@
 
 $(TEST_STAMP): $(DEMO_STAMP)
-	$(BIN)/pip install -q -e ".[test,tpu,beam,export]"
+	$(BIN)/pip install -q -e ".[test,tpu,beam,export,serve]"
 	rm -f $(VENV)/.installed-test-* && touch $@
 
-install: $(TEST_STAMP)
+install: $(TEST_STAMP) $(CHROMIUM)
+
+# The page tests (tests/test_serve_page.py) drive Debian's Chromium through Playwright;
+# without its recommends (systemd, perl, samba clients...: 130 packages with them), as CI
+# runs it: as root on a fresh machine.
+$(CHROMIUM):
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium
 
 demo: $(DEMO_STAMP)
 	JAX_PLATFORMS=cpu $(BIN)/unifer demo --workdir workdir/demo
 
 # Tests that start multi-process jobs run last and alone: two coordinated jobs at once on
 # 2 cores starve each other's collectives.
-test: $(TEST_STAMP)
+test: $(TEST_STAMP) $(CHROMIUM)
 	JAX_PLATFORMS=cpu $(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not multiprocess"
 	JAX_PLATFORMS=cpu $(BIN)/python -m pytest -q -m multiprocess
 

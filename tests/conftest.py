@@ -25,3 +25,14 @@ os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
                       str(Path(__file__).resolve().parents[1] / '.pytest_cache' / 'jax_cache'))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
+
+
+def pytest_terminal_summary(terminalreporter):
+  """Figures a test measured (``record_property('figure', text)``), printed at the end of
+  the run: under xdist a worker's own prints never reach the terminal."""
+  lines = [f'{r.nodeid}: {text}' for r in terminalreporter.stats.get('passed', [])
+           for key, text in getattr(r, 'user_properties', ()) if key == 'figure']
+  if lines:
+    terminalreporter.section('figures measured by the tests')
+    for line in lines:
+      terminalreporter.write_line(line)

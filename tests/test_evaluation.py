@@ -13,60 +13,21 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 
-from unifer_jax import cli, config_lib, sharding
+from unifer_jax import cli
 from unifer_jax.evaluators import eval_sets, model_io, registry
 from unifer_jax.evaluators import data as eval_data
+
+import workdir_util
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _random_leaf(path, a, rng):
-  name = str(getattr(path[-1], 'key', path[-1]))
-  if a.shape == () and np.issubdtype(a.dtype, np.integer):
-    return np.asarray(0, a.dtype)                     # step / optimizer counts
-  if 'opt_state' in str(path[0]):
-    return np.zeros(a.shape, a.dtype)
-  if name == 'temp':
-    return np.asarray(0.07, a.dtype)
-  if name == 'scale':
-    return np.ones(a.shape, a.dtype)
-  return (rng.normal(size=a.shape) * 0.05).astype(a.dtype)
-
-
 @pytest.fixture(scope='module')
 def workdir(tmp_path_factory):
-  from data_prep import synthetic_faces as sf
-  from unifer_jax.data import tokenizer as tok_lib
-  from unifer_jax.train import checkpoint as ckpt_lib, state as state_lib
-  root = tmp_path_factory.mktemp('evals')
-  sf.prepare(root / 'data', size=120, seed=0, image_size=32, workers=1, samples=False)
-  tok_lib.train_for_datasets(['synthetic_faces'], root / 'tok', data_dir=str(root / 'data'),
-                             vocab_size=512)
-  config = config_lib.load(str(REPO / 'configs/instruct.py:tiny'), [
-      f'--config.input.data_dir={root / "data"}', f'--config.input.tokenizer={root / "tok"}',
-      '--config.input.seq_len=96', '--config.input.text_len=48',
-      '--config.model.llm.vocab_size=512', '--config.model.qformer.vocab_size=512',
-      '--config.model.llm.max_seq_len=320', '--config.model.lora.rank=2',
-      '--config.checkpoint.async_save=False'])
-  w = root / 'instruct'
-  w.mkdir()
-  (w / 'config.json').write_text(config_lib.to_json(config))
-  setup = state_lib.build(config, sharding.make_mesh(config.mesh))
-  ckpt = ckpt_lib.Checkpointer(w / 'checkpoints', config.checkpoint)
-  # Random weights drawn with numpy into the model's parameter shapes: the model's own
-  # init compiles for ~20 s on a loaded 2-core CPU, and these tests need two models
-  # that differ, not a good initialisation.
-  for step, seed in ((1, 0), (2, 1)):
-    rng = np.random.default_rng(seed)
-    ckpt.save(step, jax.tree_util.tree_map_with_path(
-        lambda path, a: _random_leaf(path, a, rng), setup.abstract_state),
-        {'input': {}}, {}, force=True)
-  ckpt.close()
-  return dict(root=root, workdir=w, config=config, setup=setup)
+  return workdir_util.instruct_workdir(tmp_path_factory.mktemp('evals'))
 
 
 @pytest.fixture(scope='module')

@@ -14,35 +14,20 @@ import jax
 import numpy as np
 import onnx
 import pytest
-from flax import nnx
 
-from unifer_jax import config_lib
 from unifer_jax.data import augment, labels
 import unifer_jax.export as export_pkg
-from unifer_jax.export import commands, onnx_export, standalone, student_fn
-from unifer_jax.train import checkpoint as ckpt_lib, state as state_lib
+from unifer_jax.export import onnx_export, standalone, student_fn
 
-import model_util
-
-REPO = Path(__file__).resolve().parents[1]
+import student_util
 
 
 @pytest.fixture(scope='module')
 def exported(tmp_path_factory):
   root = tmp_path_factory.mktemp('export')
-  config = config_lib.load(str(REPO / 'configs' / 'distill.py') + ':tiny')
-  config.input.image_mean = (0.4, 0.5, 0.6)   # non-default: meta.json must carry it
-  (root / 'distill').mkdir()
-  (root / 'distill' / 'config.json').write_text(config_lib.to_json(config))
-  model_cfg = state_lib.model_config(config)
-  model = model_util.random_module(
-      lambda: state_lib.model_class(model_cfg)(model_cfg, rngs=nnx.Rngs(0)), seed=2, scale=0.3)
-  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  ckpt = ckpt_lib.Checkpointer(root / 'distill' / 'checkpoints', config.checkpoint)
-  ckpt.save(3, {'step': np.int32(3), 'params': params, 'opt_state': {}}, {}, {}, force=True)
-  ckpt.close()
-  reports = commands.export(root / 'distill', root / 'out', ['onnx', 'stablehlo', 'safetensors'],
-                            int8=True)
+  # A non-default mean: meta.json must carry it.
+  reports = student_util.export_student(root, formats=('onnx', 'stablehlo', 'safetensors'),
+                                        int8=True, image_mean=(0.4, 0.5, 0.6))
   return root, reports
 
 

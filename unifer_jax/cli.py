@@ -94,7 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument('--out', required=True, help='results folder (rerun with the same --out resumes)')
   s = sub.add_parser('predict', help='faces in images -> label probabilities, compound, intensity, '
                      'valence/arousal, rationale, uncertainty (JSON + an HTML report with the crops)')
-  s.add_argument('--model', required=True, help='a training workdir or an exported student dir')
+  s.add_argument('--model', required=True, help='an exported student, a training workdir or '
+                 'the workdir `unifer demo` wrote')
+  s.add_argument('--backend', default='auto', choices=('auto', 'student', 'full'),
+                 help='auto: the exported student when DIR has one, else the full model')
   s.add_argument('images', nargs='+', help='image files')
   s.add_argument('--step', type=int, help='checkpoint step of a workdir (default: the newest)')
   s.add_argument('--out', help='write the JSON here instead of stdout')
@@ -104,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
   export_commands.add_parser(sub)
   from data_prep import commands as prep_commands
   prep_commands.add_parser(sub)
+  from unifer_jax.serve import command as serve_command
+  serve_command.add_parser(sub)
   s = sub.add_parser('demo', help='the whole pipeline on the built-in corpus (CPU)')
   s.add_argument('--workdir', default='workdir/demo')
   s.add_argument('--size', type=int, default=20000, help='faces in the corpus')
@@ -173,6 +178,11 @@ def main(argv=None) -> int:
       return 2
     from unifer_jax import predict
     return predict.main(args)
+  if args.command == 'serve':
+    if not _extras_ok('serve', unknown, config_overrides=False):
+      return 2
+    from unifer_jax.serve import command as serve_command
+    return serve_command.run(args)
   if args.command == 'params':
     args.overrides = list(args.overrides) + unknown
     return _params(args)

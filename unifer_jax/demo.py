@@ -128,14 +128,16 @@ def evaluate_instruct(config, workdir: Path, test: dict, tok, out: Path, max_per
                            out / f'instruct_{task}_confusion.png')
       metrics[f'instruct_{task}_confusion'] = cm.tolist()
   sample = list(range(min(8, len(test['image']))))
-  shown = []
+  qa, titles = [], []
   for i in sample:
-    words = []
-    for task in ('basic', 'intensity', 'rationale'):
-      if task in raw and i in raw[task]['index']:
-        words.append(raw[task]['answers'][raw[task]['index'].index(i)][:90])
-    shown.append('\n'.join(words))
-  plots.faces_with_answers(test['image'][sample], shown, out / 'samples_with_answers.png')
+    qa.append([(instructions.prompt_for(task).split('?')[0] + '?',
+                raw[task]['answers'][raw[task]['index'].index(i)])
+               for task in ('basic', 'intensity', 'rationale')
+               if task in raw and i in raw[task]['index']])
+    truth = (labels.BASIC[test['expression'][i]] if test['expression'][i] >= 0
+             else labels.COMPOUND[test['compound'][i]])
+    titles.append(f'{i + 1}. truth: {truth}')
+  plots.faces_with_answers(test['image'][sample], qa, out / 'samples_with_answers.png', titles)
   return metrics, raw
 
 
@@ -145,7 +147,7 @@ def run(workdir: str | Path, size: int = 20000, overrides: dict | None = None,
         eval_limit: int = 1000, max_per_task: int = 400) -> dict:
   """Runs the demo; ``overrides``: {stage: ['--config.key=value', ...]} (tests shrink it)."""
   t0 = time.monotonic()
-  workdir = Path(workdir).absolute()
+  given, workdir = workdir, Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
   overrides = overrides or {}
   timings = {}
@@ -205,6 +207,9 @@ def run(workdir: str | Path, size: int = 20000, overrides: dict | None = None,
   (workdir / 'report.json').write_text(json.dumps(report, indent=2, sort_keys=True))
   (workdir / 'report.md').write_text(markdown(report) + distill_demo.markdown(report))
   _banner(f'done in {report["wall_s"]:.0f} s: {workdir / "report.md"}')
+  print(f'Analyse your own photos or webcam with the result (a page on http://127.0.0.1:8000/):\n'
+        f'  unifer serve --model {given}        # the student; --backend full adds the rationale',
+        flush=True)
   return report
 
 

@@ -18,7 +18,8 @@ builders use), cropped, and each crop is asked every FER task. Per face (JSON):
 Generated fields carry the raw answer next to the parsed value; a value the answer
 does not give is null (an untrained model gives few). With an exported student
 (``unifer_jax.export``) the fields it has no head for are reported as absent, with the
-reason. A file that is not an image, or an image with no face, gets a one-line message
+reason. `--model` takes a training workdir, an export or the workdir `unifer demo`
+wrote (model_dirs.py; `--backend auto` prefers its student, which needs no JAX). A file that is not an image, or an image with no face, gets a one-line message
 on stderr and exit status 1 (the other images are still reported).
 """
 
@@ -32,8 +33,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from unifer_jax import model_dirs
 from unifer_jax.data import faces, instructions, labels
-from unifer_jax.evaluators import label_likelihood
 
 TASKS = ('basic', 'compound', 'intensity', 'valence_arousal', 'rationale', 'uncertainty')
 MAX_NEW = 64   # new tokens per answer (the rationale is the longest)
@@ -57,22 +58,9 @@ def read_image(path: str) -> np.ndarray:
                        f'{str(e).splitlines()[0][:100]})') from None
 
 
-def distinct(boxes, overlap: float = 0.5) -> list:
-  """Largest-first boxes without the detector's repeats of one face: a box is dropped
-  when most of it (> overlap of its area) lies inside an already kept one."""
-  kept = []
-  for b in boxes:
-    area = (b[2] - b[0]) * (b[3] - b[1])
-    inside = [max(0.0, min(b[2], k[2]) - max(b[0], k[0])) * max(0.0, min(b[3], k[3]) - max(b[1], k[1]))
-              for k in kept]
-    if not any(i > overlap * area for i in inside):
-      kept.append(b)
-  return kept
-
-
 def find_faces(path: str) -> tuple[np.ndarray, list]:
   image = read_image(path)
-  boxes = distinct(faces.detect(image))
+  boxes = faces.distinct(faces.detect(image))
   if not boxes:
     raise PredictError(f'{path}: no face found (the frontal-face detector needs a face '
                        f'of at least ~{24 * max(1, max(image.shape[:2]) // 320)} px)')
@@ -99,6 +87,7 @@ class FullModel:
     return self.model.image_size
 
   def __call__(self, crops_uint8: np.ndarray) -> list[dict]:
+    from unifer_jax.evaluators import label_likelihood  # pylint: disable=g-import-not-at-top
     m = self.model
     x = m.normalise(crops_uint8)
     logits = np.einsum('nqe,ce->ncq', m.image_features(x), self.class_feats).max(-1)
@@ -182,14 +171,14 @@ class ExportedStudent:
     return out
 
 
-def load_model(path: str, step: int | None = None):
-  p = Path(path)
-  if (p / 'config.json').is_file() and (p / 'checkpoints').is_dir():
-    return FullModel(path, step)
-  if (p / 'meta.json').is_file():
-    return ExportedStudent(path)
-  raise PredictError(f'{path}: neither a training workdir (config.json + checkpoints/) nor '
-                     f'an exported student (`unifer export --format onnx`: meta.json + ONNX)')
+def load_model(path: str, step: int | None = None, backend: str = 'auto'):
+  """The model in ``path`` (model_dirs.find: an export, a training workdir or the demo's
+  workdir); ``backend`` 'auto' takes the student when there is one."""
+  try:
+    kind, where = model_dirs.choose(model_dirs.find(path), backend)
+  except model_dirs.ModelDirError as e:
+    raise PredictError(str(e)) from None
+  return ExportedStudent(str(where)) if kind == 'student' else FullModel(str(where), step)
 
 
 # ---- driver ---------------------------------------------------------------------------
@@ -255,7 +244,7 @@ def write_report(records: list, errors: list, out_dir: Path) -> Path:
 
 def main(args) -> int:
   try:
-    model = load_model(args.model, args.step)
+    model = load_model(args.model, args.step, getattr(args, 'backend', 'auto'))
   except (PredictError, FileNotFoundError, ValueError) as e:
     print(f'unifer predict: {e}', file=sys.stderr)
     return 2

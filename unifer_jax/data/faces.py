@@ -5,7 +5,8 @@ face-text corpora, RAF-DB/AffectNet originals) and for `unifer predict`, so trai
 and inference see faces framed the same way.
 
 * `detect(image)`: scikit-image's LBP frontal-face cascade (no OpenCV needed), run on a
-  copy downscaled to `max_side` pixels for speed; boxes largest first.
+  copy downscaled to `max_side` pixels for speed; boxes largest first. `distinct(boxes)`
+  drops its repeats of one face.
 * `crop(image, box)`: the box made square around its centre, grown by `margin` on each
   side, cut (zero padding outside the image) and resized to `size` x `size`.
 * `align(image, left_eye, right_eye)`: a similarity transform putting the eye line
@@ -79,6 +80,19 @@ def detect(image, *, max_side: int = 320, min_size: int = 24, min_neighbors: int
   boxes = [(d['c'] / scale, d['r'] / scale, (d['c'] + d['width']) / scale,
             (d['r'] + d['height']) / scale) for d in found]
   return sorted(boxes, key=lambda b: -(b[2] - b[0]) * (b[3] - b[1]))
+
+
+def distinct(boxes, overlap: float = 0.5) -> list:
+  """Largest-first boxes without the detector's repeats of one face: a box is dropped
+  when most of it (> overlap of its area) lies inside an already kept one."""
+  kept = []
+  for b in boxes:
+    area = (b[2] - b[0]) * (b[3] - b[1])
+    inside = [max(0.0, min(b[2], k[2]) - max(b[0], k[0])) * max(0.0, min(b[3], k[3]) - max(b[1], k[1]))
+              for k in kept]
+    if not any(i > overlap * area for i in inside):
+      kept.append(b)
+  return kept
 
 
 def eyes_from_landmarks(points) -> tuple:

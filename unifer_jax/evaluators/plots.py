@@ -4,6 +4,7 @@ faces with the model's answers. Written as PNG next to the numbers."""
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -61,20 +62,67 @@ def plot_confusion(cm: np.ndarray, names, title: str, out: Path) -> Path:
   return out
 
 
-def faces_with_answers(images: np.ndarray, captions: list[str], out: Path, cols: int = 4,
-                       mean=0.5, std=0.5) -> Path:
-  n = len(images)
-  rows = int(np.ceil(n / cols))
-  fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.6 * rows), squeeze=False)
-  for ax in axes.ravel():
-    ax.axis('off')
-  for ax, img, text in zip(axes.ravel(), images, captions):
-    ax.imshow(np.clip(img * std + mean, 0, 1))
-    ax.set_title(text, fontsize=7, wrap=True)
-  fig.tight_layout()
-  fig.savefig(out, dpi=100)
+# faces_with_answers: points per text line (7.5 pt type), inches per face picture and per
+# text column (52 characters of DejaVu Sans at 7.5 pt fit in ~3 in).
+_QA_FONT, _QA_LINE, _QA_IMAGE_IN, _QA_TEXT_IN, _QA_WRAP = 7.5, 9.5, 1.3, 3.5, 52
+
+
+def _qa_lines(pairs, width: int, max_chars: int) -> list[tuple[str, bool]]:
+  """(line, is_question) for the wrapped questions and answers of one face."""
+  lines = []
+  for question, answer in pairs:
+    if lines:
+      lines.append(('', False))
+    lines += [(l, True) for l in textwrap.wrap(question, width)]
+    answer = ' '.join(str(answer).split())
+    if len(answer) > max_chars:
+      answer = answer[:max_chars - 1] + '\u2026'
+    lines += [(l, False) for l in (textwrap.wrap(answer, width) or ['(no answer)'])]
+  return lines
+
+
+def faces_with_answers(images: np.ndarray, qa: list, out: Path, titles=None, cols: int = 2,
+                       mean=0.5, std=0.5, max_chars: int = 360) -> Path:
+  """Each face with its questions (bold) and the model's wrapped answers beside it, as the
+  `unifer serve` page shows a face beside its reading. ``qa[i]`` is face i's list of
+  (question, answer). A row is as tall as the longest text in it, so the answers of
+  neighbouring faces never overlap (the old grid put each answer in a wrapped title
+  over its face, where long answers ran into the faces above and beside)."""
+  fig = answers_figure(images, qa, titles, cols, mean, std, max_chars)
+  fig.savefig(out, dpi=110)
   plt.close(fig)
   return out
+
+
+def answers_figure(images, qa, titles=None, cols: int = 2, mean=0.5, std=0.5,
+                   max_chars: int = 360):
+  """The figure of faces_with_answers (each face's texts carry ``gid`` 'face<i>')."""
+  blocks = [_qa_lines(pairs, _QA_WRAP, max_chars) for pairs in qa]
+  n = len(images)
+  rows = int(np.ceil(n / cols))
+  heights = [max(_QA_IMAGE_IN + 0.25, max(len(b) for b in blocks[r * cols:(r + 1) * cols])
+                 * _QA_LINE / 72 + 0.15) for r in range(rows)]
+  fig = plt.figure(figsize=(cols * (_QA_IMAGE_IN + _QA_TEXT_IN), sum(heights) + 0.2))
+  grid = fig.add_gridspec(rows, 2 * cols, height_ratios=heights, hspace=0.08, wspace=0.04,
+                          width_ratios=[_QA_IMAGE_IN, _QA_TEXT_IN] * cols,
+                          left=0.01, right=0.99, top=0.99, bottom=0.01)
+  for i, (img, lines) in enumerate(zip(images, blocks)):
+    r, c = divmod(i, cols)
+    ax = fig.add_subplot(grid[r, 2 * c])
+    ax.imshow(np.clip(img * std + mean, 0, 1))
+    ax.set_anchor('N')
+    ax.axis('off')
+    ax.set_gid(f'face{i}')
+    if titles is not None:   # under the picture, inside its row (a title above would
+      ax.annotate(titles[i], (0, 0), xycoords='axes fraction', xytext=(0, -3),  # leave it)
+                  textcoords='offset points', va='top', fontsize=_QA_FONT).set_gid(f'face{i}')
+    text = fig.add_subplot(grid[r, 2 * c + 1])
+    text.axis('off')
+    for k, (line, question) in enumerate(lines):
+      text.annotate(line, (0, 1), xycoords='axes fraction', xytext=(3, -k * _QA_LINE),
+                    textcoords='offset points', va='top', fontsize=_QA_FONT,
+                    fontweight='bold' if question else 'normal').set_gid(f'face{i}')
+  return fig
 
 
 def plot_reliability(tables: dict, title: str, out: Path) -> Path:
