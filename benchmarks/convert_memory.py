@@ -1,6 +1,13 @@
-"""Peak host memory of LLM checkpoint conversion, as a ratio to the checkpoint size.
+"""Peak host memory of checkpoint conversion, as a ratio to the checkpoint size.
 
   python benchmarks/convert_memory.py [--gb 1.1] [--shard-mb 200] [--dir DIR]
+  python benchmarks/convert_memory.py --vlm configs/hf/instructblip-vicuna-7b [--dir DIR]
+
+``--vlm CONFIG_DIR``: a random bf16 checkpoint of that whole BLIP-2 / InstructBLIP shape
+(InstructBLIP-Vicuna-7B: 7.95 B parameters, 15.9 GB, in 2 GB shards), converted with
+`unifer convert from-hf` and back with `to-hf` in fresh processes. Both go one part at a
+time (convert/vlm.py), so the peak should be about the largest part (the LLM, 13.5 GB)
+plus one output shard, not the whole model. Needs ~50 GB of disk.
 
 Writes a random bf16 Llama-shaped checkpoint (safetensors shards + index, like HF's
 ``save_pretrained(max_shard_size=...)``), then in fresh processes (so each peak is its
@@ -95,21 +102,97 @@ def run_phase(phase: str, src: Path, dst: Path) -> dict:
   return result
 
 
+def write_vlm_checkpoint(out: Path, config_dir: Path, shard_mb: int) -> tuple[int, dict]:
+  """Random bf16 weights in the shape of ``config_dir``'s config.json, written one part at
+  a time; returns (total bytes, {part: bytes})."""
+  import jax
+  from flax import nnx
+  from unifer_jax.convert import hf_io, vlm
+
+  hf_config = json.loads((config_dir / 'config.json').read_text())
+  cfg = vlm.config_from_hf(hf_config)
+  for tower in ('vit', 'qformer', 'llm'):
+    cfg[tower].param_dtype = 'bfloat16'
+  abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(
+      lambda: vlm.build(cfg, rngs=nnx.Rngs(0))), nnx.Param))
+  rng, sizes = np.random.default_rng(0), {}
+
+  def random_like(a):  # filled in slices: a float32 copy of a 1.4 B-element leaf is 5.6 GB
+    out = np.empty(a.shape, ml_dtypes.bfloat16)
+    flat = out.reshape(-1)
+    for start in range(0, flat.size, 1 << 26):
+      n = min(1 << 26, flat.size - start)
+      flat[start:start + n] = (0.02 * rng.standard_normal(n, np.float32)).astype(flat.dtype)
+    return out
+
+  def tensors():
+    for part in vlm.PARTS:
+      params = jax.tree.map(random_like, abstract[part])
+      sizes[part] = sum(x.nbytes for x in jax.tree.leaves(params))
+      yield from vlm.part_to_hf(params, cfg, part)
+      del params
+
+  hf_io.write_hf_dir(out, vlm.hf_config_from(cfg), tensors(), max_shard_bytes=shard_mb << 20)
+  return sum(p.stat().st_size for p in out.glob('*.safetensors')), sizes
+
+
+def run_vlm_phase(phase: str, scratch: Path) -> dict:
+  import jax  # noqa: F401  (imported before the baseline, as a real run would)
+  from unifer_jax.convert import commands
+  base = current_rss_bytes()
+  t0 = time.perf_counter()
+  if phase == 'from_hf':
+    commands.from_hf(scratch / 'hf', scratch / 'converted')
+  else:
+    commands.to_hf(scratch / 'converted', scratch / 'roundtrip')
+  return dict(phase=phase, baseline=base, peak=peak_rss_bytes(), seconds=time.perf_counter() - t0)
+
+
+def main_vlm(args, scratch: Path):
+  t0 = time.perf_counter()
+  size, parts = write_vlm_checkpoint(scratch / 'hf', Path(args.vlm), args.shard_mb)
+  shards = len(list((scratch / 'hf').glob('*.safetensors')))
+  largest = max(parts.values())
+  gb = lambda b: f'{b / 1e9:.2f} GB'
+  print(f'checkpoint: {gb(size)} bf16 in {shards} shards of <= {args.shard_mb} MB; parts '
+        + ', '.join(f'{k} {gb(v)}' for k, v in parts.items())
+        + f' ({time.perf_counter() - t0:.0f} s to write)', flush=True)
+  bound = largest + (args.shard_mb << 20)
+  for phase in ('from_hf', 'to_hf'):
+    out = subprocess.run([sys.executable, __file__, '--phase', f'vlm_{phase}', '--dir',
+                          str(scratch)], check=True, capture_output=True, text=True)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    net = r['peak'] - r['baseline']
+    print(f'{phase.replace("_", "-")}: peak RSS {gb(r["peak"])} (baseline {gb(r["baseline"])}),'
+          f' net {gb(net)} = {net / size:.2f} x the checkpoint, {net / bound:.2f} x (largest '
+          f'part + one shard = {gb(bound)}), {r["seconds"]:.0f} s', flush=True)
+  shutil.rmtree(scratch / 'converted', ignore_errors=True)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--gb', type=float, default=1.1, help='checkpoint size (bf16)')
   parser.add_argument('--shard-mb', type=int, default=200)
   parser.add_argument('--dir', default=None, help='scratch dir (default: a temp dir)')
+  parser.add_argument('--vlm', default=None, help='a BLIP-2 / InstructBLIP config dir')
   parser.add_argument('--phase', default=None, help=argparse.SUPPRESS)
   args = parser.parse_args()
   scratch = Path(args.dir or tempfile.mkdtemp(prefix='convert_memory_'))
   src, dst = scratch / 'hf', scratch / 'roundtrip'
 
   if args.phase:  # child process: one measurement, JSON on the last stdout line
-    print(json.dumps(run_phase(args.phase, src, dst)))
+    if args.phase.startswith('vlm_'):
+      print(json.dumps(run_vlm_phase(args.phase[4:], scratch)))
+    else:
+      print(json.dumps(run_phase(args.phase, src, dst)))
     return
 
   try:
+    if args.vlm:
+      if args.shard_mb == 200:   # the default is for the LLM mode; hub VLMs use ~2 GB shards
+        args.shard_mb = 2048
+      main_vlm(args, scratch)
+      return
     t0 = time.perf_counter()
     size = write_checkpoint(src, args.gb, args.shard_mb)
     shards = len(list(src.glob('*.safetensors')))
