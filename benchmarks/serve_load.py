@@ -15,7 +15,6 @@ the 4 GB machine is < 1 GB). Exits 1 if any request failed. Everything stays on
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import sys
 import threading
@@ -27,18 +26,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
                                 'tests'))
 
 import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
 from skimage import data as skdata  # noqa: E402
 
 import serve_model  # noqa: E402
 import serve_util  # noqa: E402  (tests/: starts `unifer serve` on a free loopback port)
 from unifer_jax.serve import clip  # noqa: E402
 
-
-def jpeg(image: np.ndarray) -> bytes:
-  buf = io.BytesIO()
-  Image.fromarray(image).save(buf, format='JPEG', quality=90)
-  return buf.getvalue()
 
 
 def memory(pid: int) -> dict:
@@ -54,8 +47,8 @@ def main():
   p.add_argument('--clients', type=int, default=8)
   args = p.parse_args()
   model_dir = serve_model.student_dir(args.model)
-  uploads = [('astronaut.jpg', jpeg(skdata.astronaut())),
-             ('two_faces.jpg', jpeg(next(clip.frames(1, n_faces=2))))]
+  uploads = [('astronaut.jpg', serve_util.jpeg(skdata.astronaut())),
+             ('two_faces.jpg', serve_util.jpeg(next(clip.frames(1, n_faces=2))))]
   with serve_util.serve(model_dir, log_path=os.devnull) as server:
     before = memory(server.proc.pid)
     next_index, lock = [0], threading.Lock()

@@ -23,7 +23,6 @@ Goal: >= 10 analysed frames/s at 640 x 480 on 2 cores. Prints numbers; asserts n
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import sys
 import time
@@ -33,18 +32,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
                                 'tests'))
 
 import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
 
 import serve_model  # noqa: E402
 import serve_util  # noqa: E402  (tests/: starts `unifer serve` on a free loopback port)
 from unifer_jax.data import faces  # noqa: E402
 from unifer_jax.serve import analysis, clip, tracking, uploads  # noqa: E402
 
-
-def jpeg(frame: np.ndarray) -> bytes:
-  buf = io.BytesIO()
-  Image.fromarray(frame).save(buf, format='JPEG', quality=80)
-  return buf.getvalue()
 
 
 def ms_per_call(fn, items, repeats: int = 1) -> float:
@@ -68,7 +61,7 @@ def main():
   limits = uploads.Limits()
   t = time.perf_counter()
   frames = list(clip.frames(args.frames, n_faces=2))
-  data = [jpeg(f) for f in frames]
+  data = [serve_util.jpeg(f, 80) for f in frames]
   kb = np.mean([len(d) for d in data]) / 1e3
   print(f'clip: {len(frames)} frames 640 x 480, 2 faces, JPEG q80 ~{kb:.0f} KB '
         f'({time.perf_counter() - t:.1f} s to render)')

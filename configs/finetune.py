@@ -42,7 +42,6 @@ training (give the downloaded directory).
 import json
 from pathlib import Path
 
-import ml_collections
 
 from unifer_jax import config_lib
 from unifer_jax.data import augment

@@ -20,6 +20,13 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 
 
+def jpeg(image: np.ndarray, quality: int = 90) -> bytes:
+  """``image`` (uint8 HxWx3) as JPEG bytes, the upload a browser sends."""
+  buf = io.BytesIO()
+  Image.fromarray(image).save(buf, format='JPEG', quality=quality)
+  return buf.getvalue()
+
+
 def free_port() -> int:
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))

@@ -5,14 +5,13 @@ what no HF class can hold is refused by name."""
 
 import json
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers as T
 from flax import nnx
 
+import vlm_util
 from unifer_jax import convert
 from unifer_jax.convert import commands, hf_io, vlm
 from unifer_jax.models import presets
@@ -38,16 +37,6 @@ CASES = {
 ATOL = 1e-4
 
 
-def _randomise(model, seed):
-  """Every parameter drawn (HF's zero biases and unit norms would hide a swapped one)."""
-  g = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      noise = 0.1 * torch.randn(p.shape, generator=g)
-      p.copy_(1.0 + noise if 'norm' in name.lower() and name.endswith('weight') else noise)
-  return model.eval()
-
-
 @pytest.fixture(scope='module')
 def hf_dirs(tmp_path_factory):
   out = {}
@@ -55,7 +44,7 @@ def hf_dirs(tmp_path_factory):
     config = config_cls(vision_config=VISION, qformer_config=QFORMER, text_config=text,
                         num_query_tokens=QUERIES, image_token_index=IMAGE_TOKEN)
     torch.manual_seed(i)
-    model = _randomise(model_cls(config), i)
+    model = vlm_util.randomise(model_cls(config), i)
     path = tmp_path_factory.mktemp(case)
     model.save_pretrained(path)
     out[case] = (path, model)

@@ -15,7 +15,8 @@ from unifer_jax.data import tokenizer as tokenizer_lib
 
 
 
-def _randomise(model, seed):
+def randomise(model, seed):
+  """Every parameter drawn (HF's zero biases and unit norms would hide a swapped one)."""
   g = torch.Generator().manual_seed(seed)
   with torch.no_grad():
     for name, p in model.named_parameters():
@@ -51,7 +52,7 @@ def instructblip_dir(root: Path, image_size: int = 32, seed: int = 0) -> Path:
                        pad_token_id=tok.pad_id, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id),
       num_query_tokens=4, image_token_index=tok.vocab_size)
   torch.manual_seed(seed)
-  _randomise(T.InstructBlipForConditionalGeneration(config), seed).save_pretrained(root)
+  randomise(T.InstructBlipForConditionalGeneration(config), seed).save_pretrained(root)
   (root / 'preprocessor_config.json').write_text(json.dumps(dict(
       image_processor_type='BlipImageProcessor', size=dict(height=image_size, width=image_size),
       image_mean=list(augment.CLIP_MEAN), image_std=list(augment.CLIP_STD), do_normalize=True,

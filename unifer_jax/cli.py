@@ -6,7 +6,6 @@ A subcommand that is not built yet says so and exits 2; it never fakes output.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 # Subcommands announced but not built yet: name -> where they are tracked (none now).

@@ -52,7 +52,6 @@ KV cache (a dict; passed in and returned, so it works under ``jax.jit``)::
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
