@@ -5,6 +5,7 @@ what no HF class can hold is refused by name."""
 
 import json
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -186,3 +187,40 @@ def test_stray_tensors_are_named(hf_dirs, tmp_path):
   (tmp_path / 'config.json').write_text((path / 'config.json').read_text())
   with pytest.raises(hf_io.ConversionError, match='itm_head.weight'):
     convert.load_hf(tmp_path)
+
+
+@pytest.mark.parametrize('converted', [False, True])
+def test_config_init_vlm_loads_every_weight_into_the_train_model(converted, hf_dirs, tmp_path):
+  """``config.init.vlm``: the train model takes the VLM's architecture (with the run's own
+  scan setting and LoRA) and every weight of the HF or converted directory; only the
+  adapters and the stage-1 heads stay fresh."""
+  import ml_collections
+  from flax import traverse_util
+  from unifer_jax.convert import compose
+  hf_path, _ = hf_dirs['instructblip_llama']
+  path = hf_path
+  if converted:
+    commands.from_hf(hf_path, tmp_path / 'ours')
+    path = tmp_path / 'ours'
+  model = presets.get('tiny')
+  model.llm.scan_layers = False     # the run's layout differs from the checkpoint's
+  model.lora.rank = 4
+  init = ml_collections.ConfigDict(dict(vlm=str(path)))
+  cfg = compose.model_config_with_init(model, init)
+  assert cfg.qformer.instruction_aware and cfg.vit.variant == 'blip2'
+  assert not cfg.vision_layernorm and cfg.llm.scan_layers is False
+  abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: unifer_lib.UniFER(
+      cfg, rngs=nnx.Rngs(0))), nnx.Param))
+  params = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract)
+  params, report = compose.apply_init(params, init, cfg)
+  heads = ('vision_proj', 'text_proj', 'itm_head', 'label_head', 'temp')
+  assert report.fresh and all('lora_' in f or f.split('/')[0] in heads for f in report.fresh)
+  want = convert.params_of(convert.load_hf(hf_path))
+  for part in ('vit', 'qformer', 'llm_proj'):
+    got = traverse_util.flatten_dict(params[part])
+    for k, v in traverse_util.flatten_dict(want[part]).items():
+      np.testing.assert_array_equal(got[k], np.asarray(v), err_msg=f'{part}/{k}')
+  # The LLM's stacked layers were unstacked for the run: layer i is llm/layers/i.
+  for i in range(2):
+    np.testing.assert_array_equal(params['llm']['layers'][i]['attn']['q']['kernel'],
+                                  np.asarray(want['llm']['layers']['attn']['q']['kernel'][i]))
