@@ -1,4 +1,4 @@
-"""Whole BLIP-2 (Llama, OPT) and InstructBLIP (Llama) checkpoints <-> the UniFER model:
+"""Whole BLIP-2 (Llama, OPT, Qwen2) and InstructBLIP (Llama) checkpoints <-> the UniFER model:
 logits over [image prefix; text] equal HF's (padding included), greedy generation equals
 HF ``generate``, from-hf -> to-hf loads back in transformers with the same logits, and
 what no HF class can hold is refused by name."""
@@ -30,9 +30,11 @@ LLAMA = dict(model_type='llama', vocab_size=VOCAB, hidden_size=40, intermediate_
              max_position_embeddings=64, tie_word_embeddings=False)
 OPT = dict(model_type='opt', vocab_size=VOCAB, hidden_size=40, ffn_dim=64, num_hidden_layers=2,
            num_attention_heads=4, word_embed_proj_dim=40, max_position_embeddings=64)
+QWEN2 = dict(LLAMA, model_type='qwen2', tie_word_embeddings=True)
 CASES = {
     'blip2_llama': (T.Blip2Config, T.Blip2ForConditionalGeneration, LLAMA),
     'blip2_opt': (T.Blip2Config, T.Blip2ForConditionalGeneration, OPT),
+    'blip2_qwen2': (T.Blip2Config, T.Blip2ForConditionalGeneration, QWEN2),
     'instructblip_llama': (T.InstructBlipConfig, T.InstructBlipForConditionalGeneration, LLAMA),
 }
 ATOL = 1e-4
