@@ -105,6 +105,8 @@ def test_logits_equal_hf_with_padding(case, hf_dirs):
   model = convert.load_hf(path)
   assert isinstance(model, unifer_lib.UniFER)
   assert not hasattr(model, 'itm_head')  # only what the checkpoint holds
+  with pytest.raises(ValueError, match='no stage-1 heads'):
+    model.image_embeddings(np.zeros((1, QUERIES, 32), np.float32))
   batch = _batch(0, case.startswith('instructblip'))
   with torch.no_grad():
     want = hf(**_hf_inputs(batch)).logits.numpy()

@@ -123,8 +123,15 @@ class UniFER(nnx.Module):
 
   # -- stage-1 heads -----------------------------------------------------------------
 
+  def _heads(self, what: str) -> None:
+    if not hasattr(self, 'itm_head'):
+      raise ValueError(f'UniFER.{what}: this model has no stage-1 heads (model.stage1_heads='
+                       'False, as a model loaded from BLIP-2 / InstructBLIP): ITC, ITM, the '
+                       'label head and the zero-shot / retrieval evaluators need them')
+
   def image_embeddings(self, queries: jax.Array) -> jax.Array:
     """ITC image side: per-query normalised embeddings [B, Q, E]."""
+    self._heads('image_embeddings')
     return _l2_normalize(self.vision_proj(queries))
 
   def text_embedding(self, text_states: jax.Array, text_mask: jax.Array | None = None):
@@ -134,6 +141,7 @@ class UniFER(nnx.Module):
     nearly the same vector (its own embedding dominates a near-uniform attention), so
     ITC sees equal texts, the image side gets no gradient, and both sides stay collapsed
     (sentence-transformers pool the same way)."""
+    self._heads('text_embedding')
     if self.cfg.get('text_pool', 'cls') == 'mean':
       w = (jnp.ones(text_states.shape[:2]) if text_mask is None else text_mask)
       w = w.astype(jnp.float32)[..., None]
@@ -144,11 +152,13 @@ class UniFER(nnx.Module):
 
   def label_logits(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(basic [B, 8], compound [B, 11]) logits from the mean of the image queries."""
+    self._heads('label_logits')
     logits = self.label_head(self.image_queries(images).mean(axis=1)).astype(jnp.float32)
     return logits[:, :len(labels.BASIC)], logits[:, len(labels.BASIC):]
 
   def itm_logits(self, match_queries: jax.Array) -> jax.Array:
     """ITM: mean over queries of the 2-way head, as BLIP-2 does: [B, 2]."""
+    self._heads('itm_logits')
     return self.itm_head(match_queries).astype(jnp.float32).mean(axis=1)
 
 
