@@ -4,10 +4,14 @@
   python benchmarks/convert_memory.py --vlm configs/hf/instructblip-vicuna-7b [--dir DIR]
 
 ``--vlm CONFIG_DIR``: a random bf16 checkpoint of that whole BLIP-2 / InstructBLIP shape
-(InstructBLIP-Vicuna-7B: 7.95 B parameters, 15.9 GB, in 2 GB shards), converted with
-`unifer convert from-hf` and back with `to-hf` in fresh processes. Both go one part at a
-time (convert/vlm.py), so the peak should be about the largest part (the LLM, 13.5 GB)
-plus one output shard, not the whole model. Needs ~50 GB of disk.
+(InstructBLIP-Vicuna-7B: 7.95 B parameters, 15.8 GB in 8 shards of 2 GB; parts vit 1.97,
+qformer 0.37, llm 13.48 GB), converted with `unifer convert from-hf` and back with `to-hf`
+in fresh processes, one part at a time (convert/vlm.py). The goal is a peak of about the
+largest part plus one shard. Needs ~50 GB of disk; writing the checkpoint took 18 min.
+Today (2026-12-07, a loaded 24 GB 2-core box): reading the LLM part alone peaks at
+13.86 GB (1.01x the part), but from-hf was OOM-killed at 17.8 GB of anonymous memory
+while orbax wrote that part, an extra 4.3 GB not yet explained (an isolated orbax save of
+5.8 GB of numpy bf16 arrays adds 0.09 GB).
 
 Writes a random bf16 Llama-shaped checkpoint (safetensors shards + index, like HF's
 ``save_pretrained(max_shard_size=...)``), then in fresh processes (so each peak is its
