@@ -10,8 +10,9 @@ in fresh processes, one part at a time (convert/vlm.py). The goal is a peak of a
 largest part plus one shard. Needs ~50 GB of disk; writing the checkpoint took 18 min.
 Today (2026-12-07, a loaded 24 GB 2-core box): reading the LLM part alone peaks at
 13.86 GB (1.01x the part), but from-hf was OOM-killed at 17.8 GB of anonymous memory
-while orbax wrote that part, an extra 4.3 GB not yet explained (an isolated orbax save of
-5.8 GB of numpy bf16 arrays adds 0.09 GB).
+while orbax wrote that part: saving the part's nine multi-GB leaves at once took anonymous
+memory from 13.3 to 17.0 GB and back (an isolated save of two 2.9 GB arrays adds 0.09 GB;
+`save_concurrent_gb=1` hangs on leaves larger than 1 GB). Not yet within the goal.
 
 Writes a random bf16 Llama-shaped checkpoint (safetensors shards + index, like HF's
 ``save_pretrained(max_shard_size=...)``), then in fresh processes (so each peak is its
