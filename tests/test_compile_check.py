@@ -1,9 +1,11 @@
 """`unifer compile-check`: the real train step compiled for a TPU topology on this CPU box.
 
-Two real compiles (libtpu, deviceless) of the tiny preset on v5e:2x2: the generative step
+Real compiles (libtpu, deviceless) of the tiny preset on v5e:2x2: the generative step
 under FSDP with an HBM too small (exit 1, the report's fields), and the text-only step
-data-parallel (exit 0). Plus product-name mapping checked against libtpu itself, and the
-FLOP counter against hand-counted programs.
+data-parallel (exit 0), on one slice and on two (cross-slice bytes apart); the text-only
+step for 2 H100s (the CUDA PJRT plugin of the gpu-aot extra, which `make test` installs).
+Plus product-name mapping checked against libtpu itself, and the FLOP, collective and
+DCN counters against hand-counted programs.
 """
 
 import json
@@ -174,6 +176,19 @@ def test_data_parallel_text_step_fits_exit_0(tmp_path, capsys):
   # Pure data parallelism: replicated weights, so no gathers; gradients are all-reduced.
   assert r['collectives']['all-gather']['ops'] == 0 and r['collectives']['all-reduce']['ops'] > 0
   assert r['param_bytes'] == 4 * r['params']  # every f32 weight whole on each device
+
+
+def test_gpu_target_compiles_with_the_cuda_plugin(tmp_path):
+  out = tmp_path / 'r.json'
+  assert cli.main(['compile-check', '--config', 'configs/smoke.py:tiny', '--topology', 'h100x2',
+                   '--config.stage=lm', '--json', str(out)]) == 0
+  r = json.loads(out.read_text())
+  assert (r['platform'], r['chip'], r['devices'], r['hosts']) == ('cuda', 'NVIDIA H100 SXM 80GB', 2, 1)
+  assert r['fits'] and r['hbm_bytes'] == 80 * aot_targets.GiB and r['peak_bytes'] > 0
+  assert r['xla_flops'] is None and r['model_flops'] > 0  # the GPU path has no cost analysis
+  # Data parallel over 2 GPUs: the (trained) gradients are all-reduced, nothing gathered.
+  assert 0 < r['collectives']['all-reduce']['bytes'] <= r['param_bytes']
+  assert r['collectives']['all-gather']['ops'] == 0
 
 
 # -- multislice ----------------------------------------------------------------------
