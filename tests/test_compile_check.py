@@ -113,6 +113,29 @@ def test_collective_stats_multiply_loop_bodies_by_their_trip_count():
   assert stats['all-reduce']['runs'] == 1  # the final sum, outside the loop
 
 
+def test_hbm_bytes_count_a_scanned_layers_weights_once_per_layer():
+  device = aot_targets.topology_devices(aot_targets.resolve_topology('v5e:2x2'))[0]
+  layers, width = 6, 2048
+
+  def stack(x, ws):
+    return jax.lax.scan(lambda c, w: (jnp.tanh(c @ w), None), x, ws)[0]
+
+  one = jax.sharding.SingleDeviceSharding(device)
+  x = jax.ShapeDtypeStruct((width, width), jnp.bfloat16, sharding=one)
+  ws = jax.ShapeDtypeStruct((layers, width, width), jnp.bfloat16, sharding=one)
+  program = hlo_stats.Program(jax.jit(stack).lower(x, ws).compile().as_text())
+  total, biggest = hlo_stats.hbm_bytes(program)
+  layer = width * width * 2  # one layer's weight (and the activation: same shape)
+  # Each layer's matmul fusion reads its own [width, width] slice of the [6, ...] stack
+  # (not the whole stack, which a naive count of the fusion's operand would give: 6x);
+  # the activation stays in on-chip memory (S(1)) after one copy in.
+  assert biggest[0][1] == 'fusion' and biggest[0][0] == layers * layer
+  assert layers * layer < total <= layers * layer + 3 * layer
+  # The compiled program's own placement beats the jaxpr estimate (operands and result of
+  # each matmul from HBM) here: that one would say 3 x 6 layers.
+  assert step_cost.matmul_cost(jax.make_jaxpr(stack)(x, ws))[1] == 3 * layers * layer
+
+
 @pytest.fixture(scope='module')
 def fsdp_tiny_hbm(tmp_path_factory):
   """`unifer compile-check` of tiny under FSDP over 4 v5e chips, with 0.01 GiB of HBM."""
@@ -133,7 +156,7 @@ def test_fsdp_report_fields(fsdp_tiny_hbm):
   assert r['mesh'] == {'data': 1, 'fsdp': 4, 'tensor': 1} and r['devices'] == 4
   assert r['chip'] == 'TPU v5e' and r['platform'] == 'tpu'
   for key in ('param_bytes', 'opt_bytes', 'argument_bytes', 'output_bytes', 'temp_bytes',
-              'peak_bytes', 'model_flops', 'executed_flops', 'hbm_traffic_bytes',
+              'peak_bytes', 'model_flops', 'executed_flops', 'hbm_traffic_bytes', 'jaxpr_hbm_bytes',
               'step_time_s', 'mfu', 'compile_s'):
     assert r[key] > 0, key
   # FSDP: each device holds a quarter of the sharded weights (f32), small ones replicated.
