@@ -18,7 +18,6 @@ import jax
 import numpy as np
 
 from unifer_jax import sharding
-from unifer_jax.train import losses
 from unifer_jax.train import state as state_lib, step as step_lib
 
 
@@ -33,7 +32,9 @@ class StepCost:
 def trace_step(config, mesh, batch_spec: dict):
   """(Setup, the traced jitted train step) for ``config`` on ``mesh``."""
   setup = state_lib.build(config, mesh)
-  jitted = step_lib.compile_step(setup, losses.get(config.stage, config), batch_spec)
+  # The step's batch (grpo: rollouts) as the stage makes it from the input's.
+  batch_spec = setup.stage.step_batch_spec(batch_spec)
+  jitted = step_lib.compile_step(setup, setup.stage.loss(), batch_spec)
   return setup, jitted.trace(*step_lib.abstract_args(setup, batch_spec))
 
 
