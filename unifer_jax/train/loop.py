@@ -61,8 +61,12 @@ def train(config, workdir: str | Path) -> dict:
   # ------------------------------------------------------------------------------ #
   mesh = sharding.make_mesh(config.mesh)
   if main:
+    _, dcn, granule = sharding.hybrid_shape(config.mesh, jax.devices())
+    spans = {a: n for a, n in zip(sharding.MESH_AXES, dcn) if n > 1}
     print(f'mesh {dict(mesh.shape)} over {jax.device_count()} devices, '
-          f'{jax.process_count()} process(es)', flush=True)
+          f'{jax.process_count()} process(es)'
+          + (f'; across {"slices" if granule == "slice" else "processes"} (DCN): {spans}'
+             if spans else ''), flush=True)
 
   # ------------------------------------------------------------------------------ #
   # Model, optimizer and their shardings (shared with compile-check)               #
