@@ -136,6 +136,23 @@ def test_hbm_bytes_count_a_scanned_layers_weights_once_per_layer():
   assert step_cost.matmul_cost(jax.make_jaxpr(stack)(x, ws))[1] == 3 * layers * layer
 
 
+def test_a_conditional_counts_its_costliest_branch():
+  devices = aot_targets.topology_devices(aot_targets.resolve_topology('v5e:2x2'))
+  mesh = Mesh(np.array(devices), ('x',))
+
+  def f(n, x):  # each branch sums a different number of columns over the sharded rows
+    part = lambda k: lambda x: jnp.zeros(512).at[:k].set(x[:, :k].sum(0))
+    return jax.lax.switch(n, [lambda x: x.sum(0), part(8), part(4)], x)
+
+  x = jax.ShapeDtypeStruct((1024, 512), jnp.float32, sharding=NamedSharding(mesh, P('x')))
+  n = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P()))
+  hlo = jax.jit(f, out_shardings=NamedSharding(mesh, P())).lower(n, x).compile().as_text()
+  stats, biggest = hlo_stats.collective_stats(hlo)
+  # One branch runs: its all-reduce of 512 floats, not all three branches' (512 + 8 + 4).
+  assert stats['all-reduce'] == {'ops': 1, 'runs': 1, 'bytes': 512 * 4}
+  assert 'branch_0' in biggest[0][3]
+
+
 @pytest.fixture(scope='module')
 def fsdp_tiny_hbm(tmp_path_factory):
   """`unifer compile-check` of tiny under FSDP over 4 v5e chips, with 0.01 GiB of HBM."""
