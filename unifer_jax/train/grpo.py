@@ -212,6 +212,8 @@ class GRPOStage(stages.Stage):
   def before_step(self, state, local, step, extra, next_local):
     del extra
     g, cfg = self.settings.group_size, self.config.grpo
+    if step == 0 and self.reference == 'adapters_off':
+      _check_fresh_adapters(state['params'])
     jax.block_until_ready(state['params'])   # the previous update is not rollout time
     start = time.monotonic()
     rounds = [self._score(self._sample(state, local, step, 0))]
@@ -257,6 +259,18 @@ class GRPOStage(stages.Stage):
         f'reward_{n}' for n in rewards_lib.REWARDS if n not in ('answer', 'format'))
     plots.metric_curves(workdir / 'metrics.jsonl', workdir / 'reward_curves.png', keys,
                         'grpo: rewards on the rollouts (train/rewards.py)')
+
+
+def _check_fresh_adapters(params) -> None:
+  """'adapters_off' takes the model without adapters as the reference: right only if the
+  warm start's adapters were fresh (lora_b = 0), not an instruct stage's trained ones."""
+  trained = [k for k, v in optim.flat(params).items()
+             if k.endswith('lora_b') and bool(jnp.any(v != 0))]
+  if trained:
+    raise ValueError(f"config.grpo.reference='adapters_off' but the warm start's LoRA "
+                     f"adapters are trained ({trained[0]} != 0): the reference would drop "
+                     f"them. Use reference='initial' (a frozen copy of the start) or another "
+                     f"config.model.lora.rank (fresh adapters)")
 
 
 def _any_process(flag: bool) -> bool:
