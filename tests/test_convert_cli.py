@@ -202,6 +202,17 @@ def test_errors_are_named_with_exit_code_2(hf_dirs, tmp_path, capsys, monkeypatc
   assert unifer('from-hf', '--src', hf_dirs['llm'][0], '--out', bad) == 2
   assert 'exists and is not empty' in capsys.readouterr().err
 
+  # A converted directory whose config.json no longer matches its params: named before
+  # anything is read.
+  assert unifer('from-hf', '--src', hf_dirs['llm'][0], '--out', tmp_path / 'l') == 0
+  meta = json.loads((tmp_path / 'l' / 'config.json').read_text())
+  meta['config']['mlp_dim'] += 1
+  (tmp_path / 'l' / 'config.json').write_text(json.dumps(meta))
+  assert unifer('to-hf', '--src', tmp_path / 'l', '--out', tmp_path / 'lb') == 2
+  err = capsys.readouterr().err
+  assert 'l/params (orbax params): the checkpoint does not match' in err
+  assert 'shape mismatch' in err and 'Traceback' not in err
+
   # check compares like with like, and needs torch (the reference) -- said, exit 2.
   assert unifer('from-hf', '--src', hf_dirs['vision'][0], '--out', tmp_path / 'v') == 0
   assert unifer('check', '--hf', hf_dirs['llm'][0], '--src', tmp_path / 'v') == 2
@@ -210,3 +221,9 @@ def test_errors_are_named_with_exit_code_2(hf_dirs, tmp_path, capsys, monkeypatc
   assert unifer('check', '--hf', hf_dirs['vision'][0], '--src', tmp_path / 'v') == 2
   err = capsys.readouterr().err
   assert 'torch is not importable' in err and "pip install -e '.[test]'" in err
+
+
+def test_leaf_groups_cut_at_the_byte_budget_and_keep_a_big_leaf_alone():
+  leaf = lambda n: np.zeros(n, np.uint8)
+  flat = {'a': leaf(40), 'b': leaf(50), 'c': leaf(200), 'd': leaf(10), 'e': leaf(90)}
+  assert commands.leaf_groups(flat, max_bytes=100) == [['a', 'b'], ['c'], ['d', 'e']]

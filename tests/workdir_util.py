@@ -4,7 +4,7 @@ saves it: for the evaluator, `unifer predict` and `unifer serve --backend full` 
 ``instruct_workdir(root)`` writes a 120-face corpus (``root/data``), its BPE
 (``root/tok``) and ``root/instruct``: config.json + two checkpoints of the tiny preset
 (steps 1 and 2, two random initialisations; LoRA adapters of rank ``lora_rank``, 0 =
-none)."""
+none). ``ferbench_items(workdir)`` writes the corpus' test faces as a FERBench item file."""
 
 from pathlib import Path
 
@@ -57,3 +57,15 @@ def instruct_workdir(root: Path, lora_rank: int = 2) -> dict:
         {'input': {}}, {}, force=True)
   ckpt.close()
   return dict(root=root, workdir=w, config=config, setup=setup)
+
+
+def ferbench_items(workdir: dict) -> dict:
+  """The corpus' test faces as a FERBench-format item file + PNGs under ROOT/ferbench:
+  {'items': path, 'image_root': folder, 'n': items}."""
+  import json  # pylint: disable=g-import-not-at-top
+  from unifer_jax.evaluators import data as eval_data, eval_sets, model_io
+  model = model_io.load(workdir['workdir'], 1)
+  split = eval_data.load_split(model.input_cfg, 'test', model.image_size)
+  out = workdir['root'] / 'ferbench'
+  path = eval_sets.write_ferbench_items(split, str(out), 'rafdb')
+  return dict(items=path, image_root=str(out), n=len(json.loads(Path(path).read_text())))

@@ -12,11 +12,11 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from unifer_jax.data import instructions
+from unifer_jax.evaluators import item_shards
 from unifer_jax.models import unifer as unifer_lib
 
 # Task -> the label key that decides which records can be asked, and new-token budget.
@@ -41,21 +41,21 @@ def _generate(params, images, prompt_ids, qformer, *, graphdef, max_new: int, eo
 def answers(graphdef, params, images: np.ndarray, task: str, tok, batch_size: int = 64,
             qformer_text=None) -> list[str]:
   """Greedy answers of the model to `task`'s prompt for each image; ``qformer_text``
-  (``model_io.Model.qformer_text``) gives an instruction-aware Q-Former the prompt."""
+  (``model_io.Model.qformer_text``) gives an instruction-aware Q-Former the prompt. The
+  images are split over the processes of the mesh ``params`` live on (item_shards)."""
   message = instructions.prompt_for(task)
   prompt = np.asarray(tok.prompt_ids(message), np.int32)
-  qformer = qformer_text([message] * batch_size) if qformer_text is not None else None
-  max_new = TASKS[task][1]
+  n = len(images)
+  arrays = [images, np.broadcast_to(prompt, (n, len(prompt)))]
+  if qformer_text is not None:
+    arrays += list(qformer_text([message] * n))
+  mesh = item_shards.mesh_of(params)
   out = []
-  for start in range(0, len(images), batch_size):
-    chunk = images[start:start + batch_size]
-    n = len(chunk)
-    if n < batch_size:  # one compiled shape: pad the last batch by repetition
-      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - n, axis=0)])
-    ids = np.broadcast_to(prompt, (batch_size, len(prompt)))
-    tokens = np.asarray(_generate(params, jnp.asarray(chunk), jnp.asarray(ids), qformer,
-                                  graphdef=graphdef, max_new=max_new, eos_id=tok.eos_id))
-    out += [tok.decode(t) for t in tokens[:n]]
+  for batch in item_shards.batches(arrays, batch_size, mesh):
+    chunk, ids, *q = batch.arrays
+    tokens = _generate(params, chunk, ids, tuple(q) or None, graphdef=graphdef,
+                       max_new=TASKS[task][1], eos_id=tok.eos_id)
+    out += [tok.decode(t) for t in batch.results(tokens)]
   return out
 
 

@@ -134,15 +134,11 @@ def train(config, workdir: str | Path) -> dict:
   # ------------------------------------------------------------------------------ #
   # Evals (config.evals, each every_steps; results in metrics.jsonl)               #
   # ------------------------------------------------------------------------------ #
+  # Every process runs them, each scoring its share of the items (evaluators/item_shards).
   evals = None
   if len(config.get('evals') or {}):
-    if multi_process:
-      if main:
-        print('config.evals: skipped in multi-process runs (run `unifer eval` on the '
-              'checkpoints)', flush=True)
-    else:
-      from unifer_jax.evaluators import registry as eval_registry  # pylint: disable=g-import-not-at-top
-      evals = eval_registry.InTraining(config, setup, workdir)
+    from unifer_jax.evaluators import registry as eval_registry  # pylint: disable=g-import-not-at-top
+    evals = eval_registry.InTraining(config, setup, workdir)
 
   def save(step: int, force: bool = False):
     checkpointer.save(step, state, {'input': data.get_state()}, config_json, force=force)
