@@ -51,20 +51,8 @@ def answer_reward(completion: str, p: Prompt) -> float | None:
   return float(ferbench.extract_label(completion, p.candidates, 'rafdb') == p.answer)
 
 
-_TAGS = ('<think>', '</think>', '<answer>', '</answer>')
-_THINK_FORMAT = re.compile(r'\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*', re.DOTALL)
-_ANSWER_FORMAT = re.compile(r'\s*<answer>(.*?)</answer>\s*', re.DOTALL)
-
-
 def format_reward(completion: str, p: Prompt) -> float:
-  counts = [completion.count(t) for t in _TAGS]
-  if p.think:
-    m = _THINK_FORMAT.fullmatch(completion)
-    ok = m is not None and counts == [1, 1, 1, 1] and all(g.strip() for g in m.groups())
-  else:
-    m = _ANSWER_FORMAT.fullmatch(completion)
-    ok = m is not None and counts == [0, 0, 1, 1] and bool(m.group(1).strip())
-  return float(ok)
+  return float(answers.is_well_formed(completion, p.think))
 
 
 def _named_aus(text: str) -> set:
