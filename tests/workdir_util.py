@@ -3,8 +3,8 @@ saves it: for the evaluator, `unifer predict` and `unifer serve --backend full` 
 
 ``instruct_workdir(root)`` writes a 120-face corpus (``root/data``), its BPE
 (``root/tok``) and ``root/instruct``: config.json + two checkpoints of the tiny preset
-(steps 1 and 2, two random initialisations). ``ferbench_items(workdir)`` writes the
-corpus' test faces as a FERBench item file."""
+(steps 1 and 2, two random initialisations; LoRA adapters of rank ``lora_rank``, 0 =
+none). ``ferbench_items(workdir)`` writes the corpus' test faces as a FERBench item file."""
 
 from pathlib import Path
 
@@ -29,7 +29,7 @@ def _random_leaf(path, a, rng):
   return (rng.normal(size=a.shape) * 0.05).astype(a.dtype)
 
 
-def instruct_workdir(root: Path) -> dict:
+def instruct_workdir(root: Path, lora_rank: int = 2) -> dict:
   from data_prep import synthetic_faces as sf
   from unifer_jax.data import tokenizer as tok_lib
   from unifer_jax.train import checkpoint as ckpt_lib, state as state_lib
@@ -40,7 +40,7 @@ def instruct_workdir(root: Path) -> dict:
       f'--config.input.data_dir={root / "data"}', f'--config.input.tokenizer={root / "tok"}',
       '--config.input.seq_len=96', '--config.input.text_len=48',
       '--config.model.llm.vocab_size=512', '--config.model.qformer.vocab_size=512',
-      '--config.model.llm.max_seq_len=320', '--config.model.lora.rank=2',
+      '--config.model.llm.max_seq_len=320', f'--config.model.lora.rank={lora_rank}',
       '--config.checkpoint.async_save=False'])
   w = root / 'instruct'
   w.mkdir()
