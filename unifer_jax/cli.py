@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument('--config', required=True, help='configs/X.py[:arg]; then --config.key=value ...')
   s.add_argument('--topology', required=True,
                  help='v5p-128 | v5p:4x4x4 | v5e-16 | v6e-64 | v4-32 | h100x8 | gpu:h100x16 ...')
+  s.add_argument('--num_slices', type=int, default=1,
+                 help='TPU multislice: this many slices of --topology joined by the data-centre '
+                 'network (config.mesh.dcn says which axes span them; default data parallel)')
   s.add_argument('--hbm_gib', type=float, help='override the HBM per device (GiB)')
   s.add_argument('--hlo', help='write the compiled HLO text to this file')
   s.add_argument('--json', help='write the report as JSON to this file')

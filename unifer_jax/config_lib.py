@@ -38,7 +38,8 @@ def base(model: str = 'tiny') -> ml_collections.ConfigDict:
   # Pretrained towers (HF dirs or converted checkpoints), a whole pretrained VLM (BLIP-2 /
   # InstructBLIP) and/or an earlier stage's workdir.
   c.init = dict(vlm='', vision='', qformer='', llm='', checkpoint='')
-  c.mesh = dict(data=-1, fsdp=1, tensor=1)
+  # Axis sizes inside one slice; dcn: how many slices each spans (sharding.py).
+  c.mesh = dict(data=-1, fsdp=1, tensor=1, dcn=dict(sharding.DEFAULT_DCN))
   c.sharding = dict(rules=[list(r) for r in sharding.DEFAULT_RULES])
   c.compute_dtype = ''  # '' = the model config's own; 'bfloat16' switches every tower
   c.remat = ''  # '' = the model config's own; 'full' | 'dots' | ... for every tower

@@ -2,7 +2,9 @@
 
 Reads top to bottom: distributed -> workdir -> mesh -> input -> model state (init or
 resume) -> step -> checkpointing and preemption -> loop. ``unifer train`` calls
-:func:`train`.
+:func:`train`. What a stage adds (an input adapter, frozen extra step inputs, a per-step
+hook such as grpo's rollouts) comes through ``setup.stage`` (train/stages.py); nothing
+here names a stage.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from jax.experimental import multihost_utils
 from unifer_jax import config_lib, distributed, sharding
 from unifer_jax.data import inputs as inputs_lib
 from unifer_jax.train import checkpoint as ckpt_lib
-from unifer_jax.train import losses, metrics as metrics_lib
-from unifer_jax.train import state as state_lib, step as step_lib, step_cost, teacher_targets
+from unifer_jax.train import metrics as metrics_lib
+from unifer_jax.train import state as state_lib, step as step_lib, step_cost
 
 
 class NonFiniteLossError(RuntimeError):
@@ -66,14 +68,12 @@ def train(config, workdir: str | Path) -> dict:
   # Model, optimizer and their shardings (shared with compile-check)               #
   # ------------------------------------------------------------------------------ #
   setup = state_lib.build(config, mesh)
+  stage = setup.stage
 
   # ------------------------------------------------------------------------------ #
   # Input                                                                           #
   # ------------------------------------------------------------------------------ #
-  data = inputs_lib.make_input(config, setup.model_cfg)
-  if config.get('distill') and config.distill.get('targets') == 'cached':
-    data = teacher_targets.CachedTargetsInput(data, teacher_targets.load_or_compute(config,
-                                                                                    workdir))
+  data = stage.adapt_input(inputs_lib.make_input(config, setup.model_cfg), workdir)
 
   # ------------------------------------------------------------------------------ #
   # Checkpoint: resume or initialise                                                #
@@ -99,13 +99,14 @@ def train(config, workdir: str | Path) -> dict:
   # ------------------------------------------------------------------------------ #
   # Step                                                                            #
   # ------------------------------------------------------------------------------ #
-  loss_fn = losses.get(config.stage, config)
-  batch_spec = data.batch_spec()
+  loss_fn = stage.loss()
+  batch_spec = stage.step_batch_spec(data.batch_spec())
   train_step = step_lib.compile_step(setup, loss_fn, batch_spec)
   traced = train_step.trace(*step_lib.abstract_args(setup, batch_spec))
   compiled = traced.lower().compile()
-  # Distill: the frozen teacher (params + label prompts) is the step's extra input.
-  teacher_inputs = () if setup.teacher is None else (setup.teacher.load(),)
+  # Frozen extra step inputs of the stage (distill: the teacher's params + label prompts).
+  extra = stage.load_extra()
+  extra_inputs = () if extra is None else (extra,)
   # Model FLOPs from the step's jaxpr, scanned layers counted per layer (XLA's cost
   # analysis counts a loop body once).
   flops_per_device = step_cost.step_flops(config, mesh, batch_spec, traced).model_flops / mesh.size
@@ -151,16 +152,20 @@ def train(config, workdir: str | Path) -> dict:
   step = first_step
   try:
     while step < config.total_steps:
-      batch = inputs_lib.to_global(data.next_local_batch(), mesh)
-      state, step_metrics = compiled(state, batch, rng, *teacher_inputs)
+      local, host_metrics = data.next_local_batch(), {}
+      if stage.has_hook:   # e.g. rollouts: the step's batch is made from the input's rows
+        batch, host_metrics = stage.before_step(state, local, step, extra, data.next_local_batch)
+      else:
+        batch = inputs_lib.to_global(local, mesh)
+      state, step_metrics = compiled(state, batch, rng, *extra_inputs)
       step += 1
-      pending.append((step, step_metrics))
+      pending.append((step, step_metrics, host_metrics))
 
       if step % config.log_every_steps == 0 or step == config.total_steps:
         fetched = jax.device_get(pending)
         elapsed = time.monotonic() - interval_start
         per_step = elapsed / len(fetched)
-        for s, m in fetched:
+        for s, m, host in fetched:
           if not m['finite']:
             bad = [leaf_names[i] for i, ok in enumerate(m['grad_leaf_finite']) if not ok]
             msg = (f'step {s}: non-finite loss/gradients (loss={float(m["loss"])}); first '
@@ -175,6 +180,7 @@ def train(config, workdir: str | Path) -> dict:
                         tokens_per_s=tokens_per_batch / per_step)
           if flops_per_device and peak == peak:
             record['mfu'] = flops_per_device / per_step / peak
+          record = stage.log_record({**record, **host})
           writer.write(s, record)
           last = {'step': s, **record}
         writer.progress(step, last)
@@ -195,6 +201,8 @@ def train(config, workdir: str | Path) -> dict:
         if main:
           print(f'preempted (SIGTERM): saved step {step}, exiting', flush=True)
         raise Preempted(workdir, step)
+    if main:
+      stage.finish(workdir)
   finally:
     checkpointer.close()
     writer.close()
