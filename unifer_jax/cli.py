@@ -35,9 +35,10 @@ def _params(args) -> int:
 
 def _train(args, overrides) -> int:
   from unifer_jax import config_lib, distributed
-  distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-  from unifer_jax.train import loop
   config = config_lib.load(args.config, overrides)
+  distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                         peer_timeout_s=config.get('peer_timeout_s'))
+  from unifer_jax.train import loop
   try:
     loop.train(config, args.workdir)
   except loop.Preempted:

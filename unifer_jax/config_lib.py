@@ -50,6 +50,9 @@ def base(model: str = 'tiny') -> ml_collections.ConfigDict:
   c.schedule = dict(name='cosine', peak_lr=1e-3, warmup_steps=10, end_lr_ratio=0.1)
   c.freeze = ''  # regex over parameter paths; matching parameters get no updates
   c.nan_policy = 'skip'  # 'skip' the step or 'stop' with the offending leaf named
+  # Multi-process: a dead or hung peer stops the others within this many seconds (exit
+  # code 75, the lost process named; peer_watch.py).
+  c.peer_timeout_s = 180.0
   c.evals = {}
   return c
 

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from unifer_jax import config_lib, distributed, sharding
+from unifer_jax import config_lib, distributed, peer_watch, sharding
 from unifer_jax.data import inputs as inputs_lib
 from unifer_jax.train import checkpoint as ckpt_lib
 from unifer_jax.train import metrics as metrics_lib
@@ -48,7 +48,7 @@ def train(config, workdir: str | Path) -> dict:
   # ------------------------------------------------------------------------------ #
   # Distributed and workdir                                                         #
   # ------------------------------------------------------------------------------ #
-  distributed.initialize()
+  distributed.initialize(peer_timeout_s=config.get('peer_timeout_s'))
   main = distributed.is_main()
   workdir = Path(workdir).absolute()
   if main:
@@ -156,6 +156,7 @@ def train(config, workdir: str | Path) -> dict:
   step = first_step
   try:
     while step < config.total_steps:
+      peer_watch.progress(step + 1)   # the step this process is about to run
       local, host_metrics = data.next_local_batch(), {}
       if stage.has_hook:   # e.g. rollouts: the step's batch is made from the input's rows
         batch, host_metrics = stage.before_step(state, local, step, extra, data.next_local_batch)
