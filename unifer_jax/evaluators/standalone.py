@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 
 def main(args, overrides) -> int:
-  from unifer_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from unifer_jax import config_lib, workdirs  # pylint: disable=g-import-not-at-top
   from unifer_jax.evaluators import model_io, registry, report  # pylint: disable=g-import-not-at-top
-  workdir = Path(args.workdir)
+  workdir = workdirs.path(args.workdir)   # a folder or a URL (gs://BUCKET/run)
   try:
     train_cfg = model_io.read_config(workdir)
   except FileNotFoundError as e:

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from unifer_jax import config_lib, distributed, sharding
+from unifer_jax import config_lib, distributed, sharding, workdirs
 from unifer_jax.data import inputs as inputs_lib
 from unifer_jax.train import checkpoint as ckpt_lib
 from unifer_jax.train import losses, metrics as metrics_lib
@@ -48,10 +48,9 @@ def train(config, workdir: str | Path) -> dict:
   # ------------------------------------------------------------------------------ #
   distributed.initialize()
   main = distributed.is_main()
-  workdir = Path(workdir).absolute()
+  workdir = workdirs.path(workdir)   # a local folder or a URL (gs://BUCKET/run)
   if main:
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / 'config.json').write_text(config_lib.to_json(config))
   writer = metrics_lib.MetricWriter(workdir, config.total_steps, enabled=main)
 
   # ------------------------------------------------------------------------------ #
@@ -71,6 +70,8 @@ def train(config, workdir: str | Path) -> dict:
   # Input                                                                           #
   # ------------------------------------------------------------------------------ #
   data = inputs_lib.make_input(config, setup.model_cfg)
+  if main:   # after the input: a tokenizer it trained is there to copy into the workdir
+    workdirs.save_config(config, workdir)
   if config.get('distill') and config.distill.get('targets') == 'cached':
     data = teacher_targets.CachedTargetsInput(data, teacher_targets.load_or_compute(config,
                                                                                     workdir))
