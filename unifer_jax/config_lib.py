@@ -50,6 +50,9 @@ def base(model: str = 'tiny') -> ml_collections.ConfigDict:
   c.freeze = ''  # regex over parameter paths; matching parameters get no updates
   c.nan_policy = 'skip'  # 'skip' the step or 'stop' with the offending leaf named
   c.evals = {}
+  # A jax.profiler trace of steps start_step .. start_step + num_steps - 1 into
+  # WORKDIR/tensorboard/plugins/profile (train/profiling.py); num_steps=0: off.
+  c.profile = dict(start_step=0, num_steps=0)
   return c
 
 

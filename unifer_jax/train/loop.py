@@ -19,7 +19,7 @@ from jax.experimental import multihost_utils
 from unifer_jax import config_lib, distributed, sharding, workdirs
 from unifer_jax.data import inputs as inputs_lib
 from unifer_jax.train import checkpoint as ckpt_lib
-from unifer_jax.train import losses, metrics as metrics_lib
+from unifer_jax.train import losses, metrics as metrics_lib, profiling
 from unifer_jax.train import state as state_lib, step as step_lib, step_cost, teacher_targets
 
 
@@ -144,6 +144,9 @@ def train(config, workdir: str | Path) -> dict:
       from unifer_jax.evaluators import registry as eval_registry  # pylint: disable=g-import-not-at-top
       evals = eval_registry.InTraining(config, setup, workdir)
 
+  # A jax.profiler trace of config.profile's steps (process 0; train/profiling.py).
+  profiler = profiling.Profiler(config.get('profile'), workdir, enabled=main)
+
   def save(step: int, force: bool = False):
     checkpointer.save(step, state, {'input': data.get_state()}, config_json, force=force)
 
@@ -156,9 +159,11 @@ def train(config, workdir: str | Path) -> dict:
   step = first_step
   try:
     while step < config.total_steps:
-      batch = inputs_lib.to_global(data.next_local_batch(), mesh)
-      state, step_metrics = compiled(state, batch, rng, *teacher_inputs)
+      with profiler.step(step + 1):
+        batch = inputs_lib.to_global(data.next_local_batch(), mesh)
+        state, step_metrics = compiled(state, batch, rng, *teacher_inputs)
       step += 1
+      profiler.after(step, state)
       pending.append((step, step_metrics))
 
       if step % config.log_every_steps == 0 or step == config.total_steps:
@@ -201,6 +206,7 @@ def train(config, workdir: str | Path) -> dict:
           print(f'preempted (SIGTERM): saved step {step}, exiting', flush=True)
         raise Preempted(workdir, step)
   finally:
+    profiler.close()
     checkpointer.close()
     writer.close()
     if previous_handler is not None:
