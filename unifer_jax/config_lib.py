@@ -54,6 +54,9 @@ def base(model: str = 'tiny') -> ml_collections.ConfigDict:
   # code 75, the lost process named; peer_watch.py).
   c.peer_timeout_s = 180.0
   c.evals = {}
+  # A jax.profiler trace of steps start_step .. start_step + num_steps - 1 into
+  # WORKDIR/tensorboard/plugins/profile (train/profiling.py); num_steps=0: off.
+  c.profile = dict(start_step=0, num_steps=0)
   return c
 
 

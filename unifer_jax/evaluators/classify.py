@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from unifer_jax import workdirs
 from unifer_jax.evaluators import eval_sets, metrics, plots
 
 TEMPLATES = ('a {} face.', 'a face showing {}.', 'a photo of a person with a {} expression.',
@@ -38,7 +39,7 @@ def label_metrics(true, pred, classes, out_dir: Path | None, tag: str, title: st
 def write_missing(data, out_dir: Path | None, tag: str) -> None:
   """The full list of absent images (the notes show the first few)."""
   if data.missing and out_dir is not None:
-    (Path(out_dir) / f'{tag}_missing_images.txt').write_text('\n'.join(data.missing) + '\n')
+    (workdirs.path(out_dir) / f'{tag}_missing_images.txt').write_text('\n'.join(data.missing) + '\n')
 
 
 def calibration_report(logits, true, val_logits, val_true, out_dir, tag, title, bins) -> dict:
