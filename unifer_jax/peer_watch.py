@@ -53,8 +53,10 @@ def start(timeout_s: float) -> None:
     _watch = PeerWatch(jax_distributed.global_state.client, jax.process_index(),
                        jax.process_count(), timeout_s)
     # Registered after jax.distributed's own exit hook, so it runs first: a process that
-    # is done stops watching before it waits at JAX's shutdown barrier for the others.
-    atexit.register(_watch.stop)
+    # is done stops judging before it waits at JAX's shutdown barrier, but goes on
+    # publishing its sign of life -- a peer still writing its report must not take it
+    # for lost.
+    atexit.register(_watch.exiting.set)
 
 
 def progress(marker: int) -> None:
@@ -77,20 +79,18 @@ class PeerWatch:
     self.beats = 0
     self.seen = {p: (None, now) for p in range(count) if p != process}   # value, when it changed
     self.reached = now          # last successful poll of the store
-    self.stopped = threading.Event()
+    self.exiting = threading.Event()
     if thread:   # (tests poll by hand)
       threading.Thread(target=self._run, name='unifer-peer-watch', daemon=True).start()
 
   def progress(self, marker: int) -> None:
     self.marker, self.marker_time = int(marker), time.monotonic()
 
-  def stop(self) -> None:
-    self.stopped.set()
-
   def _run(self) -> None:
-    while not self.stopped.wait(self.poll):
+    while True:
+      time.sleep(self.poll)
       verdict = self.check()
-      if verdict and not self.stopped.is_set():
+      if verdict and not self.exiting.is_set():
         self._exit(verdict)
 
   def check(self) -> str | None:
