@@ -148,6 +148,7 @@ def train(config, workdir: str | Path) -> dict:
   profiler = profiling.Profiler(config.get('profile'), workdir, enabled=main)
 
   def save(step: int, force: bool = False):
+    writer.flush()   # metrics cover every checkpointed step (a gs:// workdir uploads here)
     checkpointer.save(step, state, {'input': data.get_state()}, config_json, force=force)
 
   # ------------------------------------------------------------------------------ #
