@@ -5,7 +5,8 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 HASH   := $(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 # Two install sets: the demo needs the package and the ONNX export; the tests add the
-# reference models (torch), Beam and libtpu (27 s more of the 76 s install, 2026-12-06).
+# reference models (torch), Beam, libtpu (27 s more of the 76 s install, 2026-12-06) and
+# the CUDA PJRT plugin without CUDA libraries (gpu-aot: compile-check for GPU targets).
 DEMO_STAMP := $(VENV)/.installed-demo-$(HASH)
 TEST_STAMP := $(VENV)/.installed-test-$(HASH)
 CHROMIUM   := /usr/bin/chromium
@@ -25,7 +26,7 @@ $(DEMO_STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-demo-* && touch $@
 
 $(TEST_STAMP): $(DEMO_STAMP)
-	$(BIN)/pip install -q -e ".[test,tpu,beam,export,serve,gcs]"
+	$(BIN)/pip install -q -e ".[test,tpu,gpu-aot,beam,export,serve,gcs]"
 	rm -f $(VENV)/.installed-test-* && touch $@
 
 install: $(TEST_STAMP) $(CHROMIUM)

@@ -7,12 +7,12 @@
 (InstructBLIP-Vicuna-7B: 7.95 B parameters, 15.8 GB in 8 shards of 2 GB; parts vit 1.97,
 qformer 0.37, llm 13.48 GB), converted with `unifer convert from-hf` and back with `to-hf`
 in fresh processes, one part at a time (convert/vlm.py). The goal is a peak of about the
-largest part plus one shard. Needs ~50 GB of disk; writing the checkpoint took 18 min.
-Today (2026-12-07, a loaded 24 GB 2-core box): reading the LLM part alone peaks at
-13.86 GB (1.01x the part), but from-hf was OOM-killed at 17.8 GB of anonymous memory
-while orbax wrote that part: saving the part's nine multi-GB leaves at once took anonymous
-memory from 13.3 to 17.0 GB and back (an isolated save of two 2.9 GB arrays adds 0.09 GB;
-`save_concurrent_gb=1` hangs on leaves larger than 1 GB). Not yet within the goal.
+largest part plus one shard. Needs ~50 GB of disk and ~20 GB of free memory.
+Today (2026-12-07, a loaded 24 GB 2-core box; writing the checkpoint took 695 s):
+from-hf peaks at 15.92 GB (net 15.69 GB = 1.00x the largest part + one shard), 270 s;
+to-hf peaks at 17.00 GB (net 16.81 GB = 1.08x): the LLM part plus tensorstore's read
+buffer of its largest leaf (2.9 GB, the stacked MLP weights), which one restore call
+needs whole -- per-layer reads would need layer-sized chunks at save time.
 
 Writes a random bf16 Llama-shaped checkpoint (safetensors shards + index, like HF's
 ``save_pretrained(max_shard_size=...)``), then in fresh processes (so each peak is its

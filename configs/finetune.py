@@ -86,7 +86,7 @@ def get_config(arg: str = '7b'):
     # The frozen towers stay in the checkpoint's bf16; the trained Q-Former keeps f32.
     model.vit.param_dtype = model.llm.param_dtype = 'bfloat16'
     model.qformer.param_dtype = 'float32'
-    c.mesh = dict(data=1, fsdp=-1, tensor=1)
+    c.mesh.update(data=1, fsdp=-1, tensor=1)
     c.remat = 'full'
   # Inputs: the directory's tokenizers and preprocessing, the real datasets' instructions.
   c.input.tokenizer = str(hf_dir)

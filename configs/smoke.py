@@ -28,6 +28,6 @@ def get_config(arg: str = 'tiny'):
   c.schedule = dict(name='cosine', peak_lr=3e-3, warmup_steps=2, end_lr_ratio=0.1)
   if c.model in ('base', '7b'):
     # Pod-scale defaults: FSDP over everything, bf16 compute, remat every layer.
-    c.mesh = dict(data=1, fsdp=-1, tensor=1)
+    c.mesh.update(data=1, fsdp=-1, tensor=1)
     c.remat = 'full'
   return c

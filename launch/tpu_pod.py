@@ -5,14 +5,21 @@ r"""Run one ``unifer`` command on every worker of a Cloud TPU pod slice (gcloud 
   python launch/tpu_pod.py --name unifer-7b --zone us-east5-a --accelerator v5p-128 \
       -- unifer train --config configs/smoke.py:7b --workdir gs://BUCKET/runs/7b
 
+  # Multislice on TPU VMs: N slices as one queued resource (nodes NAME-0 ... NAME-{N-1}),
+  # joined by the data-centre network; the run spans them by config.mesh.dcn (default:
+  # data parallel across slices). Check it first: unifer compile-check ... --num_slices 2.
+  python launch/tpu_pod.py --name unifer-7b --zone us-east5-a --accelerator v5p-128 \
+      --num-slices 2 -- unifer train --config configs/smoke.py:7b --workdir gs://BUCKET/runs/7b
+
   # GKE with xpk: one workload (a JobSet) on an existing cluster, optionally multi-slice.
   python launch/tpu_pod.py --xpk --cluster my-cluster --name unifer-7b --accelerator v5p-128 \
       --num-slices 2 -- unifer train --config configs/smoke.py:7b --workdir gs://BUCKET/runs/7b
 
 ``--dry-run`` prints the exact commands, one per line, without running any. Every worker
 runs the same command; ``jax.distributed`` initialises itself from the TPU environment
-(see ``unifer_jax/distributed.py``) and each process reads only its shard of the data, so
-the workdir must be shared storage (a ``gs://`` path) for checkpoints and metrics.
+(see ``unifer_jax/distributed.py``; multislice workers also get the ``MEGASCALE_*``
+variables from the queued resource or xpk) and each process reads only its shard of the
+data, so the workdir must be shared storage (a ``gs://`` path) for checkpoints and metrics.
 
 Code reaches the workers either as this checkout (``git archive`` of ``--ref``, default
 HEAD, copied with ``scp --worker=all``: uncommitted edits are *not* shipped) or, with
@@ -54,9 +61,39 @@ def _where(args) -> list[str]:
   return out
 
 
+def _multislice(args) -> bool:
+  return args.num_slices > 1
+
+
+def _all_workers(args) -> list[str]:
+  return ['--node=all', '--worker=all'] if _multislice(args) else ['--worker=all']
+
+
+def _tpus(args) -> list[str]:
+  """A slice is a TPU VM; several slices are one queued resource of N nodes (the only way
+  Cloud TPU offers multislice)."""
+  return ['gcloud', 'compute', 'tpus', 'queued-resources' if _multislice(args) else 'tpu-vm']
+
+
 def _ssh(args, remote: str) -> list[str]:
-  return ['gcloud', 'compute', 'tpus', 'tpu-vm', 'ssh', args.name, *_where(args),
-          '--worker=all', f'--command={remote}']
+  return [*_tpus(args), 'ssh', args.name, *_where(args), *_all_workers(args),
+          f'--command={remote}']
+
+
+def create_commands(args, accel: str, version: str) -> list[list[str]]:
+  """One slice: ``tpu-vm create``. N slices: a queued resource of N nodes, then a wait
+  until it is ACTIVE (queued resources are granted asynchronously)."""
+  if not _multislice(args):
+    create = ['gcloud', 'compute', 'tpus', 'tpu-vm', 'create', args.name, *_where(args),
+              f'--accelerator-type={accel}', f'--version={version}']
+    return [create + (['--spot'] if args.spot else [])]
+  create = [*_tpus(args), 'create', args.name, *_where(args), f'--accelerator-type={accel}',
+            f'--runtime-version={version}', f'--node-count={args.num_slices}',
+            f'--node-prefix={args.name}']
+  describe = shlex.join([*_tpus(args), 'describe', args.name, *_where(args),
+                         '--format=value(state.state)'])
+  wait = f'until [ "$({describe})" = ACTIVE ]; do sleep 30; done'
+  return [create + (['--spot'] if args.spot else []), ['bash', '-c', wait]]
 
 
 def remote_train_command(command: list[str], detach: bool) -> str:
@@ -82,13 +119,7 @@ def gcloud_commands(args, command: list[str]) -> list[list[str]]:
   """create -> code -> install -> run, each an argv list."""
   accel = accelerator_type(args.accelerator)
   version = args.version or RUNTIMES[accel.split('-')[0]]
-  cmds = []
-  if not args.skip_create:
-    create = ['gcloud', 'compute', 'tpus', 'tpu-vm', 'create', args.name, *_where(args),
-              f'--accelerator-type={accel}', f'--version={version}']
-    if args.spot:
-      create.append('--spot')
-    cmds.append(create)
+  cmds = [] if args.skip_create else create_commands(args, accel, version)
   if args.repo:
     cmds.append(_ssh(args, f'rm -rf {REMOTE_DIR} && git clone {shlex.quote(args.repo)} '
                            f'{REMOTE_DIR} && cd {REMOTE_DIR} && git checkout '
@@ -96,8 +127,8 @@ def gcloud_commands(args, command: list[str]) -> list[list[str]]:
   else:
     cmds.append(['git', '-C', str(REPO), 'archive', '--format=tar.gz', f'--output={ARCHIVE}',
                  args.ref])
-    cmds.append(['gcloud', 'compute', 'tpus', 'tpu-vm', 'scp', ARCHIVE, f'{args.name}:~/',
-                 *_where(args), '--worker=all'])
+    cmds.append([*_tpus(args), 'scp', ARCHIVE, f'{args.name}:~/', *_where(args),
+                 *_all_workers(args)])
     cmds.append(_ssh(args, f'rm -rf {REMOTE_DIR} && mkdir {REMOTE_DIR} && '
                            f'tar -xzf unifer-code.tar.gz -C {REMOTE_DIR}'))
   cmds.append(_ssh(args, install_command(args.python)))
@@ -143,7 +174,9 @@ def parse_args(argv=None):
   p.add_argument('--detach', action='store_true', help='run under nohup; logs in ~/unifer-train.log')
   p.add_argument('--xpk', action='store_true', help='submit an xpk workload instead (GKE)')
   p.add_argument('--cluster', help='xpk: the GKE cluster')
-  p.add_argument('--num-slices', type=int, default=1, help='xpk: slices (multi-slice over DCN)')
+  p.add_argument('--num-slices', type=int, default=1,
+                 help='slices joined by the data-centre network (gcloud: one queued resource '
+                 'of N nodes; xpk: --num-slices)')
   p.add_argument('--docker-image', help='xpk: a ready image (else base image + script dir)')
   p.add_argument('--base-docker-image', default=XPK_BASE_IMAGE)
   p.add_argument('--script-dir', default='.', help='xpk: directory baked into the image')
@@ -155,6 +188,8 @@ def parse_args(argv=None):
     p.error('give the command to run on every worker after --, e.g. -- unifer train ...')
   if not args.xpk and not args.zone:
     p.error('--zone is required (gcloud TPU VMs are zonal)')
+  if args.num_slices < 1:
+    p.error(f'--num-slices {args.num_slices}: expected 1 or more')
   return args
 
 

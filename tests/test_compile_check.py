@@ -1,9 +1,11 @@
 """`unifer compile-check`: the real train step compiled for a TPU topology on this CPU box.
 
-Two real compiles (libtpu, deviceless) of the tiny preset on v5e:2x2: the generative step
+Real compiles (libtpu, deviceless) of the tiny preset on v5e:2x2: the generative step
 under FSDP with an HBM too small (exit 1, the report's fields), and the text-only step
-data-parallel (exit 0). Plus product-name mapping checked against libtpu itself, and the
-FLOP counter against hand-counted programs.
+data-parallel (exit 0), on one slice and on two (cross-slice bytes apart); the text-only
+step for 2 H100s (the CUDA PJRT plugin of the gpu-aot extra, which `make test` installs).
+Plus product-name mapping checked against libtpu itself, and the FLOP, collective and
+DCN counters against hand-counted programs.
 """
 
 import json
@@ -14,8 +16,8 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from unifer_jax import cli
-from unifer_jax.train import aot_targets, compile_check as cc, step_cost
+from unifer_jax import cli, sharding
+from unifer_jax.train import aot_targets, compile_check as cc, hlo_stats, step_cost
 
 TINY = ['compile-check', '--config', 'configs/smoke.py:tiny', '--topology', 'v5e:2x2']
 
@@ -102,13 +104,53 @@ def test_collective_stats_multiply_loop_bodies_by_their_trip_count():
   ws = jax.ShapeDtypeStruct((5, 512, 512), jnp.float32,
                             sharding=NamedSharding(mesh, P(None, 'x')))
   hlo = jax.jit(layers).lower(x, ws).compile().as_text()
-  stats, biggest = step_cost.collective_stats(hlo)
+  stats, biggest = hlo_stats.collective_stats(hlo)
   gather = stats['all-gather']
   assert gather['ops'] == 1 and gather['runs'] == 5
   # Each run gathers one whole layer's weight (XLA may gather it already cast to bf16).
   assert gather['bytes'] in (5 * 512 * 512 * 2, 5 * 512 * 512 * 4)
   assert biggest[0][1] == 'all-gather' and 'while/body' in biggest[0][3]
   assert stats['all-reduce']['runs'] == 1  # the final sum, outside the loop
+
+
+def test_hbm_bytes_count_a_scanned_layers_weights_once_per_layer():
+  device = aot_targets.topology_devices(aot_targets.resolve_topology('v5e:2x2'))[0]
+  layers, width = 6, 2048
+
+  def stack(x, ws):
+    return jax.lax.scan(lambda c, w: (jnp.tanh(c @ w), None), x, ws)[0]
+
+  one = jax.sharding.SingleDeviceSharding(device)
+  x = jax.ShapeDtypeStruct((width, width), jnp.bfloat16, sharding=one)
+  ws = jax.ShapeDtypeStruct((layers, width, width), jnp.bfloat16, sharding=one)
+  program = hlo_stats.Program(jax.jit(stack).lower(x, ws).compile().as_text())
+  total, biggest = hlo_stats.hbm_bytes(program)
+  layer = width * width * 2  # one layer's weight (and the activation: same shape)
+  # Each layer's matmul fusion reads its own [width, width] slice of the [6, ...] stack
+  # (not the whole stack, which a naive count of the fusion's operand would give: 6x);
+  # the activation stays in on-chip memory (S(1)) after one copy in.
+  assert biggest[0][1] == 'fusion' and biggest[0][0] == layers * layer
+  assert layers * layer < total <= layers * layer + 3 * layer
+  # The compiled program's own placement beats the jaxpr estimate (operands and result of
+  # each matmul from HBM) here: that one would say 3 x 6 layers.
+  assert step_cost.matmul_cost(jax.make_jaxpr(stack)(x, ws))[1] == 3 * layers * layer
+
+
+def test_a_conditional_counts_its_costliest_branch():
+  devices = aot_targets.topology_devices(aot_targets.resolve_topology('v5e:2x2'))
+  mesh = Mesh(np.array(devices), ('x',))
+
+  def f(n, x):  # each branch sums a different number of columns over the sharded rows
+    part = lambda k: lambda x: jnp.zeros(512).at[:k].set(x[:, :k].sum(0))
+    return jax.lax.switch(n, [lambda x: x.sum(0), part(8), part(4)], x)
+
+  x = jax.ShapeDtypeStruct((1024, 512), jnp.float32, sharding=NamedSharding(mesh, P('x')))
+  n = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P()))
+  hlo = jax.jit(f, out_shardings=NamedSharding(mesh, P())).lower(n, x).compile().as_text()
+  stats, biggest = hlo_stats.collective_stats(hlo)
+  # One branch runs: its all-reduce of 512 floats, not all three branches' (512 + 8 + 4).
+  assert stats['all-reduce'] == {'ops': 1, 'runs': 1, 'bytes': 512 * 4}
+  assert 'branch_0' in biggest[0][3]
 
 
 @pytest.fixture(scope='module')
@@ -131,7 +173,7 @@ def test_fsdp_report_fields(fsdp_tiny_hbm):
   assert r['mesh'] == {'data': 1, 'fsdp': 4, 'tensor': 1} and r['devices'] == 4
   assert r['chip'] == 'TPU v5e' and r['platform'] == 'tpu'
   for key in ('param_bytes', 'opt_bytes', 'argument_bytes', 'output_bytes', 'temp_bytes',
-              'peak_bytes', 'model_flops', 'executed_flops', 'hbm_traffic_bytes',
+              'peak_bytes', 'model_flops', 'executed_flops', 'hbm_traffic_bytes', 'jaxpr_hbm_bytes',
               'step_time_s', 'mfu', 'compile_s'):
     assert r[key] > 0, key
   # FSDP: each device holds a quarter of the sharded weights (f32), small ones replicated.
@@ -174,3 +216,92 @@ def test_data_parallel_text_step_fits_exit_0(tmp_path, capsys):
   # Pure data parallelism: replicated weights, so no gathers; gradients are all-reduced.
   assert r['collectives']['all-gather']['ops'] == 0 and r['collectives']['all-reduce']['ops'] > 0
   assert r['param_bytes'] == 4 * r['params']  # every f32 weight whole on each device
+
+
+def test_gpu_target_compiles_with_the_cuda_plugin(tmp_path):
+  out = tmp_path / 'r.json'
+  assert cli.main(['compile-check', '--config', 'configs/smoke.py:tiny', '--topology', 'h100x2',
+                   '--config.stage=lm', '--json', str(out)]) == 0
+  r = json.loads(out.read_text())
+  assert (r['platform'], r['chip'], r['devices'], r['hosts']) == ('cuda', 'NVIDIA H100 SXM 80GB', 2, 1)
+  assert r['fits'] and r['hbm_bytes'] == 80 * aot_targets.GiB and r['peak_bytes'] > 0
+  assert r['xla_flops'] is None and r['model_flops'] > 0  # the GPU path has no cost analysis
+  # Data parallel over 2 GPUs: the (trained) gradients are all-reduced, nothing gathered.
+  assert 0 < r['collectives']['all-reduce']['bytes'] <= r['param_bytes']
+  assert r['collectives']['all-gather']['ops'] == 0
+
+
+# -- multislice ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope='module')
+def two_slices():
+  """The devices of 2 x v5e:2x2 (libtpu's multislice topology): 8 chips, 2 slices."""
+  target = aot_targets.resolve_topology('v5e:2x2', num_slices=2)
+  assert target.describe() == '2 x v5e:2x2 = 2 x v5e:2x2 (8 chips over DCN)'
+  return aot_targets.topology_devices(target)
+
+
+def test_multislice_mesh_spans_slices_with_the_dcn_axes(two_slices):
+  slice_of = np.vectorize(lambda d: d.slice_index)
+  # Default dcn (data=-1): data parallel across slices, FSDP inside each.
+  mesh = sharding.make_mesh({'data': 1, 'fsdp': -1, 'tensor': 1}, two_slices)
+  assert dict(mesh.shape) == {'data': 2, 'fsdp': 4, 'tensor': 1}
+  assert (slice_of(mesh.devices)[:, :, 0] == [[0] * 4, [1] * 4]).all()
+  # FSDP across slices instead: each slice a contiguous half of the fsdp axis.
+  mesh = sharding.make_mesh({'data': 1, 'fsdp': 2, 'tensor': 2,
+                             'dcn': {'data': 1, 'fsdp': -1, 'tensor': 1}}, two_slices)
+  assert dict(mesh.shape) == {'data': 1, 'fsdp': 4, 'tensor': 2}
+  assert (slice_of(mesh.devices)[0, :, 0] == [0, 0, 1, 1]).all()
+  with pytest.raises(ValueError, match=r"config.mesh.dcn \{'data': 3.*needs 3 slices, but 2"):
+    sharding.make_mesh({'data': -1, 'dcn': {'data': 3}}, two_slices)
+  with pytest.raises(ValueError, match=r'config.mesh \(one of 2 slices\).*needs 8 devices, but 4'):
+    sharding.make_mesh({'data': 1, 'fsdp': 8, 'tensor': 1}, two_slices)
+
+
+def test_dcn_stats_count_cross_slice_transfers_apart(two_slices):
+  mesh = sharding.make_mesh({'data': 1, 'fsdp': -1, 'tensor': 1}, two_slices)
+
+  def weight_grads(x, ws):  # data parallel: every layer's gradient reduced over the batch
+    return jax.lax.scan(lambda c, w: (c, x.T @ (x @ w)), 0, ws)[1]
+
+  x = jax.ShapeDtypeStruct((64, 256), jnp.float32, sharding=NamedSharding(mesh, P(('data', 'fsdp'))))
+  ws = jax.ShapeDtypeStruct((3, 256, 256), jnp.float32, sharding=NamedSharding(mesh, P()))
+  program = hlo_stats.Program(jax.jit(weight_grads, out_shardings=NamedSharding(mesh, P()))
+                              .lower(x, ws).compile().as_text())
+  dcn, _ = hlo_stats.dcn_stats(program)
+  inside, _ = hlo_stats.collective_stats(program)
+  # 3 layers x a [256, 256] f32 sum over both slices, reduce-scattered inside each slice
+  # first: each device exchanges its quarter over the DCN. XLA peels the first layer out
+  # of the loop (the counter then starts at 1): still 3 runs in all.
+  assert dcn['all-reduce']['runs'] == 3
+  assert dcn['all-reduce']['bytes'] == 3 * 256 * 256 * 4 // 4
+  assert sum(v['bytes'] for v in inside.values()) > 0  # the in-slice part of the reduction
+  assert hlo_stats.dcn_stats(hlo_stats.Program(jax.jit(weight_grads).lower(
+      jax.ShapeDtypeStruct((64, 256), jnp.float32), jax.ShapeDtypeStruct((3, 256, 256), jnp.float32)
+  ).compile().as_text()))[0] == {}
+
+
+def test_compile_check_num_slices_reports_dcn_bytes_apart(tmp_path, capsys):
+  out = tmp_path / 'r.json'
+  code = cli.main(TINY + ['--num_slices', '2', '--config.stage=lm', '--config.mesh.data=1',
+                          '--config.mesh.fsdp=-1', '--json', str(out)])
+  printed = capsys.readouterr()
+  assert code == 0, printed.err
+  r = json.loads(out.read_text())
+  assert r['slices'] == 2 and r['devices'] == 8 and r['hosts'] == 2
+  assert r['mesh'] == {'data': 2, 'fsdp': 4, 'tensor': 1}
+  assert 'across slices' in printed.err and 'cross-slice (DCN) all-reduce' in printed.out
+  # Gradients cross the DCN once, already reduce-scattered inside the slice: at most each
+  # device's own shard of the (f32) train state's parameters.
+  dcn = r['dcn_collectives']['all-reduce']['bytes']
+  assert 0 < dcn <= r['param_bytes']
+  assert r['dcn_bytes_per_s'] == 25e9 / 8 and r['dcn_time_s'] > 0
+  assert r['step_time_s'] == max(r['compute_time_s'], r['memory_time_s'], r['comm_time_s'],
+                                 r['dcn_time_s'])
+
+
+def test_num_slices_is_for_tpu_topologies(capsys):
+  assert cli.main(['compile-check', '--config', 'configs/smoke.py:tiny', '--topology', 'h100x8',
+                   '--num_slices', '2']) == 2
+  assert 'multislice is a TPU topology' in capsys.readouterr().err

@@ -17,8 +17,7 @@ import numpy as np
 import pytest
 
 from unifer_jax import cli
-from unifer_jax.evaluators import eval_sets, model_io, registry
-from unifer_jax.evaluators import data as eval_data
+from unifer_jax.evaluators import model_io, registry
 
 import workdir_util
 
@@ -34,14 +33,11 @@ def workdir(tmp_path_factory):
 def ferbench_items(workdir):
   """The corpus' test faces as a FERBench-format item file + PNGs, plus one item whose
   image is missing."""
-  model = model_io.load(workdir['workdir'], 1)
-  split = eval_data.load_split(model.input_cfg, 'test', model.image_size)
-  out = workdir['root'] / 'ferbench'
-  path = eval_sets.write_ferbench_items(split, str(out), 'rafdb')
-  items = json.loads(Path(path).read_text())
+  written = workdir_util.ferbench_items(workdir)
+  items = json.loads(Path(written['items']).read_text())
   items.append(dict(items[0], image_path='/images/not_there.png'))
-  Path(path).write_text(json.dumps(items))
-  return dict(items=path, image_root=str(out), n=len(items) - 1)
+  Path(written['items']).write_text(json.dumps(items))
+  return written
 
 
 def write_config(path: Path, body: str) -> str:

@@ -85,6 +85,27 @@ def test_tpu_pod_xpk_workload():
   assert inner[6:] == TRAIN
 
 
+def test_tpu_pod_multislice_is_one_queued_resource_of_n_nodes():
+  cmds = _dry_run('tpu_pod.py', '--name', 'u7', '--zone', 'us-east5-a', '--accelerator', 'v5p-128',
+                  '--num-slices', '4', '--spot', '--', *TRAIN)
+  create, wait, archive, scp, untar, install, train = cmds
+  qr = ['gcloud', 'compute', 'tpus', 'queued-resources']
+  assert create[:6] == qr + ['create', 'u7'] and '--spot' in create
+  assert _flag(create, '--node-count') == '4' and _flag(create, '--node-prefix') == 'u7'
+  assert _flag(create, '--accelerator-type') == 'v5p-128'
+  assert _flag(create, '--runtime-version') == 'v2-alpha-tpuv5'
+  # Queued resources are granted later: the launcher waits until the resource is ACTIVE.
+  assert wait[:2] == ['bash', '-c'] and 'ACTIVE' in wait[2]
+  assert shlex.split(wait[2].split('$(')[1].split(')"')[0])[:6] == qr + ['describe', 'u7']
+  assert archive[:4] == ['git', '-C', str(REPO), 'archive']
+  assert scp[:5] == qr + ['scp'] and scp[6] == 'u7:~/'
+  for ssh in (scp, untar, install, train):
+    assert '--node=all' in ssh and '--worker=all' in ssh and _flag(ssh, '--zone') == 'us-east5-a'
+  for ssh in (untar, install, train):
+    assert ssh[:6] == qr + ['ssh', 'u7']
+  assert shlex.split(_flag(train, '--command'))[3:] == ['.venv/bin/unifer', *TRAIN[1:]]
+
+
 def test_tpu_pod_bad_arguments():
   bad = subprocess.run([sys.executable, str(REPO / 'launch' / 'tpu_pod.py'), '--dry-run',
                         '--name', 'x', '--zone', 'z', '--accelerator', 'v5p:4x4x4', '--', *TRAIN],

@@ -4,7 +4,9 @@ saves it: for the evaluator, `unifer predict` and `unifer serve --backend full` 
 ``instruct_workdir(root)`` writes a 120-face corpus (``root/data``), its BPE
 (``root/tok``) and ``root/instruct``: config.json (written as the trainer writes it:
 the tokenizer copied in, ``../data`` relative) + two checkpoints of the tiny preset
-(steps 1 and 2, two random initialisations; the input at its first batch)."""
+(steps 1 and 2, two random initialisations; LoRA adapters of rank ``lora_rank``, 0 =
+none; the input at its first batch). ``ferbench_items(workdir)`` writes the corpus' test
+faces as a FERBench item file."""
 
 from pathlib import Path
 
@@ -29,7 +31,7 @@ def _random_leaf(path, a, rng):
   return (rng.normal(size=a.shape) * 0.05).astype(a.dtype)
 
 
-def instruct_workdir(root: Path) -> dict:
+def instruct_workdir(root: Path, lora_rank: int = 2) -> dict:
   from data_prep import synthetic_faces as sf
   from unifer_jax.data import tokenizer as tok_lib
   from unifer_jax.train import checkpoint as ckpt_lib, state as state_lib
@@ -40,7 +42,7 @@ def instruct_workdir(root: Path) -> dict:
       f'--config.input.data_dir={root / "data"}', f'--config.input.tokenizer={root / "tok"}',
       '--config.input.seq_len=96', '--config.input.text_len=48',
       '--config.model.llm.vocab_size=512', '--config.model.qformer.vocab_size=512',
-      '--config.model.llm.max_seq_len=320', '--config.model.lora.rank=2',
+      '--config.model.llm.max_seq_len=320', f'--config.model.lora.rank={lora_rank}',
       '--config.checkpoint.async_save=False'])
   w = root / 'instruct'
   workdirs.save_config(config, w)    # as the trainer writes it: the tokenizer copied in
@@ -56,3 +58,15 @@ def instruct_workdir(root: Path) -> dict:
         {'input': {'position': 0}}, {}, force=True)
   ckpt.close()
   return dict(root=root, workdir=w, config=config, setup=setup)
+
+
+def ferbench_items(workdir: dict) -> dict:
+  """The corpus' test faces as a FERBench-format item file + PNGs under ROOT/ferbench:
+  {'items': path, 'image_root': folder, 'n': items}."""
+  import json  # pylint: disable=g-import-not-at-top
+  from unifer_jax.evaluators import data as eval_data, eval_sets, model_io
+  model = model_io.load(workdir['workdir'], 1)
+  split = eval_data.load_split(model.input_cfg, 'test', model.image_size)
+  out = workdir['root'] / 'ferbench'
+  path = eval_sets.write_ferbench_items(split, str(out), 'rafdb')
+  return dict(items=path, image_root=str(out), n=len(json.loads(Path(path).read_text())))

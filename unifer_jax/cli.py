@@ -35,13 +35,14 @@ def _params(args) -> int:
 
 def _train(args, overrides) -> int:
   from unifer_jax import distributed, workdirs
-  distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-  from unifer_jax.train import loop
   try:
     config = workdirs.load_config(args.config, overrides, args.workdir)
   except FileNotFoundError as e:
     print(f'unifer train: {e}', file=sys.stderr)
     return 2
+  distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                         peer_timeout_s=config.get('peer_timeout_s'))
+  from unifer_jax.train import loop
   try:
     loop.train(config, args.workdir)
   except loop.Preempted:
@@ -121,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument('--config', required=True, help='configs/X.py[:arg]; then --config.key=value ...')
   s.add_argument('--topology', required=True,
                  help='v5p-128 | v5p:4x4x4 | v5e-16 | v6e-64 | v4-32 | h100x8 | gpu:h100x16 ...')
+  s.add_argument('--num_slices', type=int, default=1,
+                 help='TPU multislice: this many slices of --topology joined by the data-centre '
+                 'network (config.mesh.dcn says which axes span them; default data parallel)')
   s.add_argument('--hbm_gib', type=float, help='override the HBM per device (GiB)')
   s.add_argument('--hlo', help='write the compiled HLO text to this file')
   s.add_argument('--json', help='write the report as JSON to this file')

@@ -38,7 +38,8 @@ def base(model: str = 'tiny') -> ml_collections.ConfigDict:
   # Pretrained towers (HF dirs or converted checkpoints), a whole pretrained VLM (BLIP-2 /
   # InstructBLIP) and/or an earlier stage's workdir.
   c.init = dict(vlm='', vision='', qformer='', llm='', checkpoint='')
-  c.mesh = dict(data=-1, fsdp=1, tensor=1)
+  # Axis sizes inside one slice; dcn: how many slices each spans (sharding.py).
+  c.mesh = dict(data=-1, fsdp=1, tensor=1, dcn=dict(sharding.DEFAULT_DCN))
   c.sharding = dict(rules=[list(r) for r in sharding.DEFAULT_RULES])
   c.compute_dtype = ''  # '' = the model config's own; 'bfloat16' switches every tower
   c.remat = ''  # '' = the model config's own; 'full' | 'dots' | ... for every tower
@@ -49,6 +50,9 @@ def base(model: str = 'tiny') -> ml_collections.ConfigDict:
   c.schedule = dict(name='cosine', peak_lr=1e-3, warmup_steps=10, end_lr_ratio=0.1)
   c.freeze = ''  # regex over parameter paths; matching parameters get no updates
   c.nan_policy = 'skip'  # 'skip' the step or 'stop' with the offending leaf named
+  # Multi-process: a dead or hung peer stops the others within this many seconds (exit
+  # code 75, the lost process named; peer_watch.py).
+  c.peer_timeout_s = 180.0
   c.evals = {}
   # A jax.profiler trace of steps start_step .. start_step + num_steps - 1 into
   # WORKDIR/tensorboard/plugins/profile (train/profiling.py); num_steps=0: off.

@@ -9,6 +9,14 @@ The mesh always has the three axes ``('data', 'fsdp', 'tensor')``; batches are s
 ``('data', 'fsdp')`` (FSDP shards parameters *and* data), weights over ``fsdp`` and
 ``tensor`` according to the rules.
 
+Several TPU slices (multislice) talk over the data-centre network (DCN), ~100x slower
+than the chips' own links (ICI). ``config.mesh`` gives the axis sizes inside one slice;
+``config.mesh.dcn`` how many slices each axis spans (default ``data=-1``: data parallel
+across however many slices there are, so only gradients cross the DCN). A mesh axis is
+then ``ici size x dcn size`` long, built with JAX's hybrid mesh (slices are blocks of
+it), and the rules table is unchanged. Where devices have no slices (GPUs, CPU
+processes) an explicit ``dcn`` size > 1 spans processes (hosts) instead.
+
 Activations get the same treatment (MaxText's ``nn.with_logical_constraint``): the models
 call :func:`constrain` with ``activation_*`` logical names at the few places where
 XLA's sharding propagation would otherwise be free to replicate them (embedding
@@ -67,44 +75,85 @@ _ACTIVE_RULES: contextvars.ContextVar = contextvars.ContextVar('unifer_sharding_
                                                                 default=None)
 
 
-def mesh_shape(axis_sizes: Mapping[str, int] | Sequence[int], num_devices: int) -> tuple[int, ...]:
-  """Resolves axis sizes (one may be -1 = fill) against the device count."""
+def _sizes(axis_sizes, where: str) -> list[int]:
   if hasattr(axis_sizes, "keys"):  # a dict or an ml_collections ConfigDict
-    unknown = set(axis_sizes) - set(MESH_AXES)
+    unknown = set(axis_sizes) - set(MESH_AXES) - {'dcn'}
     if unknown:
-      raise ValueError(f'config.mesh has unknown axes {sorted(unknown)}; expected {MESH_AXES}')
-    sizes = [int(axis_sizes.get(a, 1)) for a in MESH_AXES]
-  else:
-    sizes = [int(s) for s in axis_sizes]
+      raise ValueError(f'{where} has unknown axes {sorted(unknown)}; expected {MESH_AXES}'
+                       + (' (and dcn)' if where == 'config.mesh' else ''))
+    return [int(axis_sizes.get(a, 1)) for a in MESH_AXES]
+  return [int(s) for s in axis_sizes]
+
+
+def mesh_shape(axis_sizes: Mapping[str, int] | Sequence[int], num_devices: int,
+               where: str = 'config.mesh', units: str = 'devices') -> tuple[int, ...]:
+  """Resolves axis sizes (one may be -1 = fill) against the device (or slice) count."""
+  sizes = _sizes(axis_sizes, where)
   if sizes.count(-1) > 1:
-    raise ValueError(f'config.mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}')
+    raise ValueError(f'{where}: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}')
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if num_devices % known:
-      raise ValueError(f'config.mesh {dict(zip(MESH_AXES, sizes))}: {num_devices} devices '
+      raise ValueError(f'{where} {dict(zip(MESH_AXES, sizes))}: {num_devices} {units} '
                        f'are not divisible by the fixed axes (product {known})')
     sizes[sizes.index(-1)] = num_devices // known
   if math.prod(sizes) != num_devices:
-    raise ValueError(f'config.mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} '
-                     f'devices, but {num_devices} are available')
+    raise ValueError(f'{where} {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} '
+                     f'{units}, but {num_devices} are available')
   return tuple(sizes)
+
+
+DEFAULT_DCN = {'data': -1, 'fsdp': 1, 'tensor': 1}
+
+
+def slice_count(devices: Sequence[jax.Device]) -> int:
+  """How many TPU slices ``devices`` come from (1 where devices have no slices)."""
+  return len({getattr(d, 'slice_index', 0) for d in devices})
+
+
+def hybrid_shape(axis_sizes, devices: Sequence[jax.Device]):
+  """(ici shape, dcn shape, granule) of ``config.mesh`` over ``devices``.
+
+  ``granule`` is what the DCN shape counts: 'slice' (TPU slices, or a single one) or
+  'process' (an explicit ``dcn`` size > 1 where devices have no slices: GPU hosts,
+  ``launch/local.py`` processes).
+  """
+  dcn = axis_sizes.get('dcn') if hasattr(axis_sizes, 'keys') else None
+  dcn = DEFAULT_DCN if dcn is None else dcn
+  fixed = _sizes(dcn, 'config.mesh.dcn')
+  slices = slice_count(devices)
+  granule, count = 'slice', slices
+  if slices == 1 and -1 not in fixed and math.prod(fixed) > 1:
+    granule, count = 'process', len({d.process_index for d in devices})
+  units = {'slice': 'slices', 'process': 'processes'}[granule]
+  dcn_shape = mesh_shape(dcn, count, where='config.mesh.dcn', units=units)
+  if len(devices) % count:
+    raise ValueError(f'{len(devices)} devices do not split evenly over {count} {units}')
+  where = 'config.mesh' + (f' (one of {count} {units})' if count > 1 else '')
+  return mesh_shape(axis_sizes, len(devices) // count, where=where), dcn_shape, granule
 
 
 def make_mesh(axis_sizes, devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A ('data', 'fsdp', 'tensor') mesh with classic GSPMD (Auto) axes.
 
   Devices (default: all; or e.g. an AOT topology's) are laid out along the physical
-  TPU torus, so each mesh axis runs over neighbouring chips.
+  TPU torus, so each mesh axis runs over neighbouring chips; over several slices (or
+  DCN-connected hosts) each axis is its in-slice size times its ``dcn`` size, slices
+  being contiguous blocks (:func:`hybrid_shape`).
   """
   devices = list(jax.devices() if devices is None else devices)
-  shape = mesh_shape(axis_sizes, len(devices))
-  auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  ici, dcn, granule = hybrid_shape(axis_sizes, devices)
+  if math.prod(dcn) > 1:
+    build = lambda **kw: mesh_utils.create_hybrid_device_mesh(
+        ici, dcn, devices, process_is_granule=granule == 'process', **kw)
+  else:
+    build = lambda **kw: mesh_utils.create_device_mesh(ici, devices, **kw)
   try:
-    grid = mesh_utils.create_device_mesh(shape, devices)
+    grid = build()
   except (ValueError, NotImplementedError):
     # A shape the torus cannot tile whole (e.g. fsdp=32 on a 4x4x4 v5p): split an axis.
-    grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
-  return Mesh(grid, MESH_AXES, axis_types=auto)
+    grid = build(allow_split_physical_axes=True)
+  return Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
 def _rules_dict(rules: Iterable) -> dict[str, tuple[str, ...]]:

@@ -12,11 +12,11 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from unifer_jax.data import instructions
+from unifer_jax.evaluators import item_shards
 from unifer_jax.models import unifer as unifer_lib
 
 # Task -> the label key that decides which records can be asked, and new-token budget.
@@ -41,21 +41,21 @@ def _generate(params, images, prompt_ids, qformer, *, graphdef, max_new: int, eo
 def answers(graphdef, params, images: np.ndarray, task: str, tok, batch_size: int = 64,
             qformer_text=None) -> list[str]:
   """Greedy answers of the model to `task`'s prompt for each image; ``qformer_text``
-  (``model_io.Model.qformer_text``) gives an instruction-aware Q-Former the prompt."""
+  (``model_io.Model.qformer_text``) gives an instruction-aware Q-Former the prompt. The
+  images are split over the processes of the mesh ``params`` live on (item_shards)."""
   message = instructions.prompt_for(task)
   prompt = np.asarray(tok.prompt_ids(message), np.int32)
-  qformer = qformer_text([message] * batch_size) if qformer_text is not None else None
-  max_new = TASKS[task][1]
+  n = len(images)
+  arrays = [images, np.broadcast_to(prompt, (n, len(prompt)))]
+  if qformer_text is not None:
+    arrays += list(qformer_text([message] * n))
+  mesh = item_shards.mesh_of(params)
   out = []
-  for start in range(0, len(images), batch_size):
-    chunk = images[start:start + batch_size]
-    n = len(chunk)
-    if n < batch_size:  # one compiled shape: pad the last batch by repetition
-      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - n, axis=0)])
-    ids = np.broadcast_to(prompt, (batch_size, len(prompt)))
-    tokens = np.asarray(_generate(params, jnp.asarray(chunk), jnp.asarray(ids), qformer,
-                                  graphdef=graphdef, max_new=max_new, eos_id=tok.eos_id))
-    out += [tok.decode(t) for t in tokens[:n]]
+  for batch in item_shards.batches(arrays, batch_size, mesh):
+    chunk, ids, *q = batch.arrays
+    tokens = _generate(params, chunk, ids, tuple(q) or None, graphdef=graphdef,
+                       max_new=TASKS[task][1], eos_id=tok.eos_id)
+    out += [tok.decode(t) for t in batch.results(tokens)]
   return out
 
 
@@ -124,6 +124,32 @@ def evaluate(graphdef, params, data: dict, tok, tasks=tuple(TASKS), batch_size: 
       metrics['rationale_au_f1'] = au_f1(parsed, [t or () for t in truth])
     metrics[f'{task}_n'] = n
   return metrics, raw
+
+
+def ferbench_scores(graphdef, params, data: dict, tok, tasks=('basic', 'compound'),
+                    batch_size: int = 64, max_per_task: int = 400, qformer_text=None) -> dict:
+  """Greedy answers to each label task's training prompt (CoT hint), scored as the
+  FERBench protocol scores them and as GRPO rewards them: ``{task}_acc`` (the label
+  ``ferbench.extract_label`` reads over the task's vocabulary, RAF-DB protocol; unknown =
+  wrong), ``{task}_format`` (``answers.is_well_formed``: exactly <think>..</think>
+  <answer>..</answer>), ``{task}_n``; plus ``format_rate`` over all of them."""
+  from unifer_jax.data import answers as answers_lib, labels  # pylint: disable=g-import-not-at-top
+  from unifer_jax.evaluators import ferbench  # pylint: disable=g-import-not-at-top
+  out, formats = {}, []
+  for task in tasks:
+    key, vocab = {'basic': ('expression', labels.BASIC),
+                  'compound': ('compound', labels.COMPOUND)}[task]
+    idx = np.flatnonzero(data[key] >= 0)[:max_per_task]
+    texts = answers(graphdef, params, data['image'][idx], task, tok, batch_size, qformer_text)
+    said = [ferbench.extract_label(t, vocab) for t in texts]
+    truth = [vocab[i] for i in data[key][idx]]
+    ok = [answers_lib.is_well_formed(t, think=True) for t in texts]
+    out[f'{task}_acc'] = float(np.mean([s == t for s, t in zip(said, truth)]))
+    out[f'{task}_format'] = float(np.mean(ok))
+    out[f'{task}_n'] = len(idx)
+    formats += ok
+  out['format_rate'] = float(np.mean(formats))
+  return out
 
 
 class InstructTasks:

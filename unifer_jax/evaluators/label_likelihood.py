@@ -17,12 +17,11 @@ import functools
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from unifer_jax.data import labels
-from unifer_jax.evaluators import classify, eval_sets, likelihood
+from unifer_jax.evaluators import classify, eval_sets, item_shards, likelihood
 
 
 @functools.partial(jax.jit, static_argnames=('graphdef',))
@@ -36,18 +35,12 @@ def log_probs(model, images: np.ndarray, tasks=('basic',), batch_size: int = 16)
   """{task: [N, C] log p over its vocabulary (labels.BASIC / labels.COMPOUND)}; the
   tasks share one pass over the image prefix and one compiled program."""
   tasks = sorted(tasks)
-  prompts = {t: {k: jnp.asarray(v) for k, v in
-                 model.label_prompt(t).arrays().items()} for t in tasks}
-  out = {t: [] for t in tasks}
-  for start in range(0, len(images), batch_size):
-    chunk = images[start:start + batch_size]
-    n = len(chunk)
-    if n < batch_size:   # one compiled shape: pad the last batch by repetition
-      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - n, axis=0)])
-    probs = _distributions(model.params, jnp.asarray(chunk), prompts, graphdef=model.graphdef)
-    for t, p in zip(tasks, probs):
-      out[t].append(np.asarray(p)[:n])
-  return {t: np.log(np.maximum(np.concatenate(v), 1e-30)) for t, v in out.items()}
+  prompts = item_shards.replicated({t: model.label_prompt(t).arrays() for t in tasks},
+                                   model.mesh)
+  probs = item_shards.map_items(
+      lambda x: _distributions(model.params, x, prompts, graphdef=model.graphdef), [images],
+      batch_size, model.mesh)
+  return {t: np.log(np.maximum(p, 1e-30)) for t, p in zip(tasks, probs)}
 
 
 class Likelihood:

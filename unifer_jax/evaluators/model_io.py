@@ -15,7 +15,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
@@ -23,7 +22,7 @@ from flax import nnx
 from unifer_jax import sharding, workdirs
 from unifer_jax.data import examples, pipeline
 from unifer_jax.data import tokenizer as tokenizer_lib
-from unifer_jax.evaluators import alignment, likelihood
+from unifer_jax.evaluators import alignment, item_shards, likelihood
 from unifer_jax.models import unifer as unifer_lib
 
 
@@ -96,11 +95,18 @@ class Model:
     return ((images_uint8.astype(np.float32) / 255.0 - mean) / std).astype(np.float32)
 
   # -- shared jitted computations ------------------------------------------------------
+  # Each runs over the items in global batches split across the mesh, every process
+  # scoring its own rows (item_shards); all processes get every item's result.
+
+  @functools.cached_property
+  def mesh(self):
+    return item_shards.mesh_of(self.params)
 
   def image_features(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
     """[N, Q, E] normalised ITC query embeddings."""
-    return alignment.encode_in_batches(
-        lambda x: _image_feats(self.params, x, graphdef=self.graphdef), [images], batch_size)
+    return item_shards.map_items(
+        lambda x: _image_feats(self.params, x, graphdef=self.graphdef), [images], batch_size,
+        self.mesh)
 
   def text_features(self, texts, batch_size: int = 64) -> np.ndarray:
     tok = self.text_tokenizer
@@ -110,9 +116,9 @@ class Model:
     for i, t in enumerate(texts):
       seq = ([tok.cls_id] + tok.encode(t) + [tok.eos_id])[:length]
       ids[i, :len(seq)], mask[i, :len(seq)] = seq, 1
-    return alignment.encode_in_batches(
+    return item_shards.map_items(
         lambda i, m: _text_feats(self.params, i, m, graphdef=self.graphdef), [ids, mask],
-        batch_size)
+        batch_size, self.mesh, count=False)   # label prompts, not eval items
 
   def temperature(self) -> float:
     """The ITC temperature the model learned (BLIP-2 clips it to [0.001, 0.5])."""
@@ -123,36 +129,33 @@ class Model:
                seed: int = 0, batch_size: int = 32) -> list[str]:
     """One answer per (image, prompt), decoded from the chat-templated prompt.
 
-    Prompts are right-padded to a common length per batch (generate handles padding);
-    the last batch is padded by repetition so every batch has one compiled shape.
+    Prompts are right-padded to a common length (generate handles padding); the last
+    batch is padded by repetition so every batch has one compiled shape.
     """
     tok = self.tokenizer
     encoded = [tok.prompt_ids(p) for p in prompts]
     length = max(len(e) for e in encoded)
+    ids = np.zeros((len(prompts), length), np.int32)
+    mask = np.zeros((len(prompts), length), np.int32)
+    for row, e in enumerate(encoded):
+      ids[row, :len(e)], mask[row, :len(e)] = e, 1
     qformer = self.qformer_text(prompts)
+    arrays = [images, ids, mask] + list(qformer or ())
     out = []
     t0 = last = time.monotonic()
-    batches = -(-len(images) // batch_size)
-    for start in range(0, len(images), batch_size):
-      if time.monotonic() - last > 10:   # long decodes say how far they are
+    g = item_shards.global_batch(batch_size, self.mesh)
+    for k, batch in enumerate(item_shards.batches(arrays, batch_size, self.mesh)):
+      if time.monotonic() - last > 10 and jax.process_index() == 0:   # long decodes say how far
         last = time.monotonic()
-        k = start // batch_size
-        print(f'generate: batch {k}/{batches} | elapsed {last - t0:.0f} s | ETA '
-              f'{(last - t0) / k * (batches - k):.0f} s', flush=True)
-      idx = list(range(start, min(start + batch_size, len(images))))
-      n = len(idx)
-      idx += [idx[-1]] * (batch_size - n)
-      ids = np.zeros((batch_size, length), np.int32)
-      mask = np.zeros((batch_size, length), np.int32)
-      for row, i in enumerate(idx):
-        ids[row, :len(encoded[i])], mask[row, :len(encoded[i])] = encoded[i], 1
-      q = None if qformer is None else tuple(jnp.asarray(a[idx]) for a in qformer)
-      tokens = _generate(self.params, jnp.asarray(images[idx]), jnp.asarray(ids),
-                         jnp.asarray(mask), q, jax.random.key(seed + start),
-                         graphdef=self.graphdef, max_new=max_new_tokens,
-                         temperature=float(temperature), top_k=top_k, top_p=top_p,
-                         eos_id=tok.eos_id)
-      out += [tok.decode(t) for t in np.asarray(tokens)[:n]]
+        total = -(-len(images) // g)
+        print(f'generate: batch {k}/{total} | elapsed {last - t0:.0f} s | ETA '
+              f'{(last - t0) / k * (total - k):.0f} s', flush=True)
+      image, ids_b, mask_b, *q = batch.arrays
+      tokens = _generate(self.params, image, ids_b, mask_b, tuple(q) or None,
+                         jax.random.key(seed + batch.start), graphdef=self.graphdef,
+                         max_new=max_new_tokens, temperature=float(temperature), top_k=top_k,
+                         top_p=top_p, eos_id=tok.eos_id)
+      out += [tok.decode(t) for t in batch.results(tokens)]
     return out
 
 

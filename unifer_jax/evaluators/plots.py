@@ -38,6 +38,24 @@ def _save(fig, out, dpi: int):
   return out
 
 
+def metric_curves(metrics_jsonl: Path, out: Path, keys, title: str = '') -> Path:
+  """``keys`` of a workdir's metrics.jsonl against the step, one line each (a record
+  without a key leaves a gap)."""
+  recs = [json.loads(l) for l in Path(metrics_jsonl).read_text().splitlines() if l.strip()]
+  steps = [r['step'] for r in recs]
+  fig, ax = plt.subplots(figsize=(7, 4))
+  for key in keys:
+    if any(key in r for r in recs):
+      ax.plot(steps, [r.get(key, np.nan) for r in recs], label=key)
+  ax.set_xlabel('step')
+  ax.set_title(title, fontsize=9)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(out, dpi=100)
+  plt.close(fig)
+  return out
+
+
 def confusion_matrix(true: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarray:
   """[true, pred] counts; predictions outside [0, C) (unparsed) are dropped."""
   cm = np.zeros((num_classes, num_classes), np.int64)

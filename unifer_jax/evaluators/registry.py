@@ -9,6 +9,10 @@
 Each entry: ``type`` (a key of EVALUATORS), ``every_steps`` (inside training; 0 = only
 standalone ``unifer eval``), ``dataset`` (eval_sets spec; default the training
 input's 'test' split), and the type's own keys (see each evaluator's module).
+
+In a multi-process run every process runs every evaluator: each scores its share of the
+items (item_shards; it logs ``eval NAME: process i scored n of N items``), all get every
+result, and only process 0 writes files (figures, answers, the report).
 """
 
 from __future__ import annotations
@@ -17,8 +21,11 @@ import time
 import traceback
 from pathlib import Path
 
+import jax
+
 from unifer_jax import workdirs
-from unifer_jax.evaluators import alignment, classify, generative, instruct, label_likelihood
+from unifer_jax.evaluators import alignment, classify, generative, instruct, item_shards
+from unifer_jax.evaluators import label_likelihood
 
 EVALUATORS = {
     'zero_shot': classify.ZeroShot,
@@ -49,19 +56,24 @@ def build(evals_cfg) -> dict:
 
 
 def run(evaluators: dict, model, out_dir: Path | None, log=print) -> dict:
-  """{name: result}; an evaluator that fails records {'error': ...} and the rest run."""
+  """{name: result}; an evaluator that fails records {'error': ...} and the rest run.
+  Files go to ``out_dir`` from process 0 only."""
   results = {}
+  process = jax.process_index()
   for name, ev in evaluators.items():
     t = time.monotonic()
-    try:
-      r = ev.run(model, out_dir)
-    except Exception as e:  # pylint: disable=broad-except  (reported, the others still run)
-      r = {'error': f'{type(e).__name__}: {e}', 'traceback': traceback.format_exc(limit=4)}
-      log(f'eval {name}: FAILED: {r["error"]}')
+    with item_shards.counting() as tally:
+      try:
+        r = ev.run(model, out_dir if process == 0 else None)
+      except Exception as e:  # pylint: disable=broad-except  (reported, the others still run)
+        r = {'error': f'{type(e).__name__}: {e}', 'traceback': traceback.format_exc(limit=4)}
+        log(f'eval {name}: FAILED: {r["error"]}')
     r['type'] = ev.cfg['type']
     r['seconds'] = time.monotonic() - t
     results[name] = r
-    if 'error' not in r:
+    if tally.total:
+      log(f'eval {name}: process {process} scored {tally.scored} of {tally.total} items')
+    if 'error' not in r and process == 0:
       log(f'eval {name} ({ev.cfg["type"]}, {r["seconds"]:.1f} s): ' + ', '.join(
           f'{k} {v:.4g}' for k, v in scalars({name: r}).items() if not k.endswith('seconds'))[:400])
   return results
@@ -101,6 +113,7 @@ class InTraining:
     if not due:
       return {}
     out = self.workdir / 'evals' / f'step_{step}'
-    out.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+      out.mkdir(parents=True, exist_ok=True)
     model = model_io.Model.from_setup(self.setup, params, step)
     return {f'eval/{k}': v for k, v in scalars(run(due, model, out)).items()}

@@ -15,8 +15,10 @@ import time
 
 
 def main(args, overrides) -> int:
-  from unifer_jax import config_lib, workdirs  # pylint: disable=g-import-not-at-top
+  from unifer_jax import config_lib, distributed, workdirs  # pylint: disable=g-import-not-at-top
   from unifer_jax.evaluators import model_io, registry, report  # pylint: disable=g-import-not-at-top
+  distributed.initialize()
+  main_process = distributed.is_main()
   workdir = workdirs.path(args.workdir)   # a folder or a URL (gs://BUCKET/run)
   try:
     train_cfg = model_io.read_config(workdir)
@@ -40,12 +42,15 @@ def main(args, overrides) -> int:
   except FileNotFoundError as e:
     print(f'unifer eval: {e}', file=sys.stderr)
     return 2
-  print(f'unifer eval: {model.name} (step {model.step}), {len(evaluators)} evaluator(s)', flush=True)
-  results = registry.run(evaluators, model, workdir)
-  path = report.write(results, workdir, f'unifer eval: {workdir} at step {model.step}',
-                      extra={'workdir': str(workdir), 'step': model.step,
-                             'config': args.config or str(workdir / 'config.json'),
-                             'wall_s': time.monotonic() - t})
+  if main_process:
+    print(f'unifer eval: {model.name} (step {model.step}), {len(evaluators)} evaluator(s)',
+          flush=True)
+  results = registry.run(evaluators, model, workdir, log=lambda s: print(s, flush=True))
   failed = [n for n, r in results.items() if 'error' in r]
-  print(f'unifer eval: report {path}' + (f'; FAILED: {failed}' if failed else ''), flush=True)
+  if main_process:
+    path = report.write(results, workdir, f'unifer eval: {workdir} at step {model.step}',
+                        extra={'workdir': str(workdir), 'step': model.step,
+                               'config': args.config or str(workdir / 'config.json'),
+                               'wall_s': time.monotonic() - t})
+    print(f'unifer eval: report {path}' + (f'; FAILED: {failed}' if failed else ''), flush=True)
   return 1 if failed else 0

@@ -14,6 +14,10 @@ Resumable: each finished cell is written atomically to DIR/cells/<cell>.json and
 on a rerun (a killed sweep continues where it stopped); a failing cell is recorded with
 its error and the sweep goes on (failed cells are retried on a rerun). At the end, and
 after every cell, DIR holds results.csv, results.md and one PNG per metric.
+
+Under ``launch/local.py -n N`` (or on a pod) every process runs every cell, scoring its
+share of the items (item_shards); process 0 decides which cells are left and writes
+every file.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ import sys
 import time
 import traceback
 from pathlib import Path
+
+import numpy as np
 
 DEFAULT_METRICS = ('acc_weighted', 'acc_mean_class', 'macro_f1')
 
@@ -82,17 +88,29 @@ def _fmt_time(s: float) -> str:
 
 def run(cfg, out_dir, log=print) -> list[dict]:
   """Runs the cells not finished yet; returns every cell's record."""
-  from unifer_jax.evaluators import model_io, registry  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  from unifer_jax.evaluators import item_shards, model_io, registry  # pylint: disable=g-import-not-at-top
   out_dir = Path(out_dir)
-  (out_dir / 'cells').mkdir(parents=True, exist_ok=True)
+  main_process = jax.process_index() == 0
   todo = cells(cfg)
   variants = _plain(cfg.get('variants')) or {'default': {}}
   base = dict(_plain(cfg.evaluator))
   metric_names = list(cfg.get('metrics') or DEFAULT_METRICS)
-  done = {c['id'] for c in todo if _read(out_dir, c['id']).get('status') == 'ok'}
+  # Process 0's view of the finished cells, so that every process runs the same cells
+  # (the scoring is collective) even if they see the folder at different moments.
+  finished = np.array([_read(out_dir, c['id']).get('status') == 'ok' for c in todo])
+  if jax.process_count() > 1:
+    finished = np.asarray(multihost_utils.broadcast_one_to_all(finished))
+  done = {c['id'] for c, f in zip(todo, finished) if f}
+  statuses = {cid: 'ok' for cid in done}
+  if not main_process:   # only process 0 writes: the others run the cells silently
+    log = lambda _: None
   log(f'sweep: {len(todo)} cells, {len(done)} finished before (skipped), '
       f'{len(todo) - len(done)} to run -> {out_dir}')
-  (out_dir / 'sweep_config.json').write_text(json.dumps(_plain(cfg), indent=1, default=str))
+  if main_process:
+    (out_dir / 'cells').mkdir(parents=True, exist_ok=True)
+    (out_dir / 'sweep_config.json').write_text(json.dumps(_plain(cfg), indent=1, default=str))
   model, model_key = None, None
   t0, ran = time.monotonic(), 0
   remaining = len(todo) - len(done)
@@ -109,7 +127,10 @@ def run(cfg, out_dir, log=print) -> list[dict]:
         model_key = cell['checkpoint']
       spec = dict(base, **variants[cell['variant']], dataset=_plain(cfg.datasets)[cell['dataset']])
       evaluator = registry.build({cell['variant']: spec})[cell['variant']]
-      result = evaluator.run(model, None)
+      with item_shards.counting() as tally:
+        result = evaluator.run(model, None)
+      print(f'sweep cell {i}/{len(todo)}: process {jax.process_index()} scored '
+            f'{tally.scored} of {tally.total} items', flush=True)
       record.update(status='ok', step=model.step,
                     metrics={k: v for k, v in registry.scalars({'r': result}).items()},
                     notes=result.get('notes', []))
@@ -120,8 +141,11 @@ def run(cfg, out_dir, log=print) -> list[dict]:
       if model_key != cell['checkpoint']:
         model, model_key = None, None
     record['seconds'] = time.monotonic() - t
-    _write_atomic(out_dir / 'cells' / f'{cell["id"]}.json', json.dumps(record, indent=1, default=str))
     ran += 1
+    statuses[cell['id']] = record['status']
+    if not main_process:
+      continue
+    _write_atomic(out_dir / 'cells' / f'{cell["id"]}.json', json.dumps(record, indent=1, default=str))
     elapsed = time.monotonic() - t0
     eta = elapsed / ran * (remaining - ran)
     shown = (', '.join(f'{m} {record["metrics"][m]:.3f}' for m in metric_names
@@ -130,6 +154,8 @@ def run(cfg, out_dir, log=print) -> list[dict]:
     log(f'sweep cell {i}/{len(todo)} done [{cell["checkpoint_label"]} | {cell["dataset"]} | '
         f'{cell["variant"]}]: {shown} | elapsed {_fmt_time(elapsed)} | ETA {_fmt_time(eta)}')
     summarize(todo, out_dir, metric_names)
+  if not main_process:   # the statuses as this process saw them (process 0 writes the table)
+    return [dict(c, status=statuses[c['id']]) for c in todo]
   records = summarize(todo, out_dir, metric_names, plots=True)
   failed = [r['id'] for r in records if r.get('status') != 'ok']
   log(f'sweep: {len(records) - len(failed)}/{len(records)} cells ok'
@@ -179,7 +205,8 @@ def summarize(todo: list[dict], out_dir: Path, metric_names, plots: bool = False
 
 
 def main(args) -> int:
-  from unifer_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from unifer_jax import config_lib, distributed  # pylint: disable=g-import-not-at-top
+  distributed.initialize()
   try:
     cfg = config_lib.load(args.config, args.overrides)
     records = run(cfg, args.out, log=lambda s: print(s, flush=True))

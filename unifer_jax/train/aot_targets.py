@@ -22,14 +22,16 @@ GiB = 1024 ** 3
 @dataclasses.dataclass(frozen=True)
 class Chip:
   """One accelerator chip (published figures): HBM (GiB), HBM bandwidth and chip-to-chip
-  bandwidth (bytes/s; ICI on TPU, NVLink one way on H100), and how many JAX devices it
-  shows (TPU7x: 2 TensorCores as 2 devices). Peak bf16 FLOP/s per chip come from
+  bandwidth (bytes/s; ICI on TPU, NVLink one way on H100), the chip's share of its host's
+  data-centre network (DCN, between slices / hosts), and how many JAX devices it shows
+  (TPU7x: 2 TensorCores as 2 devices). Peak bf16 FLOP/s per chip come from
   ``metrics.PEAK_FLOPS`` (the table MFU uses in training)."""
   name: str
   hbm_gib: float
   hbm_bytes_per_s: float
   link_bytes_per_s: float
   peak_key: str  # key of metrics.PEAK_FLOPS
+  dcn_bytes_per_s: float
   devices_per_chip: int = 1
 
   def per_device(self) -> tuple[float, float, float, float]:
@@ -39,13 +41,17 @@ class Chip:
             metrics_lib.PEAK_FLOPS[self.peak_key] / n)
 
 
+# DCN per chip: v5p 50 Gbps (Cloud's v5p page); v5e 25 Gbps (6.4 Tbps per 256-chip pod, 2 x
+# 100 Gbps NICs per 8-chip host); v4, v6e and TPU7x publish none per chip: v5e's figure is
+# assumed (a lower bound for the newer chips). H100: one 400 Gb/s NIC per GPU (DGX H100).
+V5E_DCN = 25e9 / 8
 CHIPS = {
-    'v4': Chip('TPU v4', 32, 1228e9, 300e9, 'tpu v4'),
-    'v5e': Chip('TPU v5e', 16, 819e9, 200e9, 'tpu v5e'),
-    'v5p': Chip('TPU v5p', 95, 2765e9, 600e9, 'tpu v5p'),
-    'v6e': Chip('TPU v6e', 32, 1640e9, 448e9, 'tpu v6e'),
-    'tpu7x': Chip('TPU7x', 192, 7380e9, 1200e9, 'tpu7x', devices_per_chip=2),
-    'h100': Chip('NVIDIA H100 SXM 80GB', 80, 3350e9, 450e9, 'nvidia h100'),
+    'v4': Chip('TPU v4', 32, 1228e9, 300e9, 'tpu v4', V5E_DCN),
+    'v5e': Chip('TPU v5e', 16, 819e9, 200e9, 'tpu v5e', V5E_DCN),
+    'v5p': Chip('TPU v5p', 95, 2765e9, 600e9, 'tpu v5p', 50e9 / 8),
+    'v6e': Chip('TPU v6e', 32, 1640e9, 448e9, 'tpu v6e', V5E_DCN),
+    'tpu7x': Chip('TPU7x', 192, 7380e9, 1200e9, 'tpu7x', V5E_DCN, devices_per_chip=2),
+    'h100': Chip('NVIDIA H100 SXM 80GB', 80, 3350e9, 450e9, 'nvidia h100', 400e9 / 8),
 }
 
 # GpuTargetConfigProto (text) of an H100 SXM 80GB: what the deviceless XLA GPU compiler
@@ -86,9 +92,13 @@ class Target:
   platform: str    # 'tpu' | 'cuda'
   chip: str        # key of CHIPS
   topology: str    # TPU 'v5p:4x4x4' | GPU '<slices>x<hosts>x<devices per host>'
-  chips: int
+  chips: int       # per slice
+  slices: int = 1  # TPU multislice: this many copies of the slice, joined by the DCN
 
   def describe(self) -> str:
+    if self.platform == 'tpu' and self.slices > 1:
+      return (f'{self.slices} x {self.name} = {self.slices} x {self.topology} '
+              f'({self.slices * self.chips} chips over DCN)')
     if self.platform == 'tpu':
       return f'{self.name} = {self.topology} ({self.chips} chips)'
     _, hosts, per_host = self.topology.split('x')
@@ -131,8 +141,20 @@ KNOWN_TOPOLOGIES = (
     'of 8 over N/8 hosts), e.g. h100x8, h100x16')
 
 
-def resolve_topology(name: str) -> Target:
-  """``--topology`` -> Target; a ValueError listing the known names otherwise."""
+def resolve_topology(name: str, num_slices: int = 1) -> Target:
+  """``--topology`` (x ``--num_slices``) -> Target; a ValueError listing the known names
+  otherwise."""
+  target = _resolve_one(name)
+  if num_slices < 1:
+    raise ValueError(f'--num_slices {num_slices}: expected 1 or more')
+  if num_slices > 1 and target.platform != 'tpu':
+    raise ValueError(f'--num_slices {num_slices}: multislice is a TPU topology; GPU hosts are '
+                     f'given by the GPU count (h100x16 = 2 hosts), their DCN axes by '
+                     f'config.mesh.dcn')
+  return dataclasses.replace(target, slices=num_slices)
+
+
+def _resolve_one(name: str) -> Target:
   raw = name.strip().lower()
   gpu = re.fullmatch(r'(?:gpu:)?([a-z]\d+)x(\d+)', raw)
   if gpu and gpu.group(1) in GPU_TARGET_CONFIGS:
@@ -172,6 +194,8 @@ def topology_devices(target: Target) -> list:
   _quiet_libtpu()  # libtpu also loads (and probes) when the GPU plugin is asked
   if target.platform == 'tpu':
     kwargs = {'chip_config_name': 'megacore'} if target.chip == 'v4' else {}
+    if target.slices > 1:
+      kwargs['num_slices'] = target.slices
     try:
       topo = topologies.get_topology_desc(platform='tpu', topology_name=target.topology,
                                           **kwargs)

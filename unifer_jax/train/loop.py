@@ -2,7 +2,9 @@
 
 Reads top to bottom: distributed -> workdir -> mesh -> input -> model state (init or
 resume) -> step -> checkpointing and preemption -> loop. ``unifer train`` calls
-:func:`train`.
+:func:`train`. What a stage adds (an input adapter, frozen extra step inputs, a per-step
+hook such as grpo's rollouts) comes through ``setup.stage`` (train/stages.py); nothing
+here names a stage.
 """
 
 from __future__ import annotations
@@ -16,11 +18,11 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from unifer_jax import config_lib, distributed, sharding, workdirs
+from unifer_jax import config_lib, distributed, peer_watch, sharding, workdirs
 from unifer_jax.data import inputs as inputs_lib
 from unifer_jax.train import checkpoint as ckpt_lib
-from unifer_jax.train import losses, metrics as metrics_lib, profiling
-from unifer_jax.train import state as state_lib, step as step_lib, step_cost, teacher_targets
+from unifer_jax.train import metrics as metrics_lib, profiling
+from unifer_jax.train import state as state_lib, step as step_lib, step_cost
 
 
 class NonFiniteLossError(RuntimeError):
@@ -46,7 +48,7 @@ def train(config, workdir: str | Path) -> dict:
   # ------------------------------------------------------------------------------ #
   # Distributed and workdir                                                         #
   # ------------------------------------------------------------------------------ #
-  distributed.initialize()
+  distributed.initialize(peer_timeout_s=config.get('peer_timeout_s'))
   main = distributed.is_main()
   workdir = workdirs.path(workdir)   # a local folder or a URL (gs://BUCKET/run)
   if main:
@@ -58,13 +60,18 @@ def train(config, workdir: str | Path) -> dict:
   # ------------------------------------------------------------------------------ #
   mesh = sharding.make_mesh(config.mesh)
   if main:
+    _, dcn, granule = sharding.hybrid_shape(config.mesh, jax.devices())
+    spans = {a: n for a, n in zip(sharding.MESH_AXES, dcn) if n > 1}
     print(f'mesh {dict(mesh.shape)} over {jax.device_count()} devices, '
-          f'{jax.process_count()} process(es)', flush=True)
+          f'{jax.process_count()} process(es)'
+          + (f'; across {"slices" if granule == "slice" else "processes"} (DCN): {spans}'
+             if spans else ''), flush=True)
 
   # ------------------------------------------------------------------------------ #
   # Model, optimizer and their shardings (shared with compile-check)               #
   # ------------------------------------------------------------------------------ #
   setup = state_lib.build(config, mesh)
+  stage = setup.stage
 
   # ------------------------------------------------------------------------------ #
   # Input                                                                           #
@@ -72,9 +79,7 @@ def train(config, workdir: str | Path) -> dict:
   data = inputs_lib.make_input(config, setup.model_cfg)
   if main:   # after the input: a tokenizer it trained is there to copy into the workdir
     workdirs.save_config(config, workdir)
-  if config.get('distill') and config.distill.get('targets') == 'cached':
-    data = teacher_targets.CachedTargetsInput(data, teacher_targets.load_or_compute(config,
-                                                                                    workdir))
+  data = stage.adapt_input(data, workdir)
 
   # ------------------------------------------------------------------------------ #
   # Checkpoint: resume or initialise                                                #
@@ -100,13 +105,14 @@ def train(config, workdir: str | Path) -> dict:
   # ------------------------------------------------------------------------------ #
   # Step                                                                            #
   # ------------------------------------------------------------------------------ #
-  loss_fn = losses.get(config.stage, config)
-  batch_spec = data.batch_spec()
+  loss_fn = stage.loss()
+  batch_spec = stage.step_batch_spec(data.batch_spec())
   train_step = step_lib.compile_step(setup, loss_fn, batch_spec)
   traced = train_step.trace(*step_lib.abstract_args(setup, batch_spec))
   compiled = traced.lower().compile()
-  # Distill: the frozen teacher (params + label prompts) is the step's extra input.
-  teacher_inputs = () if setup.teacher is None else (setup.teacher.load(),)
+  # Frozen extra step inputs of the stage (distill: the teacher's params + label prompts).
+  extra = stage.load_extra()
+  extra_inputs = () if extra is None else (extra,)
   # Model FLOPs from the step's jaxpr, scanned layers counted per layer (XLA's cost
   # analysis counts a loop body once).
   flops_per_device = step_cost.step_flops(config, mesh, batch_spec, traced).model_flops / mesh.size
@@ -134,15 +140,11 @@ def train(config, workdir: str | Path) -> dict:
   # ------------------------------------------------------------------------------ #
   # Evals (config.evals, each every_steps; results in metrics.jsonl)               #
   # ------------------------------------------------------------------------------ #
+  # Every process runs them, each scoring its share of the items (evaluators/item_shards).
   evals = None
   if len(config.get('evals') or {}):
-    if multi_process:
-      if main:
-        print('config.evals: skipped in multi-process runs (run `unifer eval` on the '
-              'checkpoints)', flush=True)
-    else:
-      from unifer_jax.evaluators import registry as eval_registry  # pylint: disable=g-import-not-at-top
-      evals = eval_registry.InTraining(config, setup, workdir)
+    from unifer_jax.evaluators import registry as eval_registry  # pylint: disable=g-import-not-at-top
+    evals = eval_registry.InTraining(config, setup, workdir)
 
   # A jax.profiler trace of config.profile's steps (process 0; train/profiling.py).
   profiler = profiling.Profiler(config.get('profile'), workdir, enabled=main)
@@ -160,18 +162,23 @@ def train(config, workdir: str | Path) -> dict:
   step = first_step
   try:
     while step < config.total_steps:
+      peer_watch.progress(step + 1)   # the step this process is about to run
       with profiler.step(step + 1):
-        batch = inputs_lib.to_global(data.next_local_batch(), mesh)
-        state, step_metrics = compiled(state, batch, rng, *teacher_inputs)
+        local, host_metrics = data.next_local_batch(), {}
+        if stage.has_hook:   # e.g. rollouts: the step's batch is made from the input's rows
+          batch, host_metrics = stage.before_step(state, local, step, extra, data.next_local_batch)
+        else:
+          batch = inputs_lib.to_global(local, mesh)
+        state, step_metrics = compiled(state, batch, rng, *extra_inputs)
       step += 1
       profiler.after(step, state)
-      pending.append((step, step_metrics))
+      pending.append((step, step_metrics, host_metrics))
 
       if step % config.log_every_steps == 0 or step == config.total_steps:
         fetched = jax.device_get(pending)
         elapsed = time.monotonic() - interval_start
         per_step = elapsed / len(fetched)
-        for s, m in fetched:
+        for s, m, host in fetched:
           if not m['finite']:
             bad = [leaf_names[i] for i, ok in enumerate(m['grad_leaf_finite']) if not ok]
             msg = (f'step {s}: non-finite loss/gradients (loss={float(m["loss"])}); first '
@@ -186,6 +193,7 @@ def train(config, workdir: str | Path) -> dict:
                         tokens_per_s=tokens_per_batch / per_step)
           if flops_per_device and peak == peak:
             record['mfu'] = flops_per_device / per_step / peak
+          record = stage.log_record({**record, **host})
           writer.write(s, record)
           last = {'step': s, **record}
         writer.progress(step, last)
@@ -206,6 +214,8 @@ def train(config, workdir: str | Path) -> dict:
         if main:
           print(f'preempted (SIGTERM): saved step {step}, exiting', flush=True)
         raise Preempted(workdir, step)
+    if main:
+      stage.finish(workdir)
   finally:
     profiler.close()
     checkpointer.close()

@@ -1,5 +1,5 @@
 """Stage losses, one registry: ``LOSSES[config.stage](model, batch, rng) -> (loss, aux)``.
-(``distill``'s ``model`` is a ``step.Distillation``: the student and the frozen teacher.)
+(``distill``'s ``model`` is a ``distill_stage.Distillation``: the student and the frozen teacher.)
 
 Batches are dicts of arrays. Token batches use ``tokens`` [B, T] and ``loss_mask``
 [B, T] (1 where the token is a prediction target); the token at position i is predicted

@@ -48,7 +48,12 @@ class Setup:
   abstract_state: Any          # ShapeDtypeStructs carrying their shardings
   state_shardings: Any         # NamedShardings, same structure as the state
   logical_axes: dict           # flat 'path' -> logical axis names of every parameter
-  teacher: Any = None          # train.teacher.Teacher: frozen extra step input (distill)
+  stage: Any = None            # train.stages.Stage: what the stage adds to the loop
+
+  @property
+  def teacher(self):
+    """The distill stage's frozen teacher (None for other stages and cached targets)."""
+    return getattr(self.stage, 'teacher', None)
 
   def init_state(self, seed: int | None = None) -> Any:
     """Concrete state, created directly in its shards (never whole on one host); the
@@ -133,7 +138,11 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh) -> Setup:
   logical = optim.flat(_named(param_state, lambda v: sharding._logical_axes_of(v)))
   abstract_params = nnx.to_pure_dict(param_state)
 
-  sched = optim.schedule(config.schedule, config.total_steps)
+  from unifer_jax.train import stages  # pylint: disable=g-import-not-at-top (it builds on Setup)
+  stage_class = stages.stage_class(config.stage)
+  # The schedule counts optimizer updates (a stage may make several per step).
+  sched = optim.schedule(config.schedule,
+                         config.total_steps * stage_class.updates_per_step(config))
   trainable, _ = optim.split_trainable(abstract_params, config.freeze)
   if not jax.tree.leaves(trainable):
     raise ValueError(f'config.freeze={config.freeze!r} freezes every parameter')
@@ -152,18 +161,11 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh) -> Setup:
   abstract_state = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
       state_shardings)
-  teacher = None
-  if config.get('distill'):
-    targets = config.distill.get('targets', 'online')
-    if targets not in ('online', 'cached'):
-      raise ValueError(f"config.distill.targets={targets!r}; expected 'online' or 'cached'")
-    from unifer_jax.train import teacher as teacher_lib  # it builds on this module
-    teacher_lib.check_feature(config)
-    if targets == 'online':  # 'cached': the batches carry the teacher's scores
-      teacher = teacher_lib.build(config, mesh)
-  return Setup(config=config, model_cfg=model_cfg, mesh=mesh, graphdef=graphdef, tx=tx,
-               schedule=sched, abstract_state=abstract_state,
-               state_shardings=state_shardings, logical_axes=logical, teacher=teacher)
+  setup = Setup(config=config, model_cfg=model_cfg, mesh=mesh, graphdef=graphdef, tx=tx,
+                schedule=sched, abstract_state=abstract_state,
+                state_shardings=state_shardings, logical_axes=logical)
+  setup.stage = stage_class(config, setup)
+  return setup
 
 
 def bind(graphdef, params) -> nnx.Module:

@@ -1,5 +1,5 @@
-"""What one train step costs: matmul FLOPs and bytes from its jaxpr, and the
-collectives XLA inserted, from its compiled HLO text (per device, loops expanded).
+"""What one train step costs: matmul FLOPs and bytes from its jaxpr (per device, loops
+expanded). What the compiled program does (collectives, HBM bytes) is :mod:`hlo_stats`.
 
 The one FLOP counter of the code base: the train loop's MFU and ``unifer
 compile-check`` both use :func:`step_flops`. XLA's ``cost_analysis()`` counts the body
@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 
 import jax
 import numpy as np
 
 from unifer_jax import sharding
-from unifer_jax.train import losses
 from unifer_jax.train import state as state_lib, step as step_lib
 
 
@@ -34,7 +32,9 @@ class StepCost:
 def trace_step(config, mesh, batch_spec: dict):
   """(Setup, the traced jitted train step) for ``config`` on ``mesh``."""
   setup = state_lib.build(config, mesh)
-  jitted = step_lib.compile_step(setup, losses.get(config.stage, config), batch_spec)
+  # The step's batch (grpo: rollouts) as the stage makes it from the input's.
+  batch_spec = setup.stage.step_batch_spec(batch_spec)
+  jitted = step_lib.compile_step(setup, setup.stage.loss(), batch_spec)
   return setup, jitted.trace(*step_lib.abstract_args(setup, batch_spec))
 
 
@@ -159,84 +159,3 @@ def matmul_cost(jaxpr, batch_sizes=(), batch_shards: int = 1,
     flops += runs * eqn_flops(eqn)
     traffic += runs * sum(nbytes(v.aval) for v in (*eqn.invars[:2], eqn.outvars[0]))
   return flops, traffic
-
-
-COLLECTIVES = ('all-gather', 'reduce-scatter', 'all-reduce', 'all-to-all', 'collective-permute')
-_OP = re.compile(r'=\s*(\([^=]*?\)|\S+)\s+(' + '|'.join(COLLECTIVES) + r')(-start)?\(')
-_HEADER = re.compile(r'^(?:ENTRY\s+)?%?([\w.-]+)\s.*\{\s*$')
-_WHILE = re.compile(r'\bwhile\(.*\bcondition=%?([\w.-]+), body=%?([\w.-]+)')
-_CALLED = re.compile(r'(?:calls|to_apply|body|condition)=%?([\w.-]+)|branch_computations=\{([^}]*)\}')
-_ARRAY = re.compile(r'\b(pred|[a-z]+\d+[a-z0-9]*)\[([\d,]*)\]')
-_OP_NAME = re.compile(r'op_name="([^"]*)"')
-_TRIP = re.compile(r'constant\((\d+)\)')
-_KNOWN_TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
-
-
-def _array_bytes(type_text: str, largest: bool) -> int:
-  sizes = []
-  for dtype, dims in _ARRAY.findall(type_text):
-    bits = 1 if dtype == 'pred' else int(re.search(r'\d+', dtype).group())
-    sizes.append(math.prod(int(d) for d in dims.split(',') if d) * max(bits // 8, 1))
-  # An async *-start returns (operands, results): its largest array is the result.
-  return (max(sizes) if largest else sum(sizes)) if sizes else 0
-
-
-def collective_stats(hlo_text: str) -> tuple[dict, list]:
-  """Collectives of compiled HLO text, per device per step.
-
-  Returns ({op: {'ops': static count, 'runs': executions, 'bytes': result bytes moved}},
-  the 3 biggest ops by bytes as (bytes, op, result type, jax op name)). Executions
-  multiply an op inside a while body (the layer scan) by the loop's trip count, read from
-  its condition (``i < N``); an async start/done pair counts once. TPU's compiler often
-  writes an FSDP all-gather as an all-reduce of a zero-padded buffer (and a
-  reduce-scatter as an all-reduce and a slice), so there the bytes say more than the
-  op names. An async collective XLA moved into a loop body to overlap it with the loop
-  is counted every iteration: an upper bound.
-  """
-  comps, current = {}, None
-  for line in hlo_text.splitlines():
-    head = _HEADER.match(line)
-    if head and not line[0].isspace():  # computation headers start at column 0
-      current = head.group(1)
-      comps[current] = []
-    elif current is not None:
-      comps[current].append(line)
-  callers = {name: [] for name in comps}  # callee -> [(caller, times per caller run)]
-  for name, lines in comps.items():
-    for line in lines:
-      loop = _WHILE.search(line)
-      trips = {}
-      if loop:
-        cond, body = loop.groups()
-        known = _KNOWN_TRIPS.search(line)  # the GPU compiler annotates it
-        found = [int(n) for l in comps.get(cond, []) for n in _TRIP.findall(l)]
-        lt = any('direction=LT' in l for l in comps.get(cond, []))
-        trips[body] = int(known.group(1)) if known else max(found) if found and lt else 1
-      for one, many in _CALLED.findall(line):
-        for callee in (c.strip().lstrip('%') for c in (one or many).split(',')):
-          if callee in callers:
-            callers[callee].append((name, trips.get(callee, 1)))
-  runs_of = {}
-
-  def runs(name, seen=()):
-    if name not in runs_of:
-      if not callers[name]:
-        runs_of[name] = 1  # ENTRY (and unreferenced helpers)
-      else:
-        runs_of[name] = sum(runs(c, seen + (name,)) * t for c, t in callers[name] if c not in seen)
-    return runs_of[name]
-
-  stats = {op: {'ops': 0, 'runs': 0, 'bytes': 0} for op in COLLECTIVES}
-  biggest = []
-  for name, lines in comps.items():
-    for line in lines:
-      for type_text, op, start in _OP.findall(line):
-        n, size = runs(name), _array_bytes(type_text, largest=bool(start))
-        stats[op]['ops'] += 1
-        stats[op]['runs'] += n
-        stats[op]['bytes'] += n * size
-        op_name = _OP_NAME.search(line)
-        arrays = ['{}[{}]'.format(*a) for a in _ARRAY.findall(type_text)]
-        shown = arrays[-1] if start else ', '.join(arrays)
-        biggest.append((n * size, op, shown, op_name.group(1) if op_name else ''))
-  return stats, sorted(biggest, reverse=True)[:3]
