@@ -52,6 +52,9 @@ def test_relative_paths_for_urls_and_the_current_directory(tmp_path, monkeypatch
   assert workdirs.relative_to('gs://c/runs/data', 'gs://b/runs/a') == 'gs://c/runs/data'
   assert workdirs.join('gs://b/runs/a', '../data') == 'gs://b/runs/data'
   assert workdirs.relative_to('/data', '/w') == '/data'                       # '/' is no parent
+  assert str(workdirs.path('gs://b/run') / 'metrics.jsonl') == 'gs://b/run/metrics.jsonl'
+  with pytest.raises(ValueError, match='a URL that went through pathlib.Path'):
+    workdirs.path(Path('gs://b/run') / 'metrics.jsonl')   # would make a local folder 'gs:'
   monkeypatch.chdir(tmp_path)
   # Given relative to the current directory: absolute first, then relative to the workdir.
   tree = workdirs.portable(_config(data_dir='runs/data'), 'runs/a')

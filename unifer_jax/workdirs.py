@@ -53,6 +53,7 @@ _WEIGHT_SUFFIXES = ('.safetensors', '.bin', '.pt', '.pth', '.ckpt', '.h5', '.msg
                     '.gguf', '.onnx', '.npz', '.index.json')
 _MAX_TOKENIZER_FILE = 64 << 20
 _URL = re.compile(r'^[A-Za-z][A-Za-z0-9+.-]*://')
+_MANGLED_URL = re.compile(r'^(gs|s3|gcs|az|hdfs):/[^/]')
 
 
 # ---- the path type ---------------------------------------------------------------------
@@ -64,6 +65,9 @@ def is_url(p) -> bool:
 def path(p) -> epath.Path:
   """``p`` as the workdir path type: URLs as they are, local paths absolute."""
   s = str(p)
+  if _MANGLED_URL.match(s):   # pathlib.Path('gs://b/x') is 'gs:/b/x': a local folder 'gs:'
+    raise ValueError(f'{s}: a URL that went through pathlib.Path (one slash after the '
+                     f'scheme); keep workdir paths as workdirs.path(...)')
   return epath.Path(s if is_url(s) else os.path.abspath(s))
 
 

@@ -215,6 +215,7 @@ def train(config, workdir: str | Path) -> dict:
           print(f'preempted (SIGTERM): saved step {step}, exiting', flush=True)
         raise Preempted(workdir, step)
     if main:
+      writer.flush()   # what finish reads back (metrics.jsonl) is complete in the workdir
       stage.finish(workdir)
   finally:
     profiler.close()
