@@ -1,6 +1,6 @@
 """A workdir on object storage (issue 31 item 8): a 2-process `unifer train --workdir
 gs://BUCKET/run` against a local GCS server (fake-gcs-server, started here on loopback)
-writes its checkpoints, metrics.jsonl and TensorBoard events into the bucket; killed
+writes its checkpoints, metrics.jsonl, TensorBoard events and a profile into the bucket; killed
 with -9 after a checkpoint and rerun, it resumes from the bucket; nothing named `gs:`
 appears on local disk.
 
@@ -121,7 +121,8 @@ def test_two_process_train_on_a_gs_workdir_resumes_from_the_bucket(gcs, tmp_path
          sys.executable,
          '-m', 'unifer_jax.cli', 'train', '--config', str(REPO / 'configs/smoke.py:tiny'),
          '--workdir', f'gs://{BUCKET}/run', f'--config.total_steps={TOTAL}',
-         f'--config.checkpoint.every_steps={EVERY}', '--config.log_every_steps=1']
+         f'--config.checkpoint.every_steps={EVERY}', '--config.log_every_steps=1',
+         '--config.profile.start_step=2', '--config.profile.num_steps=1']
 
   # Run 1: killed with -9 (every process) once a checkpoint is committed in the bucket.
   log = open(tmp_path / 'run1.log', 'w+')
@@ -144,6 +145,7 @@ def test_two_process_train_on_a_gs_workdir_resumes_from_the_bucket(gcs, tmp_path
   logged = _steps_logged(bucket)     # every checkpointed step's metrics are in the bucket
   assert set(range(1, saved[-1] + 1)) <= set(logged), (saved, logged)
   assert bucket.list('run/tensorboard/events.out.tfevents')
+  assert [n for n in bucket.list('run/tensorboard/plugins/profile/') if n.endswith('.xplane.pb')]
 
   # Run 2: the same command resumes from the bucket and finishes.
   done = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=STEP_S)
