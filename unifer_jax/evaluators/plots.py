@@ -41,7 +41,8 @@ def _save(fig, out, dpi: int):
 def metric_curves(metrics_jsonl: Path, out: Path, keys, title: str = '') -> Path:
   """``keys`` of a workdir's metrics.jsonl against the step, one line each (a record
   without a key leaves a gap)."""
-  recs = [json.loads(l) for l in Path(metrics_jsonl).read_text().splitlines() if l.strip()]
+  recs = [json.loads(l) for l in workdirs.path(metrics_jsonl).read_text().splitlines()
+          if l.strip()]
   steps = [r['step'] for r in recs]
   fig, ax = plt.subplots(figsize=(7, 4))
   for key in keys:
@@ -51,9 +52,7 @@ def metric_curves(metrics_jsonl: Path, out: Path, keys, title: str = '') -> Path
   ax.set_title(title, fontsize=9)
   ax.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(out, dpi=100)
-  plt.close(fig)
-  return out
+  return _save(fig, out, 100)
 
 
 def confusion_matrix(true: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarray:

@@ -150,6 +150,7 @@ def train(config, workdir: str | Path) -> dict:
   profiler = profiling.Profiler(config.get('profile'), workdir, enabled=main)
 
   def save(step: int, force: bool = False):
+    writer.flush()   # metrics cover every checkpointed step (a gs:// workdir uploads here)
     checkpointer.save(step, state, {'input': data.get_state()}, config_json, force=force)
 
   # ------------------------------------------------------------------------------ #
@@ -214,6 +215,7 @@ def train(config, workdir: str | Path) -> dict:
           print(f'preempted (SIGTERM): saved step {step}, exiting', flush=True)
         raise Preempted(workdir, step)
     if main:
+      writer.flush()   # what finish reads back (metrics.jsonl) is complete in the workdir
       stage.finish(workdir)
   finally:
     profiler.close()

@@ -16,6 +16,7 @@ Today (configs/smoke.py:tiny, 2-core CPU): a 16 MB xplane.pb for 5 steps (tests/
 from __future__ import annotations
 
 import contextlib
+import shutil
 import tempfile
 
 import jax
@@ -60,6 +61,7 @@ class Profiler:
     jax.profiler.stop_trace()
     if workdirs.is_url(self.target):
       workdirs.copy_tree(self.logdir, self.target)
+      shutil.rmtree(self.logdir, ignore_errors=True)
     print(f'profile: steps {self.start}..{self.start + self.num - 1} in '
           f'{self.target}/plugins/profile', flush=True)
     self.logdir, self.enabled = None, False
