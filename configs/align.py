@@ -20,12 +20,20 @@ import ml_collections
 
 from unifer_jax import config_lib
 
+POD_BATCH = 8192
+POD_REMAT = dict(qformer='none')
+
 
 def get_config(arg: str = 'demo'):
-  c = config_lib.stage_config('align', arg or 'demo', steps=400, batch_size=32,
+  pod = arg == 'pod'
+  c = config_lib.stage_config('align', '7b' if pod else arg or 'demo', steps=400, batch_size=32,
                               peak_lr=1e-3, freeze=config_lib.LLM_PROJ_AND_LABEL_HEAD)
   c.input.text_len = 48
   c.align = ml_collections.ConfigDict(dict(weights=dict(itc=1.0, itm=1.0, itg=1.0)))
+  if pod:
+    # A pretrained ViT (init.vision), frozen; the Q-Former learns to query it.
+    c.freeze = r'^(vit|vision_norm)(/|$)|' + config_lib.LLM_PROJ_AND_LABEL_HEAD
+    config_lib.pod_variant(c, batch_size=POD_BATCH, remat=POD_REMAT, trained=('qformer',))
   if (arg or 'demo') == 'demo':
     # ITM learns nothing on the built-in corpus (from step 50 to 400 its loss averaged
     # 0.637, the entropy of its 1:2 positive:negative prior, at accuracy 0.667: always

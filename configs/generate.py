@@ -13,9 +13,16 @@ Args: the model preset (default demo).
 from unifer_jax import config_lib
 
 
+POD_BATCH = 4096
+POD_REMAT = dict(llm='dots')
+
+
 def get_config(arg: str = 'demo'):
+  pod = arg == 'pod'
   c = config_lib.stage_config(
-      'generate', arg or 'demo', steps=200, batch_size=32, peak_lr=1e-3,
+      'generate', '7b' if pod else arg or 'demo', steps=200, batch_size=32, peak_lr=1e-3,
       freeze=config_lib.VISION_STAGE1_HEADS_AND_LLM + '|' + config_lib.QFORMER_TEXT_SIDE)
   c.input.seq_len = 48
+  if pod:
+    config_lib.pod_variant(c, batch_size=POD_BATCH, remat=POD_REMAT, trained=('qformer',))
   return c

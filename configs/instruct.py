@@ -21,12 +21,17 @@ Args: the model preset (default demo).
 from unifer_jax import config_lib
 
 
+POD_BATCH = 2048
+POD_REMAT = dict(llm='dots')
+
+
 def get_config(arg: str = 'demo'):
   demo = (arg or 'demo') == 'demo'
+  pod = arg == 'pod'
   frozen = (config_lib.VISION_AND_STAGE1_HEADS, config_lib.QFORMER_TEXT_SIDE)
   c = config_lib.stage_config(
-      'instruct', arg or 'demo', steps=400 if demo else 500, batch_size=32, peak_lr=1e-3,
-      freeze='|'.join(frozen if demo else frozen + (config_lib.LLM_BUT_LORA,)))
+      'instruct', '7b' if pod else arg or 'demo', steps=400 if demo else 500, batch_size=32,
+      peak_lr=1e-3, freeze='|'.join(frozen if demo else frozen + (config_lib.LLM_BUT_LORA,)))
   c.model.lora.rank = 0 if demo else 16
   # The step's cost follows seq_len (demo: 66 / 74 / 88 samples/s at 128 / 112 / 96) while
   # rows average 63 tokens: 112 fits all but the longest CoT targets (2.7 % of rows then
@@ -36,6 +41,8 @@ def get_config(arg: str = 'demo'):
   # share of the compound task (demo, 300 steps: compound 0.585 vs 0.579, basic 0.865 vs
   # 0.88 -- within noise alone, kept with the 400 steps below).
   c.input.task_weights = [2.0 if t == 'compound' else 1.0 for t in c.input.tasks]
+  if pod:
+    config_lib.pod_variant(c, batch_size=POD_BATCH, remat=POD_REMAT, trained=('qformer',))
   if demo:
     # From the generate checkpoint of a demo run, with compound x2 (held-out basic /
     # compound, n = 400 / 316): 300 steps with flip/colour/occlusion 0.843 / 0.661;

@@ -54,6 +54,9 @@ def base(model: str = 'tiny') -> ml_collections.ConfigDict:
   # code 75, the lost process named; peer_watch.py).
   c.peer_timeout_s = 180.0
   c.evals = {}
+  # A jax.profiler trace of steps start_step .. start_step + num_steps - 1 into
+  # WORKDIR/tensorboard/plugins/profile (train/profiling.py); num_steps=0: off.
+  c.profile = dict(start_step=0, num_steps=0)
   return c
 
 
@@ -176,3 +179,20 @@ def flip_only(c: ml_collections.ConfigDict) -> None:
   it did not win across data orders (configs/vision.py)."""
   c.input.augment.enabled = True
   c.input.augment.update(dict(brightness=0.0, contrast=0.0, saturation=0.0, occlusion=0.0))
+
+
+def pod_variant(c: ml_collections.ConfigDict, *, batch_size: int, remat: dict,
+                trained: Sequence[str]) -> None:
+  """The 7b preset on a TPU pod (the ``pod`` arg of the stage configs): FSDP over every
+  chip (data parallel across slices, sharding.py), bf16 compute; the towers in ``trained``
+  keep f32 parameters (and AdamW moments), the frozen ones stay in bf16 as their
+  checkpoints ship; ``remat`` per tower ('none' for a frozen tower nothing is
+  differentiated through: it keeps no activations anyway). Chosen with ``unifer
+  compile-check``: the figures are in each config's docstring."""
+  from unifer_jax.models import presets
+  presets.set_compute_dtype(c.model, 'bfloat16')
+  for tower in ('vit', 'qformer', 'llm'):
+    c.model[tower].param_dtype = 'float32' if tower in trained else 'bfloat16'
+    c.model[tower].remat = remat.get(tower, 'none')
+  c.mesh.update(data=1, fsdp=-1, tensor=1)
+  c.input.batch_size = batch_size
