@@ -292,8 +292,7 @@ def _split_instruction(line: str):
 
 class _FusedView:
   """A fused computation seen from its fusion instruction: what the fusion reads of each
-  operand (:meth:`reads`) and, when its root updates an operand in place (a
-  dynamic-update-slice, or a tuple of them), the bytes it writes."""
+  operand (:meth:`reads`) and what it writes (``write_bytes``)."""
 
   def __init__(self, program: 'Program', name: str, cache: dict):
     self.program, self.cache = program, cache
@@ -313,13 +312,21 @@ class _FusedView:
       for position, operand in enumerate(operands):
         if operand in self.users:
           self.users[operand].append((name_, op, position, rest))
-    self.update_bytes = None
+    # What the fusion writes: each output whole, but an output that is a dynamic-update-
+    # slice (in place: the scan's [layers, ...] residual stacks) only its update.
     roots = [root] if root else []
     if root and self.instructions[root][1] == 'tuple':
       roots = self.instructions[root][2]
-    updates = [self.instructions.get(r) for r in roots]
-    if updates and all(u and u[1] == 'dynamic-update-slice' and len(u[2]) > 1 for u in updates):
-      self.update_bytes = sum(hbm_array_bytes(self.instructions[u[2][1]][0]) for u in updates)
+    self.write_bytes = sum(self._written(r) for r in roots) if roots else None
+
+  def _written(self, name: str) -> int:
+    type_text, op, operands, _ = self.instructions.get(name, ('', '', [], ''))
+    if op == 'bitcast' and operands:
+      return self._written(operands[0])
+    if op == 'dynamic-update-slice' and len(operands) > 1:
+      update = self.instructions.get(operands[1], ('',))[0]
+      return array_bytes(update) if hbm_array_bytes(type_text) else 0
+    return hbm_array_bytes(type_text)
 
   @classmethod
   def of(cls, program: 'Program', name: str, cache: dict) -> '_FusedView':
@@ -381,7 +388,7 @@ def hbm_bytes(hlo: str | Program) -> tuple[float, list]:
         continue
       name, type_text, op, operands, rest = parsed
       types[name] = type_text
-      if op in _FREE or op.endswith('-done'):
+      if op in _FREE or op.endswith('-done') or 'custom_call_target="AllocateBuffer"' in rest:
         continue
       out = hbm_array_bytes(type_text)
       ins = [hbm_array_bytes(types.get(o, '')) for o in operands]
@@ -397,7 +404,7 @@ def hbm_bytes(hlo: str | Program) -> tuple[float, list]:
         if callee and callee.group(1) in program.computations:
           view = _FusedView.of(program, callee.group(1), views)
         reads = sum(view.reads(i, b) if view else b for i, b in enumerate(ins))
-        writes = view.update_bytes if view and view.update_bytes is not None else out
+        writes = view.write_bytes if view and view.write_bytes is not None else out
         size = reads + writes
       elif op.endswith('-start'):  # async collective: its type holds (operands, results)
         size = hbm_array_bytes(type_text)
