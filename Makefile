@@ -26,7 +26,7 @@ $(DEMO_STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-demo-* && touch $@
 
 $(TEST_STAMP): $(DEMO_STAMP)
-	$(BIN)/pip install -q -e ".[test,tpu,gpu-aot,beam,export,serve]"
+	$(BIN)/pip install -q -e ".[test,tpu,gpu-aot,beam,export,serve,gcs]"
 	rm -f $(VENV)/.installed-test-* && touch $@
 
 install: $(TEST_STAMP) $(CHROMIUM)

@@ -6,7 +6,9 @@
 Each process gets UNIFER_COORDINATOR=127.0.0.1:PORT, UNIFER_NUM_PROCESSES, UNIFER_PROCESS_ID
 (read by unifer_jax.distributed), JAX_PLATFORMS=cpu, and its share of the fake CPU
 devices (--devices total, split evenly). Output lines are prefixed with [pI]. If one
-process fails, the others are stopped and the exit code is the first failure's.
+process fails, the others are stopped and the exit code is the first failure's; with
+--keep-going they are left to find out themselves, as hosts of a pod would (the peer
+watch stops them within peer_timeout_s, exit code 75).
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ def main(argv=None) -> int:
   p.add_argument('-n', '--num_processes', type=int, default=2)
   p.add_argument('--devices', type=int, default=8, help='fake CPU devices in total')
   p.add_argument('--port', type=int, default=0, help='coordinator port (0 = pick a free one)')
+  p.add_argument('--keep-going', action='store_true',
+                 help='do not kill the others when one process fails (as on separate hosts)')
   p.add_argument('command', nargs=argparse.REMAINDER)
   args = p.parse_args(argv)
   command = args.command[1:] if args.command[:1] == ['--'] else args.command
@@ -63,6 +67,7 @@ def main(argv=None) -> int:
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     threading.Thread(target=_pump, args=(proc.stdout, f'[p{i}]'), daemon=True).start()
     procs.append(proc)
+    print(f'[launch] process {i}: pid {proc.pid}', flush=True)
 
   def forward(signum, _frame):
     for proc in procs:
@@ -80,7 +85,10 @@ def main(argv=None) -> int:
       except subprocess.TimeoutExpired:
         continue
       remaining.discard(i)
-      if code != 0 and exit_code == 0:
+      if code != 0 and args.keep_going:
+        exit_code = exit_code or code
+        print(f'[launch] process {i} exited with {code}', flush=True)
+      elif code != 0 and exit_code == 0:
         exit_code = code
         print(f'[launch] process {i} exited with {code}; killing the others', flush=True)
         # A collective with a dead peer can neither finish nor save: kill, don't ask.

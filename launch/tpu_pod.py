@@ -112,7 +112,7 @@ def install_command(python: str) -> str:
   uv = '~/.local/bin/uv'
   return (f'cd {REMOTE_DIR} && python3 -m pip install -q --user uv && '
           f'{uv} venv -q --python {python} .venv && '
-          f'{uv} pip install -q --python .venv/bin/python -e ".[tpu]"')
+          f'{uv} pip install -q --python .venv/bin/python -e ".[tpu,gcs]"')
 
 
 def gcloud_commands(args, command: list[str]) -> list[list[str]]:
@@ -142,7 +142,7 @@ def xpk_commands(args, command: list[str]) -> list[list[str]]:
     raise ValueError('--xpk needs --cluster (an existing GKE cluster made by xpk cluster create)')
   accel = accelerator_type(args.accelerator)
   # The container starts in the script dir (the image's working directory).
-  remote = f'pip install -q -e ".[tpu]" && {shlex.join(command)}'
+  remote = f'pip install -q -e ".[tpu,gcs]" && {shlex.join(command)}'
   cmd = ['xpk', 'workload', 'create', f'--cluster={args.cluster}', f'--workload={args.name}',
          f'--tpu-type={accel}', f'--num-slices={args.num_slices}']
   if args.zone:

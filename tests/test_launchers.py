@@ -51,8 +51,8 @@ def test_tpu_pod_gcloud_commands():
     assert ssh[:6] == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'ssh', 'unifer-7b']
     assert '--worker=all' in ssh and _flag(ssh, '--zone') == 'us-east5-a'
   install_line = shlex.split(_flag(install, '--command'))
-  assert install_line[-4:] == ['--python', '.venv/bin/python', '-e', '.[tpu]']
-  assert 'install' in install_line and '.[tpu]' in install_line
+  assert install_line[-4:] == ['--python', '.venv/bin/python', '-e', '.[tpu,gcs]']
+  assert 'install' in install_line and '.[tpu,gcs]' in install_line
   # The remote shell line, split as the worker's shell would: the exact unifer argv.
   remote = shlex.split(_flag(train, '--command'))
   assert remote[:3] == ['cd', 'unifer', '&&']
@@ -81,7 +81,7 @@ def test_tpu_pod_xpk_workload():
   assert _flag(cmd, '--tpu-type') == 'v5litepod-256' and _flag(cmd, '--num-slices') == '2'
   assert _flag(cmd, '--script-dir') == '.'
   inner = shlex.split(_flag(cmd, '--command'))
-  assert inner[:5] == ['pip', 'install', '-q', '-e', '.[tpu]'] and inner[5] == '&&'
+  assert inner[:5] == ['pip', 'install', '-q', '-e', '.[tpu,gcs]'] and inner[5] == '&&'
   assert inner[6:] == TRAIN
 
 

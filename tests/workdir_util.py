@@ -2,16 +2,18 @@
 saves it: for the evaluator, `unifer predict` and `unifer serve --backend full` tests.
 
 ``instruct_workdir(root)`` writes a 120-face corpus (``root/data``), its BPE
-(``root/tok``) and ``root/instruct``: config.json + two checkpoints of the tiny preset
-(steps 1 and 2, two random initialisations). ``ferbench_items(workdir)`` writes the
-corpus' test faces as a FERBench item file."""
+(``root/tok``) and ``root/instruct``: config.json (written as the trainer writes it:
+the tokenizer copied in, ``../data`` relative) + two checkpoints of the tiny preset
+(steps 1 and 2, two random initialisations; LoRA adapters of rank ``lora_rank``, 0 =
+none; the input at its first batch). ``ferbench_items(workdir)`` writes the corpus' test
+faces as a FERBench item file."""
 
 from pathlib import Path
 
 import jax
 import numpy as np
 
-from unifer_jax import config_lib, sharding
+from unifer_jax import config_lib, sharding, workdirs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,7 +31,7 @@ def _random_leaf(path, a, rng):
   return (rng.normal(size=a.shape) * 0.05).astype(a.dtype)
 
 
-def instruct_workdir(root: Path) -> dict:
+def instruct_workdir(root: Path, lora_rank: int = 2) -> dict:
   from data_prep import synthetic_faces as sf
   from unifer_jax.data import tokenizer as tok_lib
   from unifer_jax.train import checkpoint as ckpt_lib, state as state_lib
@@ -40,11 +42,10 @@ def instruct_workdir(root: Path) -> dict:
       f'--config.input.data_dir={root / "data"}', f'--config.input.tokenizer={root / "tok"}',
       '--config.input.seq_len=96', '--config.input.text_len=48',
       '--config.model.llm.vocab_size=512', '--config.model.qformer.vocab_size=512',
-      '--config.model.llm.max_seq_len=320', '--config.model.lora.rank=2',
+      '--config.model.llm.max_seq_len=320', f'--config.model.lora.rank={lora_rank}',
       '--config.checkpoint.async_save=False'])
   w = root / 'instruct'
-  w.mkdir()
-  (w / 'config.json').write_text(config_lib.to_json(config))
+  workdirs.save_config(config, w)    # as the trainer writes it: the tokenizer copied in
   setup = state_lib.build(config, sharding.make_mesh(config.mesh))
   ckpt = ckpt_lib.Checkpointer(w / 'checkpoints', config.checkpoint)
   # Random weights drawn with numpy into the model's parameter shapes: the model's own
@@ -54,7 +55,7 @@ def instruct_workdir(root: Path) -> dict:
     rng = np.random.default_rng(seed)
     ckpt.save(step, jax.tree_util.tree_map_with_path(
         lambda path, a: _random_leaf(path, a, rng), setup.abstract_state),
-        {'input': {}}, {}, force=True)
+        {'input': {'position': 0}}, {}, force=True)
   ckpt.close()
   return dict(root=root, workdir=w, config=config, setup=setup)
 

@@ -34,10 +34,15 @@ def _params(args) -> int:
 
 
 def _train(args, overrides) -> int:
-  from unifer_jax import config_lib, distributed
-  distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+  from unifer_jax import distributed, workdirs
+  try:
+    config = workdirs.load_config(args.config, overrides, args.workdir)
+  except FileNotFoundError as e:
+    print(f'unifer train: {e}', file=sys.stderr)
+    return 2
+  distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                         peer_timeout_s=config.get('peer_timeout_s'))
   from unifer_jax.train import loop
-  config = config_lib.load(args.config, overrides)
   try:
     loop.train(config, args.workdir)
   except loop.Preempted:
@@ -76,8 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser(name, help=f'(not built yet: {NOT_BUILT[name]})')
     s.add_argument('rest', nargs=argparse.REMAINDER)
   s = sub.add_parser('train', help='train a config (any stage); resumes from the workdir')
-  s.add_argument('--config', required=True, help='configs/X.py[:arg]; then --config.key=value ...')
-  s.add_argument('--workdir', required=True)
+  s.add_argument('--config', help='configs/X.py[:arg] or a config.json; then --config.key=value '
+                 '... (default: the workdir\'s config.json, to resume a run as it was)')
+  s.add_argument('--workdir', required=True, help='a folder or a URL (gs://BUCKET/run)')
   s.add_argument('--coordinator', help='host:port of process 0 (multi-process without a cluster)')
   s.add_argument('--num_processes', type=int)
   s.add_argument('--process_id', type=int)

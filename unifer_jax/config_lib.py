@@ -50,7 +50,13 @@ def base(model: str = 'tiny') -> ml_collections.ConfigDict:
   c.schedule = dict(name='cosine', peak_lr=1e-3, warmup_steps=10, end_lr_ratio=0.1)
   c.freeze = ''  # regex over parameter paths; matching parameters get no updates
   c.nan_policy = 'skip'  # 'skip' the step or 'stop' with the offending leaf named
+  # Multi-process: a dead or hung peer stops the others within this many seconds (exit
+  # code 75, the lost process named; peer_watch.py).
+  c.peer_timeout_s = 180.0
   c.evals = {}
+  # A jax.profiler trace of steps start_step .. start_step + num_steps - 1 into
+  # WORKDIR/tensorboard/plugins/profile (train/profiling.py); num_steps=0: off.
+  c.profile = dict(start_step=0, num_steps=0)
   return c
 
 

@@ -10,7 +10,6 @@ What else has no HF equivalent (a conv stem, the token gain) is refused by name
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import jax
@@ -18,6 +17,7 @@ import ml_collections
 import numpy as np
 from flax import nnx, traverse_util
 
+from unifer_jax import workdirs
 from unifer_jax.convert import commands, vlm
 from unifer_jax.convert.hf_io import ConversionError
 
@@ -96,5 +96,4 @@ class WorkdirTower(commands.Tower):
 
 
 def read_tower(path: Path) -> WorkdirTower:
-  config = ml_collections.ConfigDict(json.loads((Path(path) / 'config.json').read_text()))
-  return WorkdirTower(Path(path), config)
+  return WorkdirTower(Path(path), workdirs.read_config(path))

@@ -86,6 +86,23 @@ def answer_span(text: str) -> str:
   return _THINK.sub(' ', text).strip()
 
 
+_TAGS = ('<think>', '</think>', '<answer>', '</answer>')
+_THINK_FORMAT = re.compile(r'\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*', re.DOTALL)
+_ANSWER_FORMAT = re.compile(r'\s*<answer>(.*?)</answer>\s*', re.DOTALL)
+
+
+def is_well_formed(text: str, think: bool) -> bool:
+  """Exactly ``<think>...</think><answer>...</answer>`` (``think``) or
+  ``<answer>...</answer>``: one of each tag, nothing outside them but whitespace, no
+  empty part -- the format a UniFER-CoT prompt asks for."""
+  counts = [text.count(t) for t in _TAGS]
+  if think:
+    m = _THINK_FORMAT.fullmatch(text)
+    return m is not None and counts == [1, 1, 1, 1] and all(g.strip() for g in m.groups())
+  m = _ANSWER_FORMAT.fullmatch(text)
+  return m is not None and counts == [0, 0, 1, 1] and bool(m.group(1).strip())
+
+
 def _norm(s: str) -> str:
   return re.sub(r'[\s_\-]+', ' ', re.sub(r'[^\w\s\-+.]', ' ', s.lower())).strip()
 

@@ -37,6 +37,7 @@ vocabulary per prompt (canonical nouns, adjectives as FERPlus uses, or synonyms 
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 
@@ -270,6 +271,26 @@ def prompt_for(task: str, candidates=None, *, phrasing: int = 0, think: bool | N
     prompt = prompt.format(labels=listed)
   hints = _COT_HINTS if think else _ANSWER_HINTS
   return f'{prompt} {hints[hint]}'
+
+
+def offered_candidates(task: str, text: str) -> list[str] | None:
+  """The label strings a ``task`` prompt offered, read back from its text (as written by
+  ``prompt_for``, possibly inside a chat template and decoded from tokens), or None when
+  no phrasing of the task matches. GRPO's answer reward scores open-vocabulary
+  completions against exactly these."""
+  for phrasing in _PROMPTS[task]:
+    if '{labels}' not in phrasing:
+      continue
+    before, after = (re.escape(part).replace('\\ ', r'\s*') for part in phrasing.split('{labels}'))
+    hints = '|'.join(re.escape(h.split(' ')[0]) for h in _COT_HINTS + _ANSWER_HINTS)
+    m = re.search(before + r'\s*(.+?)\s*' + after + r'\s*(?:' + hints + ')', text, re.DOTALL)
+    if m:
+      listed = m.group(1)
+      if task == 'age_group' and ' or ' in listed:
+        head, _, last = listed.rpartition(' or ')
+        return [c.strip() for c in head.split(',')] + [last.strip()]
+      return [c.strip() for c in listed.split(',')]
+  return None
 
 
 def prompt_variants(task: str, think: bool = False) -> list[tuple[int, int]]:

@@ -26,7 +26,8 @@ reads records p, p + P, ...; the last batch is padded (``valid`` = 0 rows, a rep
 real record) so every process yields the same number of batches; adds ``id`` (bytes).
 
 Stage -> format: lm -> lm, align -> align, generate -> generate, instruct -> instruct,
-distill -> eval (with augmentation in training). ``config.input.format`` overrides.
+grpo -> instruct (its prompts), distill -> eval (with augmentation in training).
+``config.input.format`` overrides.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from unifer_jax.models import presets
 log = logging.getLogger(__name__)
 
 STAGE_FORMATS = {'lm': 'lm', 'vision': 'eval', 'align': 'align', 'generate': 'generate',
-                 'instruct': 'instruct', 'distill': 'eval'}
+                 'instruct': 'instruct', 'grpo': 'instruct', 'distill': 'eval'}
 
 
 def default_input_config() -> ml_collections.ConfigDict:

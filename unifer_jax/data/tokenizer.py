@@ -196,10 +196,13 @@ def is_tokenizer_dir(path) -> bool:
 
 def load(path) -> Tokenizer:
   """Any HF tokenizer directory -> Tokenizer (offline; adds [CLS]/[DEC] if missing)."""
-  path = os.fspath(path)
+  path = shown = str(path)
+  if '://' in path:   # a workdir on object storage (gs://...): read from a local copy
+    from unifer_jax import workdirs  # pylint: disable=g-import-not-at-top
+    path = workdirs.local_copy(path)
   if not is_tokenizer_dir(path):
     raise FileNotFoundError(
-        f'tokenizer {path!r} is not a tokenizer directory (no tokenizer.json, '
+        f'tokenizer {shown!r} is not a tokenizer directory (no tokenizer.json, '
         f'tokenizer_config.json, vocab.txt or tokenizer.model); train one with '
         f'unifer_jax.data.tokenizer.train_for_datasets or set config.input.tokenizer')
   from tokenizers import AddedToken, Tokenizer as RustTokenizer  # pylint: disable=g-import-not-at-top

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from unifer_jax import workdirs
 from unifer_jax.evaluators import eval_sets, metrics, plots
 
 TEMPLATES = ('a {} face.', 'a face showing {}.', 'a photo of a person with a {} expression.',
@@ -27,7 +28,7 @@ def label_metrics(true, pred, classes, out_dir: Path | None, tag: str, title: st
   """metrics.classification + its confusion matrix PNG."""
   r = metrics.classification(true, pred, classes)
   if out_dir is not None:
-    png = Path(out_dir) / f'{tag}_confusion.png'
+    png = workdirs.path(out_dir) / f'{tag}_confusion.png'
     plots.plot_confusion(np.asarray(r['confusion']), classes,
                          f'{title}: acc {r["acc_weighted"]:.3f} (weighted), '
                          f'{r["acc_mean_class"]:.3f} (mean class)', png)
@@ -38,7 +39,7 @@ def label_metrics(true, pred, classes, out_dir: Path | None, tag: str, title: st
 def write_missing(data, out_dir: Path | None, tag: str) -> None:
   """The full list of absent images (the notes show the first few)."""
   if data.missing and out_dir is not None:
-    (Path(out_dir) / f'{tag}_missing_images.txt').write_text('\n'.join(data.missing) + '\n')
+    (workdirs.path(out_dir) / f'{tag}_missing_images.txt').write_text('\n'.join(data.missing) + '\n')
 
 
 def calibration_report(logits, true, val_logits, val_true, out_dir, tag, title, bins) -> dict:
@@ -47,7 +48,7 @@ def calibration_report(logits, true, val_logits, val_true, out_dir, tag, title, 
     tables = {'raw': cal['reliability']}
     if 'reliability_scaled' in cal:
       tables[f"T={cal['temperature']:.2f}"] = cal['reliability_scaled']
-    png = Path(out_dir) / f'{tag}_reliability.png'
+    png = workdirs.path(out_dir) / f'{tag}_reliability.png'
     plots.plot_reliability(tables, title, png)
     cal['figures'] = [png.name]
   return cal

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from unifer_jax import workdirs
 from unifer_jax.data import instructions
 from unifer_jax.evaluators import classify, eval_sets, ferbench
 
@@ -66,7 +67,7 @@ class Generative:
     r['examples'] = [{'answer': a, 'extracted': w, 'true': data.classes[t]}
                      for a, w, t in list(zip(answers, words, data.true))[:5]]
     if out_dir is not None:
-      with open(Path(out_dir) / f'{self.name}_answers.jsonl', 'w') as f:
+      with (workdirs.path(out_dir) / f'{self.name}_answers.jsonl').open('w') as f:
         for a, w, t in zip(answers, words, data.true):
           f.write(json.dumps({'answer': a, 'extracted': w, 'true': data.classes[t]}) + '\n')
     return r

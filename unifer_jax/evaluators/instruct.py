@@ -126,6 +126,32 @@ def evaluate(graphdef, params, data: dict, tok, tasks=tuple(TASKS), batch_size: 
   return metrics, raw
 
 
+def ferbench_scores(graphdef, params, data: dict, tok, tasks=('basic', 'compound'),
+                    batch_size: int = 64, max_per_task: int = 400, qformer_text=None) -> dict:
+  """Greedy answers to each label task's training prompt (CoT hint), scored as the
+  FERBench protocol scores them and as GRPO rewards them: ``{task}_acc`` (the label
+  ``ferbench.extract_label`` reads over the task's vocabulary, RAF-DB protocol; unknown =
+  wrong), ``{task}_format`` (``answers.is_well_formed``: exactly <think>..</think>
+  <answer>..</answer>), ``{task}_n``; plus ``format_rate`` over all of them."""
+  from unifer_jax.data import answers as answers_lib, labels  # pylint: disable=g-import-not-at-top
+  from unifer_jax.evaluators import ferbench  # pylint: disable=g-import-not-at-top
+  out, formats = {}, []
+  for task in tasks:
+    key, vocab = {'basic': ('expression', labels.BASIC),
+                  'compound': ('compound', labels.COMPOUND)}[task]
+    idx = np.flatnonzero(data[key] >= 0)[:max_per_task]
+    texts = answers(graphdef, params, data['image'][idx], task, tok, batch_size, qformer_text)
+    said = [ferbench.extract_label(t, vocab) for t in texts]
+    truth = [vocab[i] for i in data[key][idx]]
+    ok = [answers_lib.is_well_formed(t, think=True) for t in texts]
+    out[f'{task}_acc'] = float(np.mean([s == t for s, t in zip(said, truth)]))
+    out[f'{task}_format'] = float(np.mean(ok))
+    out[f'{task}_n'] = len(idx)
+    formats += ok
+  out['format_rate'] = float(np.mean(formats))
+  return out
+
+
 class InstructTasks:
   """``config.evals.NAME = dict(type='instruct', dataset=<tfds spec>, tasks=[...],
   max_per_task=400)``: the FER tasks asked as training asks them (basic and compound

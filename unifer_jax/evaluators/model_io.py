@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -21,7 +19,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from unifer_jax import sharding
+from unifer_jax import sharding, workdirs
 from unifer_jax.data import examples, pipeline
 from unifer_jax.data import tokenizer as tokenizer_lib
 from unifer_jax.evaluators import alignment, item_shards, likelihood
@@ -29,11 +27,8 @@ from unifer_jax.models import unifer as unifer_lib
 
 
 def read_config(workdir) -> ml_collections.ConfigDict:
-  path = Path(workdir) / 'config.json'
-  if not path.is_file():
-    raise FileNotFoundError(f'{workdir}: no config.json -- not a training workdir '
-                            f'(`unifer train ... --workdir {workdir}` writes one)')
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
+  """WORKDIR/config.json, its paths resolved where the workdir is now (workdirs.py)."""
+  return workdirs.read_config(workdir)
 
 
 @dataclasses.dataclass
@@ -188,7 +183,7 @@ def _generate(params, images, ids, mask, qformer, rng, *, graphdef, max_new, tem
 def load(workdir, step: int | None = None, config=None, name: str = '') -> Model:
   """The model of a training workdir at ``step`` (default: its newest checkpoint)."""
   from unifer_jax.train import checkpoint as ckpt_lib, state as state_lib  # pylint: disable=g-import-not-at-top
-  workdir = Path(workdir)
+  workdir = workdirs.path(workdir)
   config = config if config is not None else read_config(workdir)
   mesh = sharding.make_mesh(config.mesh)
   setup = state_lib.build(config, mesh)

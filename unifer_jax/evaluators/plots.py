@@ -13,6 +13,8 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 
+from unifer_jax import workdirs
+
 
 def loss_curves(stage_workdirs: dict[str, Path], out: Path, keys=('loss',)) -> Path:
   stages = [s for s, w in stage_workdirs.items() if (Path(w) / 'metrics.jsonl').exists()]
@@ -26,9 +28,31 @@ def loss_curves(stage_workdirs: dict[str, Path], out: Path, keys=('loss',)) -> P
     ax.set_xlabel('step')
     ax.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(out, dpi=100)
+  return _save(fig, out, 100)
+
+
+def _save(fig, out, dpi: int):
+  """The figure as a PNG at ``out`` (a local path or a URL: workdirs.write_via)."""
+  workdirs.write_via(out, lambda f: fig.savefig(f, dpi=dpi, format='png'), suffix='.png')
   plt.close(fig)
   return out
+
+
+def metric_curves(metrics_jsonl: Path, out: Path, keys, title: str = '') -> Path:
+  """``keys`` of a workdir's metrics.jsonl against the step, one line each (a record
+  without a key leaves a gap)."""
+  recs = [json.loads(l) for l in workdirs.path(metrics_jsonl).read_text().splitlines()
+          if l.strip()]
+  steps = [r['step'] for r in recs]
+  fig, ax = plt.subplots(figsize=(7, 4))
+  for key in keys:
+    if any(key in r for r in recs):
+      ax.plot(steps, [r.get(key, np.nan) for r in recs], label=key)
+  ax.set_xlabel('step')
+  ax.set_title(title, fontsize=9)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  return _save(fig, out, 100)
 
 
 def confusion_matrix(true: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarray:
@@ -57,9 +81,7 @@ def plot_confusion(cm: np.ndarray, names, title: str, out: Path) -> Path:
   ax.set_ylabel('true')
   ax.set_title(title, fontsize=9)
   fig.tight_layout()
-  fig.savefig(out, dpi=100)
-  plt.close(fig)
-  return out
+  return _save(fig, out, 100)
 
 
 # faces_with_answers: points per text line (7.5 pt type), inches per face picture and per
@@ -89,9 +111,7 @@ def faces_with_answers(images: np.ndarray, qa: list, out: Path, titles=None, col
   neighbouring faces never overlap (the old grid put each answer in a wrapped title
   over its face, where long answers ran into the faces above and beside)."""
   fig = answers_figure(images, qa, titles, cols, mean, std, max_chars)
-  fig.savefig(out, dpi=110)
-  plt.close(fig)
-  return out
+  return _save(fig, out, 110)
 
 
 def answers_figure(images, qa, titles=None, cols: int = 2, mean=0.5, std=0.5,
@@ -141,9 +161,7 @@ def plot_reliability(tables: dict, title: str, out: Path) -> Path:
   ax.set_title(title, fontsize=9)
   ax.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(out, dpi=100)
-  plt.close(fig)
-  return out
+  return _save(fig, out, 100)
 
 
 def plot_grouped_bars(rows: list[dict], metric: str, group: str, series: str, out: Path) -> Path:
@@ -161,6 +179,4 @@ def plot_grouped_bars(rows: list[dict], metric: str, group: str, series: str, ou
   ax.set_ylabel(metric)
   ax.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(out, dpi=100)
-  plt.close(fig)
-  return out
+  return _save(fig, out, 100)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import jax
 
+from unifer_jax import workdirs
 from unifer_jax.evaluators import alignment, classify, generative, instruct, item_shards
 from unifer_jax.evaluators import label_likelihood
 
@@ -100,7 +101,7 @@ class InTraining:
   def __init__(self, config, setup, workdir: Path):
     self.evaluators = build(config.get('evals'))
     self.every = {n: int(ev.cfg.get('every_steps', 0)) for n, ev in self.evaluators.items()}
-    self.setup, self.workdir = setup, Path(workdir)
+    self.setup, self.workdir = setup, workdirs.path(workdir)
 
   def due(self, step: int, last: bool = False) -> dict:
     return {n: ev for n, ev in self.evaluators.items()

@@ -9,6 +9,8 @@ import json
 import math
 from pathlib import Path
 
+from unifer_jax import workdirs
+
 # Shown first, with words, when present.
 LABELS = {
     'acc_weighted': 'accuracy, weighted (correct / all)',
@@ -73,7 +75,7 @@ def markdown(results: dict, title: str) -> str:
 
 
 def write(results: dict, out_dir: Path, title: str, extra: dict | None = None) -> Path:
-  out_dir = Path(out_dir)
+  out_dir = workdirs.path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   clean = {n: {k: v for k, v in r.items() if k != 'traceback'} for n, r in results.items()}
   (out_dir / 'report.json').write_text(json.dumps({**(extra or {}), 'evals': clean}, indent=1,

@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 
 def main(args, overrides) -> int:
-  from unifer_jax import config_lib, distributed  # pylint: disable=g-import-not-at-top
+  from unifer_jax import config_lib, distributed, workdirs  # pylint: disable=g-import-not-at-top
   from unifer_jax.evaluators import model_io, registry, report  # pylint: disable=g-import-not-at-top
   distributed.initialize()
   main_process = distributed.is_main()
-  workdir = Path(args.workdir)
+  workdir = workdirs.path(args.workdir)   # a folder or a URL (gs://BUCKET/run)
   try:
     train_cfg = model_io.read_config(workdir)
   except FileNotFoundError as e:

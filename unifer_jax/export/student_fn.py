@@ -18,7 +18,6 @@ output names -- written as ``meta.json`` next to every export.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,6 +26,7 @@ import ml_collections
 import numpy as np
 from flax import nnx, traverse_util
 
+from unifer_jax import workdirs
 from unifer_jax.data import labels
 from unifer_jax.models import presets
 from unifer_jax.train import optim, param_restore, state as state_lib
@@ -51,10 +51,7 @@ class TrainedStudent:
 def load(workdir: str | Path) -> TrainedStudent:
   workdir = Path(workdir).absolute()
   path = workdir / 'config.json'
-  if not path.is_file():
-    raise FileNotFoundError(f'--workdir {workdir}: no config.json (expected a distill-stage '
-                            f'workdir)')
-  config = ml_collections.ConfigDict(json.loads(path.read_text()))
+  config = workdirs.read_config(workdir, what='a distill-stage workdir')
   model_cfg = state_lib.model_config(config)
   if model_cfg.get('kind') != 'student':
     raise ValueError(f'{path}: model.kind={model_cfg.get("kind", "unifer")!r}; export takes '

@@ -5,6 +5,10 @@ Both are re-exported by ``models.llm`` (``llm.generate``), where callers find th
 
   tokens = llm.generate(model, ids, attention_mask=mask, max_new_tokens=16)  # [B, 16]
 
+``num_samples=G`` draws G completions per prompt (GRPO's groups): the prompt is
+prefilled once and its cache repeated, so rows ``b * G .. b * G + G - 1`` of the result
+answer prompt ``b``.
+
 Works for every configuration of ``llm.LLM`` (Llama/Qwen2 with RoPE, OPT with learned
 positions): the model derives each new token's position from the cache (``cache['pos']``).
 """
@@ -44,8 +48,10 @@ def sample_logits(logits: jax.Array, rng: jax.Array | None, temperature: float =
 def generate(model: LLM, input_ids=None, *, inputs_embeds=None, attention_mask=None,
              max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, rng: jax.Array | None = None,
-             eos_id: int | None = None, pad_id: int = 0, cache_dtype=None) -> jax.Array:
-  """Generated tokens ``[B, max_new_tokens]`` after a (left- or right-padded) prompt.
+             eos_id: int | None = None, pad_id: int = 0, cache_dtype=None,
+             num_samples: int = 1) -> jax.Array:
+  """Generated tokens ``[B * num_samples, max_new_tokens]`` after a (left- or
+  right-padded) prompt.
 
   Prefill, then a ``jax.lax.while_loop`` of decode steps that stops early once every row
   has produced ``eos_id``; tokens after a row's eos are ``pad_id``. Jittable: call it
@@ -64,6 +70,10 @@ def generate(model: LLM, input_ids=None, *, inputs_embeds=None, attention_mask=N
   # The next token follows each row's last valid prompt token (right padding included).
   last = jnp.max(jnp.where(valid, jnp.arange(t), 0), axis=1)
   logits = model.logits_from_hidden(jnp.take_along_axis(h, last[:, None, None], 1)[:, 0])
+  if num_samples > 1:   # one prefill per prompt, then G rows decode from its cache
+    cache = _repeat_rows(cache, num_samples)
+    logits = jnp.repeat(logits, num_samples, axis=0)
+    b *= num_samples
 
   def pick(logits, step, done, out):
     tok = sample_logits(logits, jax.random.fold_in(rng, step), temperature, top_k, top_p)
@@ -88,3 +98,13 @@ def generate(model: LLM, input_ids=None, *, inputs_embeds=None, attention_mask=N
 
   carry = jax.lax.while_loop(cond, body, (jnp.int32(1), tok, done, out, cache))
   return carry[3]
+
+
+def _repeat_rows(cache: dict, n: int) -> dict:
+  """Each row of a KV cache (llm.Cache) repeated ``n`` times, in place (b -> b * n + i)."""
+  out = dict(cache)
+  for key in ('k', 'v'):          # [L, B, S, K, H]
+    out[key] = jnp.repeat(cache[key], n, axis=1)
+  for key in ('valid', 'pos'):    # [B, S], [B]
+    out[key] = jnp.repeat(cache[key], n, axis=0)
+  return out

@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from unifer_jax import workdirs
+
 log = logging.getLogger(__name__)
 
 
@@ -44,7 +46,7 @@ def _use_replica_parallel(on: bool):
 class Checkpointer:
 
   def __init__(self, directory: str | Path, cfg):
-    self.directory = Path(directory).absolute()
+    self.directory = workdirs.path(directory)
     self.every_steps = int(cfg.get('every_steps', 0) or 0)
     self.every_minutes = float(cfg.get('every_minutes', 0) or 0)
     self._last_time = time.monotonic()

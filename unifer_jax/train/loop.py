@@ -18,10 +18,10 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from unifer_jax import config_lib, distributed, sharding
+from unifer_jax import config_lib, distributed, peer_watch, sharding, workdirs
 from unifer_jax.data import inputs as inputs_lib
 from unifer_jax.train import checkpoint as ckpt_lib
-from unifer_jax.train import metrics as metrics_lib
+from unifer_jax.train import metrics as metrics_lib, profiling
 from unifer_jax.train import state as state_lib, step as step_lib, step_cost
 
 
@@ -48,12 +48,11 @@ def train(config, workdir: str | Path) -> dict:
   # ------------------------------------------------------------------------------ #
   # Distributed and workdir                                                         #
   # ------------------------------------------------------------------------------ #
-  distributed.initialize()
+  distributed.initialize(peer_timeout_s=config.get('peer_timeout_s'))
   main = distributed.is_main()
-  workdir = Path(workdir).absolute()
+  workdir = workdirs.path(workdir)   # a local folder or a URL (gs://BUCKET/run)
   if main:
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / 'config.json').write_text(config_lib.to_json(config))
   writer = metrics_lib.MetricWriter(workdir, config.total_steps, enabled=main)
 
   # ------------------------------------------------------------------------------ #
@@ -77,7 +76,10 @@ def train(config, workdir: str | Path) -> dict:
   # ------------------------------------------------------------------------------ #
   # Input                                                                           #
   # ------------------------------------------------------------------------------ #
-  data = stage.adapt_input(inputs_lib.make_input(config, setup.model_cfg), workdir)
+  data = inputs_lib.make_input(config, setup.model_cfg)
+  if main:   # after the input: a tokenizer it trained is there to copy into the workdir
+    workdirs.save_config(config, workdir)
+  data = stage.adapt_input(data, workdir)
 
   # ------------------------------------------------------------------------------ #
   # Checkpoint: resume or initialise                                                #
@@ -144,7 +146,11 @@ def train(config, workdir: str | Path) -> dict:
     from unifer_jax.evaluators import registry as eval_registry  # pylint: disable=g-import-not-at-top
     evals = eval_registry.InTraining(config, setup, workdir)
 
+  # A jax.profiler trace of config.profile's steps (process 0; train/profiling.py).
+  profiler = profiling.Profiler(config.get('profile'), workdir, enabled=main)
+
   def save(step: int, force: bool = False):
+    writer.flush()   # metrics cover every checkpointed step (a gs:// workdir uploads here)
     checkpointer.save(step, state, {'input': data.get_state()}, config_json, force=force)
 
   # ------------------------------------------------------------------------------ #
@@ -156,13 +162,16 @@ def train(config, workdir: str | Path) -> dict:
   step = first_step
   try:
     while step < config.total_steps:
-      local, host_metrics = data.next_local_batch(), {}
-      if stage.has_hook:   # e.g. rollouts: the step's batch is made from the input's rows
-        batch, host_metrics = stage.before_step(state, local, step, extra, data.next_local_batch)
-      else:
-        batch = inputs_lib.to_global(local, mesh)
-      state, step_metrics = compiled(state, batch, rng, *extra_inputs)
+      peer_watch.progress(step + 1)   # the step this process is about to run
+      with profiler.step(step + 1):
+        local, host_metrics = data.next_local_batch(), {}
+        if stage.has_hook:   # e.g. rollouts: the step's batch is made from the input's rows
+          batch, host_metrics = stage.before_step(state, local, step, extra, data.next_local_batch)
+        else:
+          batch = inputs_lib.to_global(local, mesh)
+        state, step_metrics = compiled(state, batch, rng, *extra_inputs)
       step += 1
+      profiler.after(step, state)
       pending.append((step, step_metrics, host_metrics))
 
       if step % config.log_every_steps == 0 or step == config.total_steps:
@@ -206,8 +215,10 @@ def train(config, workdir: str | Path) -> dict:
           print(f'preempted (SIGTERM): saved step {step}, exiting', flush=True)
         raise Preempted(workdir, step)
     if main:
+      writer.flush()   # what finish reads back (metrics.jsonl) is complete in the workdir
       stage.finish(workdir)
   finally:
+    profiler.close()
     checkpointer.close()
     writer.close()
     if previous_handler is not None:

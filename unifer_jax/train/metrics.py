@@ -1,7 +1,11 @@
 """Metric sinks: ``metrics.jsonl`` + TensorBoard in the workdir, a progress line with ETA.
 
 Only process 0 writes. Values arrive as host numbers (the loop fetches device metrics
-once per log interval, never per step).
+once per log interval, never per step). The workdir may be a URL (``gs://BUCKET/run``):
+object storage cannot append, so there metrics.jsonl is rewritten whole and TensorBoard's
+event file uploaded at most every REMOTE_FLUSH_S and at each checkpoint (the loop calls
+``flush`` before saving): after a kill -9 the bucket holds every step up to the newest
+checkpoint, and uploads do not hold up every log interval.
 """
 
 from __future__ import annotations
@@ -9,9 +13,12 @@ from __future__ import annotations
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import jax
+
+from unifer_jax import workdirs
 
 # Peak dense FLOP/s per device (bf16 for accelerators) used for MFU. CPU has no
 # datasheet figure: benchmarks measure a matmul peak in the same run instead.
@@ -21,6 +28,7 @@ PEAK_FLOPS = {
     'nvidia h100': 989e12, 'nvidia h200': 989e12, 'nvidia a100': 312e12, 'nvidia b200': 2250e12,
     'cpu': 245e9,  # a jitted f32 2048^3 matmul on this project's 2-core CI machines
 }
+REMOTE_FLUSH_S = 30.0   # a URL workdir's metrics.jsonl / TensorBoard uploads, at most this often
 
 
 def device_peak_flops(device=None) -> float:
@@ -48,13 +56,20 @@ class MetricWriter:
     self.start_step: int | None = None
     if not enabled:
       return
-    self.path = Path(workdir) / 'metrics.jsonl'
-    self.path.parent.mkdir(parents=True, exist_ok=True)
-    self._file = open(self.path, 'a', buffering=1)
+    workdir = workdirs.path(workdir)
+    self.path = workdir / 'metrics.jsonl'
+    self.remote = workdirs.is_url(workdir)
+    self._flushed = time.monotonic()
+    workdir.mkdir(parents=True, exist_ok=True)
+    self._file = _RewrittenFile(self.path) if self.remote else open(self.path, 'a', buffering=1)
     self._tb = None
     if tensorboard:
-      from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(str(Path(workdir) / 'tensorboard'), flush_secs=30)
+      with warnings.catch_warnings():
+        # tensorboardX imports google-cloud-storage (its gs:// writer) when installed, which
+        # warns about the grpcio that Apache Beam pins (< 1.66).
+        warnings.filterwarnings('ignore', message='.*Post-Quantum', category=FutureWarning)
+        from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._tb = SummaryWriter(str(workdir / 'tensorboard'), flush_secs=30)
 
   def write(self, step: int, values: dict):
     if not self.enabled:
@@ -83,12 +98,44 @@ class MetricWriter:
     parts.append(f'elapsed {_fmt_time(elapsed)}')
     parts.append(f'ETA {_fmt_time(eta)}' if eta == eta else 'ETA --')
     print(' | '.join(parts), file=sys.stdout, flush=True)
+    if self.remote and time.monotonic() - self._flushed >= REMOTE_FLUSH_S:
+      self.flush()
+
+  def flush(self):
+    """Everything written so far into the workdir (uploaded, for a URL workdir)."""
+    if self.enabled:
+      self._flushed = time.monotonic()
+      self._file.flush()
+      if self._tb is not None:
+        self._tb.flush()
 
   def close(self):
     if self.enabled:
       self._file.close()
       if self._tb is not None:
         self._tb.close()
+
+
+class _RewrittenFile:
+  """metrics.jsonl on object storage: the lines so far (a resumed run's included) kept
+  here and the whole object written again at each flush."""
+
+  def __init__(self, path):
+    self.path = path
+    self.text = path.read_text() if path.exists() else ''
+    self.dirty = False
+
+  def write(self, s: str):
+    self.text += s
+    self.dirty = True
+
+  def flush(self):
+    if self.dirty:
+      self.path.write_text(self.text)
+      self.dirty = False
+
+  def close(self):
+    self.flush()
 
 
 def _py(v):

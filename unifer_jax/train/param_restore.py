@@ -9,10 +9,12 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from unifer_jax import workdirs
+
 
 def newest_step(workdir: str | Path) -> int:
   """The newest checkpoint step under ``workdir/checkpoints``."""
-  ckpt_dir = Path(workdir) / 'checkpoints'
+  ckpt_dir = workdirs.path(workdir) / 'checkpoints'
   steps = sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()) \
       if ckpt_dir.is_dir() else []
   if not steps:
@@ -29,7 +31,7 @@ def load_params(workdir: str | Path, abstract_params: Any) -> tuple[int, Any]:
   target = {'params': abstract_params}
   with ocp.PyTreeCheckpointer() as reader:
     restored = reader.restore(
-        Path(workdir) / 'checkpoints' / str(step) / 'state', args=ocp.args.PyTreeRestore(
+        workdirs.path(workdir) / 'checkpoints' / str(step) / 'state', args=ocp.args.PyTreeRestore(
             item=target, partial_restore=True, restore_args=jax.tree.map(
                 lambda a: ocp.ArrayRestoreArgs(sharding=getattr(a, 'sharding', None) or default,
                                                dtype=a.dtype), target)))

@@ -12,7 +12,6 @@ checkpoints (a resumed run reloads them from the teacher's workdir).
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from unifer_jax import sharding
+from unifer_jax import sharding, workdirs
 from unifer_jax.data import tokenizer as tokenizer_lib
 from unifer_jax.evaluators import likelihood
 from unifer_jax.models import presets
@@ -67,11 +66,11 @@ class Teacher:
 
 
 def read_config(workdir: Path) -> ml_collections.ConfigDict:
-  path = workdir / 'config.json'
-  if not path.is_file():
+  try:
+    return workdirs.read_config(workdir)
+  except FileNotFoundError:
     raise FileNotFoundError(f'config.distill.teacher_workdir={workdir}: no config.json (is '
-                            f'it a finished instruct-stage workdir?)')
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
+                            f'it a finished instruct-stage workdir?)') from None
 
 
 def check_feature(config) -> None:

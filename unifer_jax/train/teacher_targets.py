@@ -25,13 +25,14 @@ online distillation.
 
 from __future__ import annotations
 
+import io
 import time
 from pathlib import Path
 
 import jax
 import numpy as np
 
-from unifer_jax import sharding
+from unifer_jax import sharding, workdirs
 from unifer_jax.data import augment
 from unifer_jax.evaluators import likelihood
 from unifer_jax.train import distill_losses, param_restore, teacher as teacher_lib
@@ -144,12 +145,12 @@ def load_or_compute(config, workdir: str | Path) -> dict[str, np.ndarray]:
   """The table for this run: read from ``workdir/FILE`` when it matches the teacher's
   newest checkpoint and the data, else computed (and written by process 0)."""
   check_config(config)
-  path = Path(workdir) / FILE
+  path = workdirs.path(workdir) / FILE
   teacher_step = param_restore.newest_step(config.distill.teacher_workdir)
   want = _identity(config, teacher_step)
   main = jax.process_index() == 0
   if path.is_file():
-    with np.load(path) as stored:
+    with path.open('rb') as f, np.load(io.BytesIO(f.read())) as stored:
       have = {k[len('id_'):]: stored[k].item() for k in stored.files if k.startswith('id_')}
       if have == want:
         if main:
@@ -162,8 +163,10 @@ def load_or_compute(config, workdir: str | Path) -> dict[str, np.ndarray]:
     raise RuntimeError(f'teacher checkpoint changed while scoring ({teacher_step} -> {step})')
   if main:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix('.tmp.npz')
-    np.savez(tmp, **table, **{f'id_{k}': np.asarray(v) for k, v in want.items()})
+    buf = io.BytesIO()
+    np.savez(buf, **table, **{f'id_{k}': np.asarray(v) for k, v in want.items()})
+    tmp = path.parent / (path.name + '.tmp')
+    tmp.write_bytes(buf.getvalue())
     tmp.replace(path)   # never a half-written table under the real name
   return table
 

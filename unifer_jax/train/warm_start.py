@@ -15,6 +15,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
+from unifer_jax import workdirs
 from unifer_jax.train import optim
 
 
@@ -32,7 +33,7 @@ def load_matching(source: str | Path, params: dict) -> tuple[dict, list[str], li
   shardings (then the fresh entries stay abstract: ``fill_fresh``). Loaded arrays take
   their shardings.
   """
-  source = Path(source)
+  source = workdirs.path(source)
   ckpt_dir = source / 'checkpoints' if (source / 'checkpoints').is_dir() else source
   step = _newest_step(ckpt_dir)
   state_dir = ckpt_dir / str(step) / 'state'
