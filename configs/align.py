@@ -13,7 +13,20 @@ demo` from a fresh clone, 2026-12-06, conv-stem ViT, ITM off; with ITM 0.670 and
 goal >= 70 %; 0.795 after a 1000-step instead of 1500-step vision stage). With the
 patchify ViT: 0.804 (2026-12-02), and on another machine 0.534, 0.667 with
 --config.seed=1 (2026-12-03): the from-scratch towers make the result vary run to run.
-Args: the model preset (default demo).
+Pod variant, `configs/align.py:pod`: the 7b preset with its pretrained ViT-L frozen (bf16),
+the Q-Former trained in f32 without remat, FSDP over every chip, bf16 compute; global
+batch 8192 (128 images per chip on v5p-128; ITC contrasts over all 8192).
+
+  unifer compile-check --config configs/align.py:pod --topology v5p-128
+
+Expected (2026-12-07, libtpu 0.0.42, 32 min and 8 GB to compile here): fits at 63.1 GiB
+of 95 per chip (66 %); model FLOPs 5.555e+13 per chip (= executed); HBM traffic 515.5 GiB
+by the compiled HLO; roofline compute 121.0 ms, HBM 200.2 ms, communication 15.5 ms:
+HBM-bound, implied MFU <= 60.5 %. Not compute-bound: the frozen ViT's exact attention
+writes and reads its f32 [128, 16, 257, 257] scores per layer (~70 GiB with the softmax),
+and the Q-Former's per-layer residual stacks cost ~120 GiB; a larger batch scales both
+with the FLOPs (the ratio stays).
+Args: the model preset (default demo), or pod.
 """
 
 import ml_collections

@@ -15,7 +15,20 @@ CCC 0.661 (`unifer demo` from a fresh clone, 2026-12-06, seq_len 112 after an IT
 align; the same to the last digit on two machines). Earlier fresh clones: 0.922 / 0.851,
 F1 0.914, MAE 0.144, CCC 0.737 (seq_len 128, ITM on); with the patchify ViT 0.868 /
 0.760, F1 0.862 (2026-12-02). Compound accuracy moves 0.68-0.85 between such runs.
-Args: the model preset (default demo).
+Pod variant, `configs/instruct.py:pod`: the 7b preset (Llama-2-7B shape) with rank-16 LoRA,
+FSDP over every chip, bf16 compute, the frozen towers' weights in bf16, the Q-Former in
+f32; global batch 2048 at seq_len 128 (+32 query tokens: 5120 tokens per chip on
+v5p-128), LLM remat 'dots' (matmul outputs kept, nothing but elementwise work recomputed:
+full remat costs a third more FLOPs for memory that is not short here).
+
+  unifer compile-check --config configs/instruct.py:pod --topology v5p-128
+
+Expected (2026-12-07, libtpu 0.0.42, 18 min to compile here): fits at 36.1 GiB of 95
+per chip (38 %); model FLOPs 1.434e+14 per chip (= executed: no matmul recomputed);
+HBM traffic 503.5 GiB by the compiled HLO; roofline compute 312.4 ms, HBM 195.5 ms,
+communication 63.5 ms: compute-bound, implied MFU <= 100 % (the roofline counts matmuls
+only, so its bound is the compute time itself).
+Args: the model preset (default demo), or pod.
 """
 
 from unifer_jax import config_lib

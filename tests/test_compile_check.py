@@ -17,7 +17,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from unifer_jax import cli, sharding
-from unifer_jax.train import aot_targets, compile_check as cc, hlo_stats, step_cost
+from unifer_jax.train import aot_targets, compile_check as cc, hlo_memory, hlo_stats, step_cost
 
 TINY = ['compile-check', '--config', 'configs/smoke.py:tiny', '--topology', 'v5e:2x2']
 
@@ -124,7 +124,7 @@ def test_hbm_bytes_count_a_scanned_layers_weights_once_per_layer():
   x = jax.ShapeDtypeStruct((width, width), jnp.bfloat16, sharding=one)
   ws = jax.ShapeDtypeStruct((layers, width, width), jnp.bfloat16, sharding=one)
   program = hlo_stats.Program(jax.jit(stack).lower(x, ws).compile().as_text())
-  total, biggest = hlo_stats.hbm_bytes(program)
+  total, biggest = hlo_memory.hbm_bytes(program)
   layer = width * width * 2  # one layer's weight (and the activation: same shape)
   # Each layer's matmul fusion reads its own [width, width] slice of the [6, ...] stack
   # (not the whole stack, which a naive count of the fusion's operand would give: 6x);
@@ -134,6 +134,14 @@ def test_hbm_bytes_count_a_scanned_layers_weights_once_per_layer():
   # The compiled program's own placement beats the jaxpr estimate (operands and result of
   # each matmul from HBM) here: that one would say 3 x 6 layers.
   assert step_cost.matmul_cost(jax.make_jaxpr(stack)(x, ws))[1] == 3 * layers * layer
+  # Differentiated, the forward writes each layer's residuals into [6, 4 x width, width]
+  # stacks in place and the backward reads them back a slice per layer: no instruction
+  # counts a whole stack per layer (that would be >= 6 x 6 x 4 layers' worth).
+  loss = lambda x, ws: stack(x, ws).astype(jnp.float32).sum()
+  x4 = jax.ShapeDtypeStruct((4 * width, width), jnp.bfloat16, sharding=one)
+  grads = jax.jit(jax.grad(loss, argnums=1)).lower(x4, ws).compile().as_text()
+  total, biggest = hlo_memory.hbm_bytes(grads)
+  assert biggest[0][0] <= layers * 4 * (4 * layer) and total < layers * 60 * layer
 
 
 def test_a_conditional_counts_its_costliest_branch():

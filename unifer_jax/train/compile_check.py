@@ -11,7 +11,7 @@ fits 2 x v5e-256 at 2.75 GiB of 16 per chip, 0.055 GiB per chip per step over th
 (each chip's bf16 gradient shard, 7.2B / 256), communication-bound (647 ms of in-slice
 collectives); 4 x v5p-128 at 4.12 GiB of 95, 0.222 GiB over the DCN (7.2B / 64 x 2 bytes),
 compute 65.8 ms, HBM 67.0 ms, in-slice 146 ms, DCN 76 ms. One v5p-128 at batch 256:
-4.05 GiB, HBM 207 GiB per step by the compiled HLO (the jaxpr matmul estimate, which
+4.05 GiB, HBM 205 GiB per step by the compiled HLO (the jaxpr matmul estimate, which
 counted every [batch x tokens, ...] activation whole on each chip, said 1603 GiB).
 
 Makes the target's devices without the hardware (:mod:`aot_targets`), the ('data',
@@ -30,7 +30,7 @@ Where the numbers come from:
   ``remat='none'``, *executed* FLOPs from the step as configured (remat recompute
   included). Not XLA's cost analysis: it counts each loop body once (and returns nothing
   for GPU targets); its figures are shown for reference.
-* HBM traffic (:func:`hlo_stats.hbm_bytes`): from the compiled HLO, each executed
+* HBM traffic (:func:`hlo_memory.hbm_bytes`): from the compiled HLO, each executed
   instruction (a fusion as one) reading its operands and writing its result once, loop
   bodies times their trip counts, arrays the TPU compiler placed on-chip (memory space
   S(n), n > 0) left out, and a fusion that only slices an operand reading the slice -- so
@@ -58,7 +58,7 @@ import numpy as np
 
 from unifer_jax import config_lib, sharding
 from unifer_jax.data import inputs as inputs_lib
-from unifer_jax.train import aot_targets, hlo_stats, step_cost
+from unifer_jax.train import aot_targets, hlo_memory, hlo_stats, step_cost
 from unifer_jax.train import state as state_lib
 from unifer_jax.train.aot_targets import GiB, resolve_topology
 
@@ -244,7 +244,7 @@ def run(config, topology: str, *, num_slices: int = 1, hbm_gib: float | None = N
     program = hlo_stats.Program(hlo)
     collectives, biggest = hlo_stats.collective_stats(program)
     dcn, biggest_dcn = hlo_stats.dcn_stats(program)
-    hbm_traffic, biggest_hbm = hlo_stats.hbm_bytes(program)
+    hbm_traffic, biggest_hbm = hlo_memory.hbm_bytes(program)
   else:  # the compiler's own out-of-memory verdict: what it needed beyond the state
     needed = re.search(r'temporaries \(([\d.]+)G\)', compile_error)
     args = out = alias = param_bytes + opt_bytes
