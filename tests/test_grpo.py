@@ -11,6 +11,7 @@ import os
 import random
 import signal
 import subprocess
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -171,3 +172,20 @@ def test_kill9_resumes_exactly(lora_run, instruct, tmp_path):
   for s in range(1, STEPS + 1):
     for key in ('loss', 'reward', 'kl', 'entropy', 'refills', 'zero_var_frac'):
       assert got[s][key] == reference[s][key], (kill_at, s, key)
+
+
+@pytest.mark.multiprocess
+def test_two_processes_roll_out_and_refill_together(instruct, tmp_path):
+  """2 processes x 2 devices: each samples its own prompts' groups on the shared mesh,
+  they agree on every refill (one global rollout program) and the metrics are global.
+  (Not equal to one process: the input shards its records by process count.)"""
+  cmd = [sys.executable, str(REPO / 'launch' / 'local.py'), '-n', '2', '--devices', '4',
+         '--'] + UNIFER + ['train', '--config', 'configs/grpo.py:tiny', '--workdir',
+                           str(tmp_path)] + overrides(instruct, **{**LORA, 'total_steps': 3})
+  env = _env(tmp_path / 'two_process_jax_cache', devices=4)
+  done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
+  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+  recs = records(tmp_path)
+  assert sorted(recs) == [1, 2, 3]
+  assert abs(recs[1]['ratio'] - 1) < 1e-5 and recs[1]['kl'] < 1e-6
+  assert all(r['refills'] >= 0 and 0 <= r['rollout_zero_var_frac'] <= 1 for r in recs.values())
