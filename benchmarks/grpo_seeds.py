@@ -39,8 +39,7 @@ VARIANTS = {'grpo': 'demo', 'dr': 'demo,dr'}
 KEYS = ('basic_acc', 'compound_acc', 'format_rate')
 
 
-def score(config, workdir: Path, test: dict, tok, max_per_task: int) -> dict:
-  cached = workdir / 'heldout.json'
+def score(config, workdir: Path, cached: Path, test: dict, tok, max_per_task: int) -> dict:
   if cached.is_file():
     return json.loads(cached.read_text())
   setup, params = demo.restore_params(config, workdir)
@@ -57,7 +56,7 @@ def main(argv=None):
   p.add_argument('--workdir', required=True, help='demo workdir: data/, tokenizer/, instruct/')
   p.add_argument('--out', required=True, help='where the GRPO runs go (not the repo)')
   p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
-  p.add_argument('--variants', nargs='+', default=list(VARIANTS), choices=list(VARIANTS))
+  p.add_argument('--variants', nargs='*', default=list(VARIANTS), choices=list(VARIANTS))
   p.add_argument('--limit', type=int, default=2000, help='held-out records read')
   p.add_argument('--max_per_task', type=int, default=600)
   args, overrides = p.parse_known_args(argv)
@@ -67,7 +66,8 @@ def main(argv=None):
   instruct_cfg = ml_collections.ConfigDict(json.loads((w / 'instruct' / 'config.json').read_text()))
   test = eval_data.load_split(instruct_cfg.input, 'test', instruct_cfg.model.vit.image_size,
                               limit=args.limit)
-  before = score(instruct_cfg, w / 'instruct', test, tok, args.max_per_task)
+  before = score(instruct_cfg, w / 'instruct', out / f'instruct_heldout_{args.limit}.json', test,
+                 tok, args.max_per_task)
   print(f'instruct: ' + ', '.join(f'{k} {before[k]:.3f}' for k in KEYS) +
         f' (n basic {before["basic_n"]}, compound {before["compound_n"]})', flush=True)
 
@@ -81,7 +81,8 @@ def main(argv=None):
           f'--config.input.seed={seed}'] + overrides)
       t = time.monotonic()
       last = loop.train(config, out / name)
-      r = score(config, out / name, test, tok, args.max_per_task)
+      r = score(config, out / name, out / name / f'heldout_{args.limit}.json', test, tok,
+                args.max_per_task)
       r['train_s'] = time.monotonic() - t
       r['last'] = {k: v for k, v in last.items() if isinstance(v, float)}
       summary['runs'][name] = r

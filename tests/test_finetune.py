@@ -58,7 +58,11 @@ def test_finetune_recipe_end_to_end(tmp_path):
   assert np.mean(losses[-5:]) < np.mean(losses[:5])   # it learns the fixture's answers
   config = json.loads((work / 'finetune' / 'config.json').read_text())
   assert config['init']['vlm'] == str(hf_dir)
-  assert config['input']['text_tokenizer'] == str(hf_dir / 'qformer_tokenizer')
+  # The Q-Former's tokenizer travels inside the workdir (workdirs.save_config).
+  assert config['input']['text_tokenizer'] == './text_tokenizer'
+  copied = [p for p in (work / 'finetune' / 'text_tokenizer').iterdir() if p.is_file()]
+  assert copied and all(p.read_bytes() == (hf_dir / 'qformer_tokenizer' / p.name).read_bytes()
+                        for p in copied)
 
   # -- back out: the fine-tuned model, LoRA merged, as an InstructBLIP transformers loads --
   out = _unifer('convert', 'to-hf', '--src', str(work / 'finetune'), '--out', str(work / 'hf'),

@@ -27,9 +27,9 @@ def base(model: str = 'tiny') -> ml_collections.ConfigDict:
   c.seed = 0
   c.total_steps = 100
   c.log_every_steps = 10
-  # replica_parallel: replicas of a replicated array each write a slice of it (orbax);
-  # off, replica 0 writes it whole -- cheaper for small models on CPU, where every
-  # distinct slice shape costs a compile on the first save.
+  # replica_parallel: with several processes, the replicas of a replicated array each
+  # write a slice of it (orbax), if a slice is >= 4 MiB; off (and always in one
+  # process), replica 0 writes it whole (train/checkpoint.py).
   c.checkpoint = dict(every_steps=50, every_minutes=0.0, keep=2, keep_every=0, async_save=True,
                       replica_parallel=True)
   c.input = dict(type='synthetic_random', batch_size=8, seq_len=32, data_dir='', workers=0,

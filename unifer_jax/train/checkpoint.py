@@ -29,18 +29,34 @@ class NonFiniteStateError(RuntimeError):
 
 @jax.jit
 def _all_finite(tree) -> jax.Array:
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-            if jnp.issubdtype(x.dtype, jnp.floating)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+  # x * 0 is 0 for every finite x and NaN for inf / NaN: one sum per leaf, added up.
+  # (Compiles in 2.1 s for the benchmark's 99 leaves where isfinite().all() per leaf
+  # took 4.7 s -- the whole of a first save's blocking time, once orbax stopped
+  # compiling replica slices.)
+  sums = [jnp.sum(x * 0, dtype=jnp.float32) for x in jax.tree.leaves(tree)
+          if jnp.issubdtype(x.dtype, jnp.floating)]
+  return jnp.isfinite(sum(sums)) if sums else jnp.array(True)
+
+
+# Replica-parallel saving (a replicated array written in slices, one per replica) pays
+# only where the replicas live in different processes: one process writes every slice
+# anyway, and each distinct slice shape costs a compile on the first save (46 s of a
+# 1 GB data-parallel state's first save here, benchmarks/checkpoint_save.py). Slices
+# under MIN_SLICE_BYTES (biases, norms, small kernels) are written whole by replica 0.
+MIN_SLICE_BYTES = 4 << 20
 
 
 def _use_replica_parallel(on: bool):
   """orbax reads the jax.Array handler from a process-wide registry: re-register it
   only when the setting changes (each override logs a warning)."""
+  on = on and jax.process_count() > 1
   current = ocp.type_handlers.get_type_handler(jax.Array)
-  if getattr(current, '_use_replica_parallel', None) != on:
+  if getattr(current, '_use_replica_parallel', None) != on or (
+      getattr(current, '_min_slice_bytes_for_replica_parallel', None) != MIN_SLICE_BYTES):
     ocp.type_handlers.register_type_handler(
-        jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=on), override=True)
+        jax.Array, ocp.type_handlers.ArrayHandler(
+            use_replica_parallel=on, min_slice_bytes_for_replica_parallel=MIN_SLICE_BYTES),
+        override=True)
 
 
 class Checkpointer:

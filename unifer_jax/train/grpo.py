@@ -19,8 +19,8 @@ Each step (``before_step``, the stage's hook, then the compiled update):
   5. ``updates_per_batch`` (mu) optimizer updates on the batch (train/grpo_loss.py).
 
 Metrics per step (metrics.jsonl): loss, kl, ratio, clip_frac, entropy, response_len,
-reward (the weighted total) and each reward_<name>, accuracy (= reward_answer), format_rate
-(= reward_format), zero_var_frac (of the update batch) and rollout_zero_var_frac (of every
+reward (the weighted total) and each reward_<name>, accuracy (= reward_answer) and
+accuracy_<task> per label task, format_rate (= reward_format), zero_var_frac (of the update batch) and rollout_zero_var_frac (of every
 group sampled), refills, rollout_s / update_s and rollout_tokens_per_s;
 ``reward_curves.png`` in the workdir at the end. configs/grpo.py runs it.
 """
@@ -124,6 +124,7 @@ class GRPOStage(stages.Stage):
     spec.update(prompt_ids=prompt, prompt_mask=prompt,
                 completion=jax.ShapeDtypeStruct((n, length), np.int32),
                 completion_mask=f32(n, length), ref_logp=f32(n, length), rewards=f32(n),
+                completion_task=jax.ShapeDtypeStruct((n,), np.int32),
                 reward_values=f32(n, len(s.reward_names)),
                 reward_applies=f32(n, len(s.reward_names)))
     if s.stored_old_logp:
@@ -205,6 +206,7 @@ class GRPOStage(stages.Stage):
                                            for i in range(len(texts))], np.float32)
     rollout['reward_applies'] = np.asarray([[values[n][i] is not None for n in names]
                                             for i in range(len(texts))], np.float32)
+    rollout['completion_task'] = np.repeat(rollout['task'], g).astype(np.int32)
     rollout['_texts'] = texts
     return rollout
 
@@ -244,7 +246,8 @@ class GRPOStage(stages.Stage):
 
   def log_record(self, record: dict) -> dict:
     # A reward whose task no prompt of the step had has no mean: left out, not NaN.
-    record = {k: v for k, v in record.items() if not (k.startswith('reward_') and v != v)}
+    record = {k: v for k, v in record.items()
+              if not (k.startswith(('reward_', 'accuracy_')) and v != v)}
     if 'rollout_s' in record and 'step_time_s' in record:
       record['update_s'] = max(record['step_time_s'] - record['rollout_s'], 0.0)
     if 'reward_answer' in record:

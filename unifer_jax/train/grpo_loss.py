@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from unifer_jax import sharding
+from unifer_jax.data import instructions
 from unifer_jax.models.llm import LOGIT_AXES
 
 AGGREGATIONS = ('sequence_mean', 'token_mean', 'constant')
@@ -188,4 +189,11 @@ def grpo_loss(view, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
     # NaN when no completion of the batch had this reward's task (kept out of curves).
     aux[f'reward_{name}'] = jnp.where(n > 0, (values[:, i] * applies[:, i]).sum()
                                       / jnp.maximum(n, 1.0), jnp.nan)
+  # Sampled accuracy per label task (NaN where the batch had none of its prompts).
+  answer = values[:, s.reward_names.index('answer')] if 'answer' in s.reward_names else None
+  for task in ('basic', 'compound', 'open_vocab') if answer is not None else ():
+    rows = (batch['completion_task'] == instructions.TASK_INDEX[task]).astype(jnp.float32)
+    n = rows.sum()
+    aux[f'accuracy_{task}'] = jnp.where(n > 0, (answer * rows).sum() / jnp.maximum(n, 1.0),
+                                        jnp.nan)
   return loss, aux
