@@ -14,18 +14,23 @@ goal >= 70 %; 0.795 after a 1000-step instead of 1500-step vision stage). With t
 patchify ViT: 0.804 (2026-12-02), and on another machine 0.534, 0.667 with
 --config.seed=1 (2026-12-03): the from-scratch towers make the result vary run to run.
 Pod variant, `configs/align.py:pod`: the 7b preset with its pretrained ViT-L frozen (bf16),
-the Q-Former trained in f32 without remat, FSDP over every chip, bf16 compute; global
+the Q-Former trained in f32 under full remat, FSDP over every chip, bf16 compute; global
 batch 8192 (128 images per chip on v5p-128; ITC contrasts over all 8192).
 
   unifer compile-check --config configs/align.py:pod --topology v5p-128
 
-Expected (2026-12-07, libtpu 0.0.42, 32 min and 8 GB to compile here): fits at 63.1 GiB
-of 95 per chip (66 %); model FLOPs 5.555e+13 per chip (= executed); HBM traffic 515.5 GiB
-by the compiled HLO; roofline compute 121.0 ms, HBM 200.2 ms, communication 15.5 ms:
-HBM-bound, implied MFU <= 60.5 %. Not compute-bound: the frozen ViT's exact attention
-writes and reads its f32 [128, 16, 257, 257] scores per layer (~70 GiB with the softmax),
-and the Q-Former's per-layer residual stacks cost ~120 GiB; a larger batch scales both
-with the FLOPs (the ratio stays).
+Expected (2026-12-07, libtpu 0.0.42, 30 min and 8 GB to compile here): fits at 12.7 GiB
+of 95 per chip (13 %); model FLOPs 5.555e+13 per chip, executed 6.788e+13; HBM traffic
+439.3 GiB by the compiled HLO; roofline compute 147.9 ms, HBM 170.6 ms, communication
+15.5 ms: HBM-bound by 15 %, implied MFU <= 70.9 %. Without remat: 63.1 GiB, HBM 515.5 GiB
+(the Q-Former's per-layer residual stacks), 121.0 vs 200.2 ms, MFU <= 60.5 %. What keeps
+it HBM-bound, by the HLO's own instructions: relayouts inside the layers (copies and
+reshapes that are not bitcasts, 124 GiB, largely attention's head split and merge) and
+attention's f32 scores written and read around the softmax (38 GiB) -- attention done in
+plain XLA, the frozen ViT's over 257 tokens the largest. Neither a larger batch nor
+longer captions tip it: batch 16384 gives 296.0 vs 341.8 ms (24.9 GiB, MFU <= 70.9 %, the
+same ratio), text_len 96 gives 197.2 vs 229.4 ms (MFU <= 69.1 %). A fused attention kernel
+is the lever left.
 Args: the model preset (default demo), or pod.
 """
 
@@ -34,7 +39,7 @@ import ml_collections
 from unifer_jax import config_lib
 
 POD_BATCH = 8192
-POD_REMAT = dict(qformer='none')
+POD_REMAT = dict(qformer='full')
 
 
 def get_config(arg: str = 'demo'):
