@@ -44,3 +44,23 @@ def test_pod_docstring_figures_describe_the_config(stage, v5p_128):
   spec = inputs_lib.batch_spec(config, state_lib.model_config(config))
   flops = step_cost.step_flops(config, mesh, spec).model_flops / mesh.size
   assert flops == pytest.approx(float(stated.group(1)), rel=5e-3), (stage, f'{flops:.4g}')
+
+
+def test_flash_attention_flops_match_xla_on_the_pod_align_step(v5p_128):
+  """compile-check's FLOPs of configs/align.py:pod (the ViT-L and the Q-Former on the
+  fused TPU kernel, models/flash.py) against the same step with XLA attention: the
+  model FLOPs equal, and the executed ones more only by the kernels' key padding (257
+  -> 384) and backward recompute -- the kernels counted, never as zero."""
+  costs = {}
+  for attention in ('flash', 'xla'):
+    config = config_lib.load(str(REPO / 'configs' / 'align.py') + ':pod',
+                             [f'--config.attention={attention}'])
+    mesh = sharding.make_mesh(config.mesh, v5p_128)
+    spec = inputs_lib.batch_spec(config, state_lib.model_config(config))
+    setup, traced = step_cost.trace_step(config, mesh, spec)
+    assert ('pallas_call' in str(traced.jaxpr)) == (attention == 'flash')
+    costs[attention] = step_cost.step_flops(config, mesh, spec, traced)
+  fused, xla = costs['flash'], costs['xla']
+  assert fused.model_flops == xla.model_flops
+  assert xla.executed_flops < fused.executed_flops < 1.03 * xla.executed_flops, (
+      f'{fused.executed_flops:.4g} vs {xla.executed_flops:.4g}')

@@ -43,6 +43,9 @@ def base(model: str = 'tiny') -> ml_collections.ConfigDict:
   c.sharding = dict(rules=[list(r) for r in sharding.DEFAULT_RULES])
   c.compute_dtype = ''  # '' = the model config's own; 'bfloat16' switches every tower
   c.remat = ''  # '' = the model config's own; 'full' | 'dots' | ... for every tower
+  # '' = the model config's own; 'xla' | 'flash' (a fused kernel on TPU, models/flash.py)
+  # for every tower that has the key.
+  c.attention = ''
   c.optimizer = dict(name='adamw', b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.01,
                      clip_grad_norm=1.0, grad_accum_steps=1,
                      decay_exclude=r'(bias|scale|embedding|query_tokens|temp)$',
@@ -194,5 +197,7 @@ def pod_variant(c: ml_collections.ConfigDict, *, batch_size: int, remat: dict,
   for tower in ('vit', 'qformer', 'llm'):
     c.model[tower].param_dtype = 'float32' if tower in trained else 'bfloat16'
     c.model[tower].remat = remat.get(tower, 'none')
+    if 'attention' in c.model[tower]:  # the fused TPU kernel (models/flash.py)
+      c.model[tower].attention = 'flash'
   c.mesh.update(data=1, fsdp=-1, tensor=1)
   c.input.batch_size = batch_size

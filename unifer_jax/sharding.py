@@ -240,10 +240,15 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
     return x
+  return jax.lax.with_sharding_constraint(x, activation_spec(logical_axes, x.shape, mesh))
+
+
+def activation_spec(logical_axes: Sequence[str | None], shape: Sequence[int], mesh) -> P:
+  """The PartitionSpec :func:`constrain` gives an activation of ``shape`` on ``mesh``
+  (the active rules table; axes that do not divide their dimension left out)."""
   rules = _ACTIVE_RULES.get()
   spec = logical_to_spec(logical_axes, DEFAULT_RULES if rules is None else rules, mesh)
-  spec = _fit_to_shape(spec, tuple(x.shape), mesh)
-  return jax.lax.with_sharding_constraint(x, spec)
+  return _fit_to_shape(spec, tuple(shape), mesh)
 
 
 def state_shardings(state: nnx.State, mesh: Mesh, rules: Iterable) -> Any:

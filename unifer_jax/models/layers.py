@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from unifer_jax import sharding
+from unifer_jax.models import flash
 
 Dtype = Any
 
@@ -141,14 +142,20 @@ class RMSNorm(nnx.Module):
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None,
-              is_causal: bool = False, bias: jax.Array | None = None) -> jax.Array:
+              is_causal: bool = False, bias: jax.Array | None = None,
+              implementation: str = 'xla') -> jax.Array:
   """Multi-head attention on ``[B, T, N, H]`` queries and ``[B, S, K, H]`` keys/values.
 
   ``K`` may divide ``N`` (grouped-query / multi-query attention). ``mask`` is boolean,
-  broadcastable to ``[B, N, T, S]``, True = attend. On GPU (and with ``bias`` or
-  ``is_causal``) this is ``jax.nn.dot_product_attention``, so cuDNN's fused kernel can
-  be picked; elsewhere :func:`grouped_attention`, the same math as its XLA path.
+  broadcastable to ``[B, N, T, S]``, True = attend. ``implementation='flash'`` (a
+  tower's ``attention`` config key) runs the fused kernel of :mod:`models.flash` where
+  the target platform and the mask allow it (TPU; no mask or a key-padding one). On
+  GPU (and with ``bias`` or ``is_causal``) this is ``jax.nn.dot_product_attention``, so
+  cuDNN's fused kernel can be picked; elsewhere :func:`grouped_attention`, the same
+  math as its XLA path.
   """
+  if implementation == 'flash' and flash.usable(q, k, mask, is_causal, bias):
+    return flash.attention(q, k, v, mask)
   if bias is not None or is_causal or jax.default_backend() == 'gpu':
     return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, is_causal=is_causal)
   return grouped_attention(q, k, v, mask)

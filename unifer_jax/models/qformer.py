@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from unifer_jax.models import layers
+from unifer_jax.models import flash, layers
 
 ACTIVATIONS = {
     'gelu': lambda x: jax.nn.gelu(x, approximate=False),  # erf form (HF/BERT 'gelu')
@@ -64,7 +64,7 @@ def default_config(**overrides) -> ml_collections.ConfigDict:
       encoder_width=1408, vocab_size=30522, max_position=512, type_vocab_size=0,
       layer_norm_eps=1e-12, act='gelu', lm_head=None, pooler=False, instruction_aware=False,
       dtype='float32', param_dtype='float32', scan_layers=True, unroll_layers=False,
-      remat='none'))
+      remat='none', attention='xla'))  # or 'flash': models/flash.py
   unknown = sorted(set(overrides) - set(cfg))
   if unknown:
     raise ValueError(f'qformer.default_config: unknown keys {unknown}; expected {sorted(cfg)}')
@@ -96,6 +96,7 @@ def tail_size(cfg) -> int:
 
 
 def check_config(cfg) -> None:
+  flash.check(cfg.get('attention', 'xla'), 'qformer')
   if cfg.act not in ACTIVATIONS:
     raise ValueError(f'qformer.act={cfg.act!r}; expected one of {tuple(ACTIVATIONS)}')
   if cfg.hidden % cfg.heads:
@@ -125,7 +126,7 @@ class Attention(nnx.Module):
   """BERT attention block: multi-head attention, output dense, post-LN residual."""
 
   def __init__(self, cfg, kv_width: int, *, rngs: nnx.Rngs):
-    self.heads = cfg.heads
+    self.heads, self.implementation = cfg.heads, cfg.get('attention', 'xla')
     d = cfg.hidden
     kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
     self.query = layers.Dense(d, d, axes=('embed', 'heads'), **kw)
@@ -137,7 +138,7 @@ class Attention(nnx.Module):
   def __call__(self, x: jax.Array, kv: jax.Array, mask: jax.Array | None) -> jax.Array:
     split = lambda t: t.reshape(*t.shape[:2], self.heads, -1)
     y = layers.attention(split(self.query(x)), split(self.key(kv)), split(self.value(kv)),
-                         mask=mask)
+                         mask=mask, implementation=self.implementation)
     return self.norm(self.out(y.reshape(x.shape)) + x)
 
 

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from unifer_jax.models import layers
+from unifer_jax.models import flash, layers
 
 VARIANTS = ('vit', 'clip', 'siglip', 'blip2')
 POOLS = ('cls', 'map', 'gap', 'none')
@@ -55,7 +55,8 @@ def default_config(**overrides) -> ml_collections.ConfigDict:
       mlp_dim=3072, variant='clip', pool='none', act='gelu', layer_norm_eps=1e-5,
       qkv_bias=True, pooler=False, stem='patch', stem_channels=(),
       dtype='float32', param_dtype='float32',
-      scan_layers=True, unroll_layers=False, remat='none'))
+      scan_layers=True, unroll_layers=False, remat='none',
+      attention='xla'))  # or 'flash': models/flash.py
   cfg.update(overrides)
   return cfg
 
@@ -72,6 +73,7 @@ def _check_config(cfg) -> None:
   if cfg.image_size % cfg.patch_size:
     raise ValueError(f'vit.image_size={cfg.image_size} is not a multiple of '
                      f'vit.patch_size={cfg.patch_size}')
+  flash.check(cfg.get('attention', 'xla'), 'vit')
   stem = cfg.get('stem', 'patch')
   if stem not in STEMS:
     raise ValueError(f'vit.stem={stem!r}; expected one of {STEMS}')
@@ -91,8 +93,8 @@ class Attention(nnx.Module):
   a transpose); queries and keys/values may come from different sequences (MAP head)."""
 
   def __init__(self, width: int, heads: int, *, qkv_bias: bool = True, dtype, param_dtype,
-               rngs: nnx.Rngs):
-    self.heads = heads
+               rngs: nnx.Rngs, implementation: str = 'xla'):
+    self.heads, self.implementation = heads, implementation
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.query = layers.Dense(width, width, axes=('embed', 'heads'), use_bias=qkv_bias, **kw)
     self.key = layers.Dense(width, width, axes=('embed', 'heads'), use_bias=qkv_bias, **kw)
@@ -102,7 +104,8 @@ class Attention(nnx.Module):
   def __call__(self, x_q: jax.Array, x_kv: jax.Array | None = None) -> jax.Array:
     x_kv = x_q if x_kv is None else x_kv
     split = lambda y: y.reshape(*y.shape[:-1], self.heads, -1)  # [B, T, N, H]
-    out = layers.attention(split(self.query(x_q)), split(self.key(x_kv)), split(self.value(x_kv)))
+    out = layers.attention(split(self.query(x_q)), split(self.key(x_kv)), split(self.value(x_kv)),
+                           implementation=self.implementation)
     return self.out(out.reshape(*out.shape[:-2], -1))
 
 
@@ -124,7 +127,8 @@ class Block(nnx.Module):
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
     self.attn_norm = layers.LayerNorm(cfg.width, eps=cfg.layer_norm_eps, **kw)
-    self.attn = Attention(cfg.width, cfg.heads, qkv_bias=cfg.qkv_bias, **kw)
+    self.attn = Attention(cfg.width, cfg.heads, qkv_bias=cfg.qkv_bias,
+                          implementation=cfg.get('attention', 'xla'), **kw)
     self.mlp_norm = layers.LayerNorm(cfg.width, eps=cfg.layer_norm_eps, **kw)
     self.mlp = Mlp(cfg.width, cfg.mlp_dim, cfg.act, **kw)
 

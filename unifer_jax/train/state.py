@@ -114,6 +114,8 @@ def model_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
       cfg[tower].dtype = config.compute_dtype
     if config.get('remat'):
       cfg[tower].remat = config.remat
+    if config.get('attention') and 'attention' in cfg[tower]:
+      cfg[tower].attention = config.attention
   if compose.has_init(config):  # pretrained towers decide their own architecture
     cfg = compose.model_config_with_init(cfg, config.init)
   return cfg

@@ -43,12 +43,18 @@ def _has_remat(model_cfg) -> bool:
              for t in state_lib.towers(model_cfg))
 
 
+def _has_flash(model_cfg) -> bool:
+  return any(model_cfg[t].get('attention', 'xla') == 'flash' for t in state_lib.towers(model_cfg))
+
+
 def step_flops(config, mesh, batch_spec: dict, traced=None, args=None) -> StepCost:
   """The matmul cost of ``config``'s train step on ``mesh``.
 
   ``traced``: the step as it will run (``jax.jit(...).trace(...)``), traced here if not
-  given. With remat configured the step is traced again with ``remat='none'`` for the
-  model FLOPs (tracing only: seconds even for a 7B model). A data-dependent ``cond`` /
+  given. With remat or fused attention configured the step is traced again with
+  ``remat='none'`` and ``attention='xla'`` for the model FLOPs (tracing only: seconds
+  even for a 7B model). A fused kernel (``pallas_call``) counts its body's matmuls once
+  per grid point. A data-dependent ``cond`` /
   ``switch`` (the generate/instruct loss picks its target bucket from the mask) counts
   its costliest branch -- an upper bound -- unless ``args`` (concrete ``(state, batch,
   rng)``) are given: then the top-level ones count the branch these args take.
@@ -62,9 +68,13 @@ def step_flops(config, mesh, batch_spec: dict, traced=None, args=None) -> StepCo
   taken = lambda t: None if args is None else taken_branches(t.jaxpr, args)
   executed, traffic = matmul_cost(traced.jaxpr, batch_sizes, batch_shards, taken(traced))
   model = executed
-  if _has_remat(state_lib.model_config(config)):
+  model_cfg = state_lib.model_config(config)
+  if _has_remat(model_cfg) or _has_flash(model_cfg):
+    # The model's math: no remat recompute, and attention as XLA writes it (a fused
+    # kernel's key padding and backward recompute are executed FLOPs, not the model's).
     no_remat = config.copy_and_resolve_references()
     no_remat.remat = 'none'
+    no_remat.attention = 'xla'
     plain = trace_step(no_remat, mesh, batch_spec)[1]
     model, _ = matmul_cost(plain.jaxpr, batch_sizes, batch_shards, taken(plain))
   return StepCost(model_flops=model, executed_flops=executed, hbm_traffic_bytes=traffic)
@@ -120,23 +130,42 @@ def eqn_flops(eqn) -> float:
 
 
 def matmul_eqns(jaxpr, branches: dict[int, int] | None = None, times: int = 1):
-  """Yields (eqn, runs per call) for every dot_general / conv of a jaxpr: a scan body
-  runs ``length`` times, a cond its costliest branch (or, for the top-level eqn index
-  ``i`` in ``branches``, branch ``branches[i]``), a while body once (no static trip
-  count; the step has none)."""
+  """Yields (eqn, runs per call over all devices) for every dot_general / conv of a
+  jaxpr: a scan body runs ``length`` times, a cond its costliest branch (or, for the
+  top-level eqn index ``i`` in ``branches``, branch ``branches[i]``), a while body once
+  (no static trip count; the step has none), a ``shard_map`` body once on every device
+  of its mesh, a Pallas kernel's body once per grid point."""
+  for eqn, runs, _ in _matmuls(jaxpr, branches, times, 1):
+    yield eqn, runs
+
+
+def _matmuls(jaxpr, branches, times: int, devices: int):
+  """(eqn, runs over all devices, runs whose operands come from HBM per device)."""
   jaxpr = getattr(jaxpr, 'jaxpr', jaxpr)
   for index, eqn in enumerate(jaxpr.eqns):
-    if eqn.primitive.name in MATMULS:
-      yield eqn, times
+    name = eqn.primitive.name
+    if name in MATMULS:
+      yield eqn, times * devices, times
+    if name == 'pallas_call':
+      # A fused kernel (models/flash.py): its body runs once per grid point, on blocks
+      # in on-chip memory (its HBM traffic is the custom call's operands: hlo_memory).
+      # Counted from the body, not the kernel's cost estimate (the backward kernels
+      # carry none): key padding and the backward's recompute are what the chip runs.
+      grid = math.prod(eqn.params['grid_mapping'].grid)
+      for inner, runs, _ in _matmuls(eqn.params['jaxpr'], None, times * grid, devices):
+        yield inner, runs, 0
+      continue
     subs = [s for v in eqn.params.values() for s in _sub_jaxprs(v)]
-    if eqn.primitive.name == 'cond' and subs:
+    if name == 'cond' and subs:
       if branches and index in branches:
         subs = [subs[branches[index]]]
       else:
         subs = [max(subs, key=lambda b: sum(n * eqn_flops(e) for e, n in matmul_eqns(b)))]
-    runs = times * (1 if eqn.primitive.name == 'cond' else eqn.params.get('length', 1))
+    runs = times * (1 if name == 'cond' else eqn.params.get('length', 1))
+    # A shard_map body sees one device's shard: every device of the mesh runs it.
+    inner_devices = devices * (eqn.params['mesh'].size if name == 'shard_map' else 1)
     for sub in subs:
-      yield from matmul_eqns(sub, None, runs)
+      yield from _matmuls(sub, None, runs, inner_devices)
 
 
 def matmul_cost(jaxpr, batch_sizes=(), batch_shards: int = 1,
@@ -155,7 +184,7 @@ def matmul_cost(jaxpr, batch_sizes=(), batch_shards: int = 1,
     return size / batch_shards if aval.shape and aval.shape[0] in batch_sizes else size
 
   flops = traffic = 0.0
-  for eqn, runs in matmul_eqns(jaxpr, branches):
+  for eqn, runs, hbm_runs in _matmuls(jaxpr, branches, 1, 1):
     flops += runs * eqn_flops(eqn)
-    traffic += runs * sum(nbytes(v.aval) for v in (*eqn.invars[:2], eqn.outvars[0]))
+    traffic += hbm_runs * sum(nbytes(v.aval) for v in (*eqn.invars[:2], eqn.outvars[0]))
   return flops, traffic
