@@ -52,6 +52,9 @@ def get_config(arg: str = 'demo'):
     # A pretrained ViT (init.vision), frozen; the Q-Former learns to query it.
     c.freeze = r'^(vit|vision_norm)(/|$)|' + config_lib.LLM_PROJ_AND_LABEL_HEAD
     config_lib.pod_variant(c, batch_size=POD_BATCH, remat=POD_REMAT, trained=('qformer',))
+    # The ViT's and the Q-Former's attention on the fused TPU kernel (models/flash.py):
+    # plain XLA attention kept this step HBM-bound (the docstring's figures).
+    c.attention = 'flash'
   if (arg or 'demo') == 'demo':
     # ITM learns nothing on the built-in corpus (from step 50 to 400 its loss averaged
     # 0.637, the entropy of its 1:2 positive:negative prior, at accuracy 0.667: always

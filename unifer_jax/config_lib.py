@@ -197,7 +197,5 @@ def pod_variant(c: ml_collections.ConfigDict, *, batch_size: int, remat: dict,
   for tower in ('vit', 'qformer', 'llm'):
     c.model[tower].param_dtype = 'float32' if tower in trained else 'bfloat16'
     c.model[tower].remat = remat.get(tower, 'none')
-    if 'attention' in c.model[tower]:  # the fused TPU kernel (models/flash.py)
-      c.model[tower].attention = 'flash'
   c.mesh.update(data=1, fsdp=-1, tensor=1)
   c.input.batch_size = batch_size

@@ -44,7 +44,7 @@ SUBMODULE = {'vision': 'vit', 'qformer': 'qformer', 'llm': 'llm'}
 # Model config keys a whole VLM decides besides its towers' configs.
 _VLM_MODEL_KEYS = ('vision_layernorm', 'vision_token_gain', 'image_token_index')
 # Keys of a tower config that belong to the run, not to the checkpoint's architecture.
-RUN_KEYS = ('dtype', 'param_dtype', 'scan_layers', 'unroll_layers', 'remat')
+RUN_KEYS = ('dtype', 'param_dtype', 'scan_layers', 'unroll_layers', 'remat', 'attention')
 # What a BERT and a Q-Former checkpoint decide about our Q-Former config.
 _BERT_KEYS = ('hidden', 'depth', 'heads', 'mlp_dim', 'max_position', 'layer_norm_eps', 'act')
 _QFORMER_KEYS = ('hidden', 'depth', 'heads', 'mlp_dim', 'layer_norm_eps', 'act',
