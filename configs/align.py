@@ -52,9 +52,12 @@ def get_config(arg: str = 'demo'):
     # A pretrained ViT (init.vision), frozen; the Q-Former learns to query it.
     c.freeze = r'^(vit|vision_norm)(/|$)|' + config_lib.LLM_PROJ_AND_LABEL_HEAD
     config_lib.pod_variant(c, batch_size=POD_BATCH, remat=POD_REMAT, trained=('qformer',))
-    # The ViT's and the Q-Former's attention on the fused TPU kernel (models/flash.py):
-    # plain XLA attention kept this step HBM-bound (the docstring's figures).
-    c.attention = 'flash'
+    # The frozen ViT's self-attention (257 tokens, 16 heads) on the fused TPU kernel
+    # (models/flash.py): its f32 scores were the largest HBM traffic left in plain XLA.
+    # Not the Q-Former's: over 32 queries or 80 tokens its scores are small, and the
+    # kernel's key padding (-> 384 / 128) and f32 softmax statistics moved more bytes
+    # than they saved (473 vs 439 GiB with both towers on it).
+    c.model.vit.attention = 'flash'
   if (arg or 'demo') == 'demo':
     # ITM learns nothing on the built-in corpus (from step 50 to 400 its loss averaged
     # 0.637, the entropy of its 1:2 positive:negative prior, at accuracy 0.667: always

@@ -124,3 +124,34 @@ def test_kernel_flops_are_counted_from_its_body_times_its_grid(monkeypatch):
 
   assert 'shard_map' in str(jax.make_jaxpr(sharded)(q, q, q))
   assert flops(sharded) == forward
+
+
+def test_vit_on_the_kernel_equals_the_xla_vit(monkeypatch):
+  """A ViT with ``attention='flash'`` on a TPU target (heads-first projections into the
+  kernel, un-flattened Dense matmuls for its 17 tokens) against the same weights on
+  this CPU's plain path: last hidden state and parameter gradients."""
+  from flax import nnx
+  from unifer_jax.models import vit
+  cfg = vit.default_config(image_size=28, patch_size=7, width=64, depth=2, heads=2,
+                           mlp_dim=128, variant='blip2', attention='flash')
+  images = jax.random.normal(jax.random.key(1), (2, 28, 28, 3), jnp.float32)
+  probe = jax.random.normal(jax.random.key(2), (2, 17, 64), jnp.float32)
+  graphdef, params = nnx.split(vit.ViT(cfg, rngs=nnx.Rngs(0)))
+
+  def value_and_grad(params):
+    loss = lambda p: jnp.sum(nnx.merge(graphdef, p)(images) * probe)
+    return (jax.jit(lambda p: nnx.merge(graphdef, p)(images))(params),
+            jax.jit(jax.grad(loss))(params))
+
+  plain = str(jax.make_jaxpr(lambda p: nnx.merge(graphdef, p)(images))(params))
+  assert 'pallas_call' not in plain and 'f32[34,64]' in plain  # CPU: flattened tokens
+  want, want_grads = value_and_grad(params)
+  monkeypatch.setattr(flash, 'target_platform', lambda: 'tpu')
+  fused = str(jax.make_jaxpr(lambda p: nnx.merge(graphdef, p)(images))(params))
+  assert 'pallas_call' in fused and 'f32[34,64]' not in fused
+  with pltpu.force_tpu_interpret_mode():
+    out, grads = value_and_grad(params)
+  np.testing.assert_allclose(out, want, atol=1e-5, rtol=1e-5)
+  for (path, got), (_, ref) in zip(jax.tree_util.tree_leaves_with_path(grads),
+                                   jax.tree_util.tree_leaves_with_path(want_grads)):
+    np.testing.assert_allclose(got, ref, atol=2e-5, rtol=1e-4, err_msg=str(path))

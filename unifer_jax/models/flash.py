@@ -38,8 +38,8 @@ from unifer_jax import sharding
 IMPLEMENTATIONS = ('xla', 'flash')
 KEY_BLOCK = 128     # the kernel's key block (and lane width): keys are padded to it
 MAX_WHOLE = 1024    # sequences up to this length run as one block
-# q's (and k/v's) logical axes: each device runs the kernel on its batch and head shard.
-_AXES = ('activation_batch', 'activation_length', 'activation_heads', None)
+# [B, N, T, H]'s logical axes: each device runs the kernel on its batch and head shard.
+_AXES = ('activation_batch', 'activation_heads', 'activation_length', None)
 
 
 def check(name: str, where: str) -> str:
@@ -68,14 +68,18 @@ def key_padding(mask, b: int, s: int):
   return jnp.broadcast_to(mask[:, 0, 0, :].astype(bool), (b, s))
 
 
+def head_dim_fits(head_dim: int) -> bool:
+  """The kernel takes heads of at most 128 lanes, or whole multiples of 128."""
+  return head_dim <= 128 or head_dim % 128 == 0
+
+
 def usable(q, k, mask, is_causal: bool, bias) -> bool:
   """Whether the fused kernel can compute this attention on the target platform."""
   if target_platform() != 'tpu' or is_causal or bias is not None:
     return False
   if q.shape[2] != k.shape[2] or q.shape[-1] != k.shape[-1]:
     return False  # grouped-query heads: not in this kernel
-  head_dim = q.shape[-1]
-  if head_dim > 128 and head_dim % 128:
+  if not head_dim_fits(q.shape[-1]):
     return False
   return key_padding(mask, q.shape[0], k.shape[1]) is not False
 
@@ -121,14 +125,19 @@ def attention(q, k, v, mask=None):
   """Fused attention on ``[B, T, N, H]`` q and ``[B, S, N, H]`` k, v (call only where
   :func:`usable`); returns ``[B, T, N, H]`` in q's dtype. Each device runs the kernel
   on its batch (and head) shard."""
-  b, s = q.shape[0], k.shape[1]
-  valid = key_padding(mask, b, s)
   heads_first = lambda x: x.transpose(0, 2, 1, 3)  # the kernel's [B, N, T, H]
-  run = lambda q, k, v, valid: _kernel_call(heads_first(q), heads_first(k), heads_first(v),
-                                            valid).transpose(0, 2, 1, 3)
+  out = attention_heads_first(heads_first(q), heads_first(k), heads_first(v),
+                              key_padding(mask, q.shape[0], k.shape[1]))
+  return heads_first(out)
+
+
+def attention_heads_first(q, k, v, valid=None):
+  """:func:`attention` on the kernel's own layout, ``[B, N, T, H]`` q and ``[B, N, S, H]``
+  k, v (``valid``: ``[B, S]`` key validity or None); returns ``[B, N, T, H]``. A tower
+  that projects straight into this layout (vit.Attention) saves the relayouts."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
-    return run(q, k, v, valid).astype(q.dtype)
+    return _kernel_call(q, k, v, valid).astype(q.dtype)
   spec = sharding.activation_spec(_AXES, q.shape, mesh)
   kv_spec = sharding.activation_spec(_AXES, k.shape, mesh)
   batch_spec = P(spec[0], None)
@@ -136,11 +145,11 @@ def attention(q, k, v, mask=None):
     spec = kv_spec = P(None, None, None, None)
     batch_spec = P(None, None)
   if valid is None:
-    fn = lambda q, k, v: run(q, k, v, None)
+    fn = lambda q, k, v: _kernel_call(q, k, v, None)
     mapped = jax.shard_map(fn, mesh=mesh, in_specs=(spec, kv_spec, kv_spec), out_specs=spec,
                            check_vma=False)
     return mapped(q, k, v).astype(q.dtype)
-  mapped = jax.shard_map(run, mesh=mesh, in_specs=(spec, kv_spec, kv_spec, batch_spec),
+  mapped = jax.shard_map(_kernel_call, mesh=mesh, in_specs=(spec, kv_spec, kv_spec, batch_spec),
                          out_specs=spec, check_vma=False)
   return mapped(q, k, v, valid).astype(q.dtype)
 
