@@ -14,23 +14,26 @@ goal >= 70 %; 0.795 after a 1000-step instead of 1500-step vision stage). With t
 patchify ViT: 0.804 (2026-12-02), and on another machine 0.534, 0.667 with
 --config.seed=1 (2026-12-03): the from-scratch towers make the result vary run to run.
 Pod variant, `configs/align.py:pod`: the 7b preset with its pretrained ViT-L frozen (bf16),
-the Q-Former trained in f32 under full remat, FSDP over every chip, bf16 compute; global
-batch 8192 (128 images per chip on v5p-128; ITC contrasts over all 8192).
+the Q-Former trained in f32 under full remat, FSDP over every chip, bf16 compute, the
+ViT's attention on the fused TPU kernel (models/flash.py); global batch 8192 (128 images
+per chip on v5p-128; ITC contrasts over all 8192).
 
   unifer compile-check --config configs/align.py:pod --topology v5p-128
 
-Expected (2026-12-07, libtpu 0.0.42, 30 min and 8 GB to compile here): fits at 12.7 GiB
-of 95 per chip (13 %); model FLOPs 5.555e+13 per chip, executed 6.788e+13; HBM traffic
-439.3 GiB by the compiled HLO; roofline compute 147.9 ms, HBM 170.6 ms, communication
-15.5 ms: HBM-bound by 15 %, implied MFU <= 70.9 %. Without remat: 63.1 GiB, HBM 515.5 GiB
-(the Q-Former's per-layer residual stacks), 121.0 vs 200.2 ms, MFU <= 60.5 %. What keeps
-it HBM-bound, by the HLO's own instructions: relayouts inside the layers (copies and
-reshapes that are not bitcasts, 124 GiB, largely attention's head split and merge) and
-attention's f32 scores written and read around the softmax (38 GiB) -- attention done in
-plain XLA, the frozen ViT's over 257 tokens the largest. Neither a larger batch nor
-longer captions tip it: batch 16384 gives 296.0 vs 341.8 ms (24.9 GiB, MFU <= 70.9 %, the
-same ratio), text_len 96 gives 197.2 vs 229.4 ms (MFU <= 69.1 %). A fused attention kernel
-is the lever left.
+Expected (2026-12-07, libtpu 0.0.42, 22 min and 8 GB to compile here): fits at 12.7 GiB
+of 95 per chip (13 %); model FLOPs 5.555e+13 per chip, executed 6.829e+13 (remat, and
+the kernel's keys padded 257 -> 384); HBM traffic 337.5 GiB by the compiled HLO; roofline
+compute 148.8 ms, HBM 131.1 ms, communication 15.5 ms: compute-bound, implied MFU <=
+81.3 %. Before (plain-XLA attention, Dense matmuls on [B*T, D]): 439.3 GiB, 147.9 vs
+170.6 ms, HBM-bound, MFU <= 70.9 %; neither batch 16384 nor 96-token captions tipped it.
+What tipped it, measured on the frozen ViT-L's forward alone (128 images per chip,
+v5p:2x2x1): 119 GiB per chip with flattened Dense matmuls (merging 128 x 257 tokens is a
+relayout under the TPU's (8, 128) tiles), 59 GiB with [B, T, D] matmuls, 50 GiB with the
+fused kernel (no f32 scores; q/k/v projected straight into its [B, N, T, H] layout). The
+Q-Former stays on XLA attention: on the kernel (keys padded 80 -> 128 and 257 -> 384, f32
+softmax statistics saved for its backward) the step moved 473 GiB instead of 439. Left in
+the HLO: the Q-Former's remat recompute and backward matmuls (55 GiB), its XLA attention
+(45 GiB), the towers' forward matmuls (21 GiB), async copies (27 GiB).
 Args: the model preset (default demo), or pod.
 """
 

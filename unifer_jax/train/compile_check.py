@@ -28,8 +28,11 @@ Where the numbers come from:
 * FLOPs (:func:`step_cost.step_flops`): matmul FLOPs of the step's jaxpr, scan bodies
   times their length; *model* FLOPs (MFU's numerator) from the step traced with
   ``remat='none'``, *executed* FLOPs from the step as configured (remat recompute
-  included). Not XLA's cost analysis: it counts each loop body once (and returns nothing
-  for GPU targets); its figures are shown for reference.
+  included). A fused attention kernel (``attention='flash'``, a Pallas custom call XLA
+  cannot see into) counts its body's matmuls once per grid point and device: its key
+  padding and backward recompute are executed FLOPs; the model FLOPs are traced with
+  ``attention='xla'``. Not XLA's cost analysis: it counts each loop body once (and
+  returns nothing for GPU targets); its figures are shown for reference.
 * HBM traffic (:func:`hlo_memory.hbm_bytes`): from the compiled HLO, each executed
   instruction (a fusion as one) reading its operands and writing its result once, loop
   bodies times their trip counts, arrays the TPU compiler placed on-chip (memory space

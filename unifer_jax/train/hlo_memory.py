@@ -1,7 +1,7 @@
 """Bytes one device moves through HBM in a train step, read from the compiled HLO.
 
-Each executed instruction (a fusion as one) reads its operands and writes its result
-once; loop bodies count their trip count times and a conditional its costliest branch
+Each executed instruction (a fusion as one, a Pallas kernel's custom call as one) reads
+its operands and writes its result once; loop bodies count their trip count times and a conditional its costliest branch
 (:class:`hlo_stats.Program`); arrays the TPU compiler placed in on-chip memory (memory
 space ``S(n)``, n > 0, in their layout) cost nothing. Two things a naive count gets
 wrong are handled: a fusion that only slices an operand (a scanned layer's weights or
