@@ -44,8 +44,9 @@ from unifer_jax import sharding
 IMPLEMENTATIONS = ('xla', 'flash')
 KEY_BLOCK = 128     # the kernel's key block (and lane width): keys are padded to it
 MAX_WHOLE = 1024    # sequences up to this length run as one block
-# [B, N, T, H]'s logical axes: each device runs the kernel on its batch and head shard.
-_AXES = ('activation_batch', 'activation_heads', 'activation_length', None)
+# [B, N, T, H]'s logical axes: each device runs the kernel on its batch and head shard,
+# over whole sequences (attention needs every key).
+_AXES = ('activation_batch', 'activation_heads', None, None)
 
 
 def check(name: str, where: str) -> str:
