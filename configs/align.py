@@ -26,10 +26,14 @@ the kernel's keys padded 257 -> 384); HBM traffic 337.5 GiB by the compiled HLO;
 compute 148.8 ms, HBM 131.1 ms, communication 15.5 ms: compute-bound, implied MFU <=
 81.3 %. Before (plain-XLA attention, Dense matmuls on [B*T, D]): 439.3 GiB, 147.9 vs
 170.6 ms, HBM-bound, MFU <= 70.9 %; neither batch 16384 nor 96-token captions tipped it.
-What tipped it, measured on the frozen ViT-L's forward alone (128 images per chip,
-v5p:2x2x1): 119 GiB per chip with flattened Dense matmuls (merging 128 x 257 tokens is a
-relayout under the TPU's (8, 128) tiles), 59 GiB with [B, T, D] matmuls, 50 GiB with the
-fused kernel (no f32 scores; q/k/v projected straight into its [B, N, T, H] layout). The
+What tipped it was mostly the matmul layout: Dense on [B, T, D] on TPU (merging 128 x
+257 tokens is a relayout under the TPU's (8, 128) tiles). With it and XLA attention
+(`--config.attention=xla`) the step is compute-bound already: 346.2 GiB, HBM 134.4 ms vs
+compute 147.9 ms, MFU <= 81.8 % (12.8 GiB); the kernel takes 8.7 GiB more off for 0.9 ms
+of padded-key compute (a wash under the roofline's perfect overlap; less traffic to hide
+without it). On the frozen ViT-L's forward alone (128 images per chip, v5p:2x2x1): 119
+GiB per chip flattened, 59 GiB on [B, T, D], 50 GiB on the fused kernel (no f32 scores;
+q/k/v projected straight into its [B, N, T, H] layout). The
 Q-Former stays on XLA attention: on the kernel (keys padded 80 -> 128 and 257 -> 384, f32
 softmax statistics saved for its backward) the step moved 473 GiB instead of 439. Left in
 the HLO: the Q-Former's remat recompute and backward matmuls (55 GiB), its XLA attention
