@@ -20,7 +20,7 @@ from unifer_jax import config_lib, sharding
 from unifer_jax.data import instructions, labels
 from unifer_jax.data import tokenizer as tokenizer_lib
 from unifer_jax.evaluators import alignment, data as eval_data, instruct as instruct_eval, plots
-from unifer_jax.train import checkpoint as ckpt_lib, loop, state as state_lib
+from unifer_jax.train import align_losses, checkpoint as ckpt_lib, loop, state as state_lib
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ('lm', 'vision', 'align', 'generate', 'instruct')
@@ -96,8 +96,14 @@ def evaluate_alignment(config, workdir: Path, test: dict, tok, out: Path) -> dic
   caps = np.asarray(test['caption'])
   relevant = caps[:, None] == caps[None, :]
   recall = alignment.recall_at_k(sim, relevant, (1, 5))
+  # ITM on held-out pairs, 1 positive : 2 hard negatives, built as training builds them.
+  excluded = np.asarray(align_losses.not_negatives(ids, mask, test['expression'], test['compound']))
+  temp = float(np.clip(np.asarray(params['temp']), *align_losses.TEMP_RANGE))
+  itm_fn = jax.jit(lambda p, x, i, m: alignment.itm_logits(state_lib.bind(graphdef, p), x, i, m))
+  itm = alignment.matching_accuracy(lambda x, i, m: itm_fn(params, x, i, m), test['image'], ids,
+                                    mask, alignment.matching_pairs(sim, excluded, temp))
   return {'zero_shot_acc': float(np.mean(pred == true)), 'zero_shot_n': int(basic.sum()),
-          'retrieval_r1': recall['r1'], 'retrieval_r5': recall['r5'],
+          'retrieval_r1': recall['r1'], 'retrieval_r5': recall['r5'], **itm,
           'zero_shot_confusion': cm.tolist()}
 
 
@@ -189,7 +195,7 @@ def run(workdir: str | Path, size: int = 20000, overrides: dict | None = None,
       t = time.monotonic()
       report.update(evaluate_alignment(config, workdir / 'align', test, tok, workdir))
       timings['eval_align_s'] = time.monotonic() - t
-      print({k: report[k] for k in ('zero_shot_acc', 'retrieval_r1')}, flush=True)
+      print({k: report[k] for k in ('zero_shot_acc', 'retrieval_r1', 'itm_acc')}, flush=True)
 
   _banner('eval: instructed answers on the held-out split')
   t = time.monotonic()
@@ -220,6 +226,7 @@ def markdown(r: dict) -> str:
            f'{f("vision_basic_acc")} / {f("vision_compound_acc")}'),
           ('zero-shot accuracy, 8 basic classes (chance 0.125)', f('zero_shot_acc')),
           ('image->text retrieval R@1 / R@5', f'{f("retrieval_r1")} / {f("retrieval_r5")}'),
+          ('ITM accuracy, held-out 1:2 pairs (prior 0.667)', f('itm_acc')),
           ('instructed basic label accuracy', f('instruct_basic_acc')),
           ('instructed compound label accuracy (chance 0.09)', f('instruct_compound_acc')),
           ('intensity MAE', f('intensity_mae')),
