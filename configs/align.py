@@ -56,13 +56,6 @@ def get_config(arg: str = 'demo'):
     # ITM learns nothing on the built-in corpus (from step 50 to 400 its loss averaged
     # 0.637, the entropy of its 1:2 positive:negative prior, at accuracy 0.667: always
     # "no match") and cost 38 % of the step (87 vs 53 images/s), so the demo skips it.
-    # Hard negatives that are true negatives (equal-label pairs masked, align_losses.
-    # not_negatives) do not change that: 0.636 averaged over steps 100-200 with them
-    # (2026-12-07). What blocks it is the from-scratch Q-Former: at init a match pass's
-    # query outputs move by 0.3 % of their scale when the text is swapped (the residual
-    # branches start at 0.02), so the image x text interaction ITM needs is second order
-    # and ITC/ITG's gradients on the shared layers win. From this stage's ITM-off
-    # checkpoint, ITM alone does learn: loss 0.59 by step 50 (accuracy still 0.667).
     # Demos from one vision checkpoint, 2026-12-06: ITM off read instructed basic /
     # compound 0.938 / 0.725, zero-shot 0.633, student agreement 0.966; two runs with ITM
     # on 0.922 / 0.851, 0.670, 0.956 and 0.940 / 0.750, 0.694, 0.953 -- run to run spread

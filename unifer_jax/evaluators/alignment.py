@@ -27,7 +27,7 @@ def text_features(model, text_ids: jax.Array, text_mask: jax.Array) -> jax.Array
 
 def itm_logits(model, images: jax.Array, text_ids: jax.Array, text_mask: jax.Array) -> jax.Array:
   """[B, 2] ITM logits (no match, match) of image i with text i."""
-  return model.match_logits(model.image_tokens(images), text_ids, text_mask)
+  return model.itm_logits(model.qformer.match(model.image_tokens(images), text_ids, text_mask))
 
 
 def class_embeddings(text_feats: jax.Array, prompt_class: np.ndarray, num_classes: int) -> jax.Array:

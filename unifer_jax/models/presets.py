@@ -45,8 +45,7 @@ def _unifer(vit, qformer, llm, embed_dim=256, from_scratch=False):
                                         # Towers trained from scratch (no HF
                                         # checkpoint) need both; see models/unifer.py.
                                         vision_token_gain=from_scratch,
-                                        text_pool='mean' if from_scratch else 'cls',
-                                        itm_readout='text' if from_scratch else 'queries'))
+                                        text_pool='mean' if from_scratch else 'cls'))
 
 
 def get(name: str) -> ml_collections.ConfigDict:

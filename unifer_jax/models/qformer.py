@@ -341,13 +341,9 @@ class QFormer(nnx.Module):
   def match(self, image_embeds: jax.Array, input_ids: jax.Array, text_mask: jax.Array,
             image_mask: jax.Array | None = None) -> jax.Array:
     """ITM: queries + text, fully bidirectional; the query outputs ``[B, Q, H]``."""
-    return self.match_states(image_embeds, input_ids, text_mask, image_mask)[:, :self.num_queries]
-
-  def match_states(self, image_embeds: jax.Array, input_ids: jax.Array, text_mask: jax.Array,
-                   image_mask: jax.Array | None = None) -> jax.Array:
-    """The ITM pass' every output, queries then text ``[B, Q + T, H]``."""
     queries = self._queries(image_embeds.shape[0])
-    return self._joint(queries, image_embeds, input_ids, text_mask, image_mask)
+    return self._joint(queries, image_embeds, input_ids, text_mask, image_mask)[
+        :, :self.num_queries]
 
   def caption_logits(self, image_embeds: jax.Array, input_ids: jax.Array,
                      text_mask: jax.Array, image_mask: jax.Array | None = None) -> jax.Array:

@@ -142,15 +142,13 @@ class UniFER(nnx.Module):
     ITC sees equal texts, the image side gets no gradient, and both sides stay collapsed
     (sentence-transformers pool the same way)."""
     self._heads('text_embedding')
-    return _l2_normalize(self.text_proj(self._pool_text(text_states, text_mask)))
-
-  def _pool_text(self, text_states: jax.Array, text_mask: jax.Array | None) -> jax.Array:
-    """[B, H]: the first token's state, or with ``text_pool='mean'`` the valid tokens' mean."""
     if self.cfg.get('text_pool', 'cls') == 'mean':
       w = (jnp.ones(text_states.shape[:2]) if text_mask is None else text_mask)
       w = w.astype(jnp.float32)[..., None]
-      return (text_states.astype(jnp.float32) * w).sum(1) / jnp.maximum(w.sum(1), 1.0)
-    return text_states[:, 0]
+      pooled = (text_states.astype(jnp.float32) * w).sum(1) / jnp.maximum(w.sum(1), 1.0)
+    else:
+      pooled = text_states[:, 0]
+    return _l2_normalize(self.text_proj(pooled))
 
   def label_logits(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(basic [B, 8], compound [B, 11]) logits from the mean of the image queries."""
@@ -162,24 +160,6 @@ class UniFER(nnx.Module):
     """ITM: mean over queries of the 2-way head, as BLIP-2 does: [B, 2]."""
     self._heads('itm_logits')
     return self.itm_head(match_queries).astype(jnp.float32).mean(axis=1)
-
-  def match_logits(self, image_tokens: jax.Array, text_ids: jax.Array,
-                   text_mask: jax.Array) -> jax.Array:
-    """ITM logits [B, 2] (no match, match) of image i with text i, read as
-    ``itm_readout`` says: 'queries' (BLIP-2: the query outputs, itm_logits) or 'text'
-    (ALBEF / BLIP: the pass' text outputs, pooled as ``text_pool``; same head).
-
-    A from-scratch Q-Former needs 'text': its queries never learned to read text (the
-    vision stage trains query-to-query attention, ITG text-to-query), so in the demo's
-    match pass swapping the caption moves the query outputs by 1.3 % of their scale and
-    swapping the image by 77 %, and a head on them cannot see whether the two agree; the
-    text outputs move by 45 % with the image (ITG taught text to read the queries)."""
-    states = self.qformer.match_states(image_tokens, text_ids, text_mask)
-    if self.cfg.get('itm_readout', 'queries') == 'text':
-      self._heads('match_logits')
-      pooled = self._pool_text(states[:, self.qformer.num_queries:], text_mask)
-      return self.itm_head(pooled.astype(states.dtype)).astype(jnp.float32)
-    return self.itm_logits(states[:, :self.qformer.num_queries])
 
 
 def generate(model: UniFER, images: jax.Array, input_ids: jax.Array,

@@ -89,7 +89,7 @@ def itm_logits_and_labels(model, image_tokens, text_ids, text_mask, neg_image, n
   images = jnp.concatenate([image_tokens, image_tokens[neg_image], image_tokens], axis=0)
   ids = jnp.concatenate([text_ids, text_ids, text_ids[neg_text]], axis=0)
   mask = jnp.concatenate([text_mask, text_mask, text_mask[neg_text]], axis=0)
-  logits = model.match_logits(images, ids, mask)
+  logits = model.itm_logits(model.qformer.match(images, ids, mask))
   b = text_ids.shape[0]
   labels = jnp.concatenate([jnp.ones((b,), jnp.int32), jnp.zeros((2 * b,), jnp.int32)])
   return logits, labels
