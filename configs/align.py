@@ -73,5 +73,14 @@ def get_config(arg: str = 'demo'):
     # compound 0.938 / 0.725, zero-shot 0.633, student agreement 0.966; two runs with ITM
     # on 0.922 / 0.851, 0.670, 0.956 and 0.940 / 0.750, 0.694, 0.953 -- run to run spread
     # as wide as ITM's effect.
+    # Hard negatives that are true negatives (equal-label pairs masked, align_losses.
+    # not_negatives) do not change that: 0.636 averaged over steps 100-200 (2026-12-07),
+    # nor does ITM weight 5 (0.637 at step 50), nor reading ITM from the match pass' text
+    # outputs as ALBEF/BLIP do (0.635 at step 200). Measured in a match pass from the
+    # vision checkpoint: swapping the caption moves the query outputs (BLIP-2's ITM
+    # readout) by 1.5 % of their scale, swapping the image by 108 % (after this stage
+    # with ITM off: 1.3 % vs 77 %) -- the from-scratch queries never learned to read text.
+    # From this stage's ITM-off checkpoint ITM alone does learn, slowly: loss 0.59 by
+    # step 50 (accuracy still 0.667).
     c.align.weights.itm = 0.0
   return c

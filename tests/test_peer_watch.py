@@ -145,3 +145,35 @@ def test_a_killed_peer_stops_the_other_which_names_it_and_the_rerun_resumes(tmp_
   assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
   assert f'resumed from checkpoint step {saved[-1]}' in done.stdout
   assert max(_steps(workdir)) == 24
+
+
+
+# Process 1 compiles for 45 s longer (its step_flops call, just after the step's compile,
+# sleeps): what a process that compiles what its peer loaded from the persistent cache sees.
+_SLOW_PROCESS_1 = """
+import os, runpy, sys, time
+from unifer_jax.train import step_cost
+traced_flops = step_cost.step_flops
+def slow(*args, **kwargs):
+  if os.environ.get('UNIFER_PROCESS_ID') == '1':
+    time.sleep(45)
+  return traced_flops(*args, **kwargs)
+step_cost.step_flops = slow
+sys.argv = ['unifer'] + sys.argv[1:]
+runpy.run_module('unifer_jax.cli', run_name='__main__')
+"""
+
+
+@pytest.mark.multiprocess
+def test_a_peer_late_to_the_first_step_is_waited_for(tmp_path):
+  """gloo gives the peers 30 s to meet at a first collective; the loop's start barrier
+  (distributed.start_together) has process 0 wait for a process 1 that reaches the first
+  step 45 s later, and the run finishes."""
+  env = test_train._env(tmp_path / 'two_process_jax_cache')
+  cmd = [sys.executable, str(REPO / 'launch' / 'local.py'), '-n', '2', '--',
+         sys.executable, '-c', _SLOW_PROCESS_1, 'train', '--config', 'configs/smoke.py:tiny',
+         '--workdir', str(tmp_path / 'run'), '--config.peer_timeout_s=120.0',
+         *test_train._overrides(total=3, every=100)]
+  done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+  assert max(_steps(tmp_path / 'run')) == 3

@@ -61,3 +61,24 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
 
 def is_main() -> bool:
   return jax.process_index() == 0
+
+
+_barriers = 0
+
+
+def start_together(name: str, timeout_s: float = 3600.0) -> None:
+  """Wait until every process reaches this point (a coordination-service barrier; no
+  device collective), then return. A no-op for one process.
+
+  Before the first step: gloo (CPU collectives) gives the peers 30 s to meet at the first
+  collective, and a process that loaded its executables from the persistent compilation
+  cache can be minutes ahead of one that compiles its own (JAX writes cache entries from
+  process 0 only, so process-local computations are cached for process 0 alone).
+  """
+  global _barriers
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
+  _barriers += 1
+  jax_distributed.global_state.client.wait_at_barrier(f'unifer/{name}/{_barriers}',
+                                                      int(timeout_s * 1000))

@@ -108,7 +108,8 @@ class Model:
         lambda x: _image_feats(self.params, x, graphdef=self.graphdef), [images], batch_size,
         self.mesh)
 
-  def text_features(self, texts, batch_size: int = 64) -> np.ndarray:
+  def text_ids(self, texts) -> tuple[np.ndarray, np.ndarray]:
+    """[N, text_len] ids and mask of each text for the Q-Former's text side (cls .. eos)."""
     tok = self.text_tokenizer
     length = self.input_cfg.text_len
     ids = np.zeros((len(texts), length), np.int32)
@@ -116,9 +117,20 @@ class Model:
     for i, t in enumerate(texts):
       seq = ([tok.cls_id] + tok.encode(t) + [tok.eos_id])[:length]
       ids[i, :len(seq)], mask[i, :len(seq)] = seq, 1
+    return ids, mask
+
+  def text_features(self, texts, batch_size: int = 64) -> np.ndarray:
+    ids, mask = self.text_ids(texts)
     return item_shards.map_items(
         lambda i, m: _text_feats(self.params, i, m, graphdef=self.graphdef), [ids, mask],
         batch_size, self.mesh, count=False)   # label prompts, not eval items
+
+  def itm_logits(self, images: np.ndarray, ids: np.ndarray, mask: np.ndarray,
+                 batch_size: int = 64) -> np.ndarray:
+    """[N, 2] ITM logits (no match, match) of image i with text i."""
+    return item_shards.map_items(
+        lambda x, i, m: _itm_logits(self.params, x, i, m, graphdef=self.graphdef),
+        [images, ids, mask], batch_size, self.mesh)
 
   def temperature(self) -> float:
     """The ITC temperature the model learned (BLIP-2 clips it to [0.001, 0.5])."""
@@ -167,6 +179,11 @@ def _image_feats(params, images, *, graphdef):
 @functools.partial(jax.jit, static_argnames=('graphdef',))
 def _text_feats(params, ids, mask, *, graphdef):
   return alignment.text_features(nnx.merge(graphdef, params), ids, mask)
+
+
+@functools.partial(jax.jit, static_argnames=('graphdef',))
+def _itm_logits(params, images, ids, mask, *, graphdef):
+  return alignment.itm_logits(nnx.merge(graphdef, params), images, ids, mask)
 
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'max_new', 'temperature', 'top_k',

@@ -34,6 +34,7 @@ EVALUATORS = {
     'generative': generative.Generative,
     'instruct': instruct.InstructTasks,
     'retrieval': alignment.Retrieval,
+    'itm': alignment.Matching,
 }
 DEFAULT_DATASET = {'type': 'tfds', 'split': 'test'}
 

@@ -156,6 +156,7 @@ def train(config, workdir: str | Path) -> dict:
   # ------------------------------------------------------------------------------ #
   # Loop                                                                            #
   # ------------------------------------------------------------------------------ #
+  distributed.start_together('first_step')   # peers compiled or loaded at unequal speed
   pending: list[tuple[int, dict]] = []
   last: dict = {}
   interval_start = time.monotonic()
