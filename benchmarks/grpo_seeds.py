@@ -12,6 +12,17 @@ and compound accuracy under FERBench's label extraction and the format rate (exa
 ``<think>..</think><answer>..</answer>``). The instruct checkpoint is scored the same way.
 Prints every seed's numbers, mean +- sd per variant and the issue's must-show (compound
 >= instruct + 0.05, basic >= instruct, format >= 0.99); writes DIR/summary.json.
+Flags after the known ones go to every GRPO run (``--seeds=0 --variants=grpo`` take one
+value each written with '=', so that the overrides are not read as more seeds/variants).
+
+Today (2026-12-07, 2-core AMD EPYC, one seed each, 1200 held-out faces): the demo's
+instruct checkpoint answers basic 0.937 / compound 0.722, format 1.000. GRPO lowers
+compound in every recipe tried: 0.658 (the config, lr 1e-4, 60 steps), 0.652 / 0.678
+(compound x4, answer-weighted rewards, lr 1e-4 / 3e-5), 0.668 (basic + compound only,
+answer + format rewards, lr 3e-5, 100 steps, two updates per batch); basic 0.93-0.94,
+format >= 0.998. The sampled training accuracy does not rise either (compound 0.53 over
+steps 1-20, 0.49-0.60 later), so the update is not yet learning from the rewards on the
+demo model: the must-show is not met (issue 29).
 """
 
 from __future__ import annotations
