@@ -78,6 +78,32 @@ def test_verdicts_name_the_hung_and_the_lost_peer(two_clients):
   assert w0.check() == 'process 1 is lost: no sign of life for 1 s'
 
 
+
+def test_a_process_failing_on_an_exception_names_a_lost_peer_first(two_clients, monkeypatch):
+  """Its collective failed at once because process 0 died (gloo saw the closed socket):
+  at exit it polls on and names the lost peer (exit code 75), instead of waiting at JAX's
+  shutdown barrier for the dead one. A peer that failed as well ends the wait at once."""
+  w0, w1 = (peer_watch.PeerWatch(c, i, 2, timeout_s=1.0, thread=False)
+            for i, c in enumerate(two_clients))
+  w0.check(), w1.check()
+  verdicts = []
+  monkeypatch.setattr(w1, '_exit', verdicts.append)
+  monkeypatch.setattr(sys, 'last_value', RuntimeError('Gloo: connection closed by peer'),
+                      raising=False)
+  start = time.monotonic()
+  w1.stop()                          # process 0 gives no further sign of life
+  assert verdicts == ['process 0 is lost: no sign of life for 1 s'], verdicts
+  assert time.monotonic() - start < 3
+  # Both failing (the same error everywhere): neither waits for a verdict.
+  w0.failing = True
+  w0.check()
+  w2 = peer_watch.PeerWatch(two_clients[1], 1, 2, timeout_s=30.0, thread=False)
+  monkeypatch.setattr(w2, '_exit', verdicts.append)
+  start = time.monotonic()
+  w2.stop()
+  assert time.monotonic() - start < 5 and len(verdicts) == 1
+
+
 def test_timeout_must_be_positive(two_clients):
   with pytest.raises(ValueError, match=r'peer_timeout_s=0: expected a number of seconds > 0'):
     peer_watch.PeerWatch(two_clients[0], 0, 2, timeout_s=0, thread=False)

@@ -44,6 +44,7 @@ EXIT_CODE = 75
 DEFAULT_TIMEOUT_S = 180.0
 _KEY = 'unifer/peer/'
 DONE = 'done'   # what a finished process publishes in place of its sign of life
+FAILED = 'failed'   # appended to its sign of life by a process leaving on an exception
 
 _watch: 'PeerWatch | None' = None
 
@@ -81,6 +82,7 @@ class PeerWatch:
     now = time.monotonic()
     self.marker, self.marker_time = -1, now
     self.beats = 0
+    self.failing = False        # leaving on an exception (_judge_before_failing)
     self.seen = {p: (None, now) for p in range(count) if p != process}   # value, when it changed
     self.reached = now          # last successful poll of the store
     self.exiting = threading.Event()
@@ -100,22 +102,49 @@ class PeerWatch:
 
   def stop(self) -> None:
     """This process is done: no more judging or polling; peers read DONE and stop
-    watching it."""
+    watching it. One leaving on an uncaught exception judges first (_judge_before_failing)."""
     self.exiting.set()
     if self.thread is not None:
       self.thread.join(timeout=self.poll + 5)
+    if getattr(sys, 'last_value', None) is not None:   # set for an uncaught exception
+      self._judge_before_failing()
     try:
       self.client.key_value_set(f'{_KEY}{self.process}', DONE, allow_overwrite=True)
     except Exception:  # pylint: disable=broad-except  (the service may be gone already)
       pass
+
+  def _judge_before_failing(self) -> None:
+    """A collective with a dead peer can fail at once (gloo sees the closed connection)
+    before the thread's verdict; the process would then wait at JAX's shutdown barrier
+    for the dead peer until its heartbeat check aborts it, naming nobody. So a failing
+    process keeps polling -- up to peer_timeout_s, or until every peer has finished or
+    failed too -- and a lost peer ends it with EXIT_CODE, named."""
+    self.failing = True
+    deadline = time.monotonic() + self.timeout + self.poll
+    while time.monotonic() < deadline:
+      verdict = self.check()
+      lost = [v for v in (verdict or '').split('; ') if ' is lost' in v]
+      if lost:
+        self._exit('; '.join(lost))
+        return
+      if all(v == DONE or (v or '').endswith(FAILED) for v in self._entries().values()):
+        return
+      time.sleep(self.poll)
+
+  def _entries(self) -> dict:
+    try:
+      entries = dict(self.client.key_value_dir_get(_KEY))
+    except Exception:  # pylint: disable=broad-except
+      return {}
+    return {p: entries.get(f'{_KEY}{p}') for p in self.seen}
 
   def check(self) -> str | None:
     """One poll: publish our sign of life, read the others'; what is wrong, if anything."""
     now = time.monotonic()
     self.beats += 1
     try:
-      self.client.key_value_set(f'{_KEY}{self.process}', f'{self.beats} {self.marker}',
-                                allow_overwrite=True)
+      self.client.key_value_set(f'{_KEY}{self.process}', f'{self.beats} {self.marker}'
+                                + (f' {FAILED}' if self.failing else ''), allow_overwrite=True)
       entries = dict(self.client.key_value_dir_get(_KEY))
     except Exception as e:  # pylint: disable=broad-except  (the service's RPC errors vary)
       if now - self.reached > self.timeout:
