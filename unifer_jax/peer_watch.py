@@ -85,6 +85,7 @@ class PeerWatch:
     self.failing = False        # leaving on an exception (_judge_before_failing)
     self.seen = {p: (None, now) for p in range(count) if p != process}   # value, when it changed
     self.reached = now          # last successful poll of the store
+    self.entries: dict = {}     # what it held then
     self.exiting = threading.Event()
     self.thread = None
     if thread:   # (tests poll by hand)
@@ -127,16 +128,10 @@ class PeerWatch:
       if lost:
         self._exit('; '.join(lost))
         return
-      if all(v == DONE or (v or '').endswith(FAILED) for v in self._entries().values()):
+      others = [self.entries.get(f'{_KEY}{p}') or '' for p in self.seen]
+      if all(v == DONE or v.endswith(FAILED) for v in others):
         return
       time.sleep(self.poll)
-
-  def _entries(self) -> dict:
-    try:
-      entries = dict(self.client.key_value_dir_get(_KEY))
-    except Exception:  # pylint: disable=broad-except
-      return {}
-    return {p: entries.get(f'{_KEY}{p}') for p in self.seen}
 
   def check(self) -> str | None:
     """One poll: publish our sign of life, read the others'; what is wrong, if anything."""
@@ -145,7 +140,7 @@ class PeerWatch:
     try:
       self.client.key_value_set(f'{_KEY}{self.process}', f'{self.beats} {self.marker}'
                                 + (f' {FAILED}' if self.failing else ''), allow_overwrite=True)
-      entries = dict(self.client.key_value_dir_get(_KEY))
+      entries = self.entries = dict(self.client.key_value_dir_get(_KEY))
     except Exception as e:  # pylint: disable=broad-except  (the service's RPC errors vary)
       if now - self.reached > self.timeout:
         return (f'process 0 (the coordinator) is lost: its coordination service has been '
