@@ -115,8 +115,8 @@ def main():
   mesh = sharding.make_mesh(dict(config.mesh))
   spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
   setup, traced = step_cost.trace_step(config, mesh, spec)
-  args = (setup.init_state(), inputs.to_global(batch, mesh), jax.random.key(0))
-  res = measure(traced, step_cost.taken_branches(traced.jaxpr, args))
+  step_args = (setup.init_state(), inputs.to_global(batch, mesh), jax.random.key(0))
+  res = measure(traced, step_cost.taken_branches(traced.jaxpr, step_args))
   print(f'[{args.dims}] {train_step.describe(config)}')
   print(f'{res["matmuls"]} matmuls per step in {res["shapes"]} shapes, '
         f'{res["flops"] / 1e9:.2f} GFLOP; matmul peak f32 {peak:.1f} GFLOP/s; dispatch of an '
