@@ -40,3 +40,21 @@ def test_tiny_dims_print_one_full_table(capsys):
   assert '-' not in cells[4:6], cells   # the HF columns are filled
   assert cells[6] == f'{row["real_tokens"]} / {b * t} ({row["real_tokens"] / (b * t):.0%})'
   assert 'XLA CPU threads' in out and 'best of 7' in out
+
+
+def test_demo_and_reference_dims_build():
+  """The full dims are too slow to step here; their models must still build (the conv
+  stem of the demo preset once broke --dims reference at construction)."""
+  from unifer_jax import sharding
+  for name in ('demo', 'reference'):
+    config = train_step.DIMS[name].config()
+    setup = train_step.state_lib.build(config, sharding.make_mesh(dict(config.mesh)))
+    m = setup.model_cfg
+    assert config.model.lora.rank == train_step.LORA_RANK and config.input.batch_size == 32
+    batch = train_step.random_batch(config)
+    assert batch['image'].shape[1] == m.vit.image_size
+  # The issue's reference dims.
+  described = train_step.describe(train_step.reference_config())
+  for part in ('ViT 6x256', 'at 112 px /16;', 'Q-Former 4x256', '32 queries', 'LLM 6x384',
+               'vocab 4096', 'batch 32'):
+    assert part in described, described
