@@ -184,6 +184,14 @@ def xla_threads() -> int:
   return sum('XLAEigen' in n for n in names)
 
 
+def cpu_model() -> str:
+  try:
+    with open('/proc/cpuinfo') as f:
+      return next((l.split(':', 1)[1].strip() for l in f if l.startswith('model name')), '?')
+  except OSError:
+    return '?'
+
+
 def matmul_peak(dtype, n: int = 2048, runs: int = 7) -> dict:
   """A jitted [n, n] @ [n, n]: GFLOP/s of its BEST run of ``runs`` after two warm-ups
   (the peak is the machine's, not its noise: medians moved 184 -> 127 GFLOP/s between
@@ -313,7 +321,7 @@ COLUMNS = ('dims', 'ours ms', 'matmul bound ms', 'ours / bound', 'HF ms', 'HF / 
            'real / padded tokens', 'GFLOP/step', 'MFU')
 
 
-def measure_dims(name: str, args, peak: dict) -> dict:
+def measure_dims(name: str, args) -> dict:
   config = DIMS[name].config()
   batch = random_batch(config)
   print(f'\n[{name}] {describe(config)}', flush=True)
@@ -365,12 +373,13 @@ def main(argv=None) -> list[dict]:
   peak_n = max(DIMS[n].peak_n for n in names)
   peak = matmul_peak(jnp.float32, peak_n)
   print(f'jax {jax.__version__}, {jax.device_count()} {jax.devices()[0].platform} device(s); '
-        f'{os.cpu_count()} CPUs ({len(os.sched_getaffinity(0))} usable), XLA CPU threads '
+        f'{os.cpu_count()} CPUs ({cpu_model()}; {len(os.sched_getaffinity(0))} usable), '
+        f'XLA CPU threads '
         f'{xla_threads()}, torch threads = usable CPUs; load average '
         f'{os.getloadavg()[0]:.1f}', flush=True)
   print(f'matmul peak f32 ({peak_n}^3, jitted, best of 7): {peak["gflops"]:.1f} GFLOP/s, '
         f'{peak["busy"]:.1f} cores busy', flush=True)
-  rows = [measure_dims(n, args, peak) for n in names]
+  rows = [measure_dims(n, args) for n in names]
   print('\n' + table(rows, peak['gflops']))
   print(f'(ours and HF: median step wall time; bound: every matmul of the step alone at its '
         f'best speed; MFU against the f32 peak {peak["gflops"]:.1f} GFLOP/s; load average now '
