@@ -1,6 +1,8 @@
 """Student -> ONNX (jax2onnx), checked in onnxruntime before success is reported; and
 the optional int8 model with its size, speed and agreement with f32.
 
+  unifer export --workdir W/distill --out W/export --format onnx --int8
+
 The graph takes ``image`` f32 [B, S, S, 3] (B dynamic, normalised as meta.json says)
 and returns ``basic``, ``compound`` (probabilities), ``intensity``, ``va``.
 
@@ -12,7 +14,7 @@ fuses each QuantizeLinear -> op -> DequantizeLinear into an integer kernel at lo
 Measured 2026-12-07 on the 2-core AMD EPYC box, demo-size student, one process, the same
 images, interleaved rounds, best of each (load 7.5: two trainings beside it): with one
 onnxruntime thread, int8 / f32 ms per image 0.449 / 0.532 at batch 8, 0.410 / 0.509 at
-32, 0.467 / 0.692 at 64 (0.81-0.84x; the dynamic quantiser this replaces: 0.477 / 0.426
+32, 0.467 / 0.692 at 64 (0.68-0.84x; the dynamic quantiser this replaces: 0.477 / 0.426
 / 0.555); with both cores the timings of every model scattered 0.8-2.2 ms under that
 load. Size 865 KB vs 2.74 MB f32 (dynamic int8: 1.14 MB). Agreement with f32 on the
 basic label 1.0 over the 32 calibration faces, max abs diff 0.015 on the probabilities
