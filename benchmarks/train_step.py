@@ -23,8 +23,8 @@ noisy; run it on a quiet machine and say which CPU):
    lengths uniform in [T/3, 2T/3] (the demo's rows average 63 real tokens of 112),
    right-padded, loss on each row's last T/4 real tokens. Step time = the best of
    ``--iters`` steps after a warm-up (as the peak and the bound: the figure the other
-   users of a shared box disturb least; medians are printed beside it); FLOPs = ``step_cost.step_flops`` at the loss branch
-   this batch takes.
+   users of a shared box disturb least; medians are printed beside it); FLOPs =
+   ``step_cost.step_flops`` at the loss branch this batch takes.
 3. matmul bound: ``benchmarks/matmul_bound.measure`` on the same traced step -- every
    dot_general / convolution of it timed alone at its best speed, summed: the step time
    no fusion can beat with these shapes here. ours / bound is how much the work outside
@@ -385,8 +385,8 @@ def main(argv=None) -> list[dict]:
   rows = [measure_dims(n, args) for n in names]
   print('\n' + table(rows, peak['gflops']))
   print(f'(ours and HF: best step wall time of --iters / --hf_iters; bound: every matmul of the '
-        f'step alone at its best speed; MFU against the f32 peak {peak["gflops"]:.1f} GFLOP/s; load average now '
-        f'{os.getloadavg()[0]:.1f})', flush=True)
+        f'step alone at its best speed; MFU against the f32 peak {peak["gflops"]:.1f} GFLOP/s; '
+        f'load average now {os.getloadavg()[0]:.1f})', flush=True)
   for r in rows:
     r['peak_gflops'], r['xla_threads'] = peak['gflops'], xla_threads()
   return rows

@@ -29,7 +29,6 @@ import logging
 import time
 from pathlib import Path
 
-import jax
 import numpy as np
 
 from unifer_jax.export import student_fn
