@@ -75,6 +75,15 @@ def test_int8_is_per_channel_static_qdq_and_timed_against_f32(exported):
   assert quantised >= report['onnx_dense_matmuls']   # every Dense (and conv) weight
   assert max(channels) > 1
   assert not any(n.op_type == 'DynamicQuantizeLinear' for n in graph.node)
+  # ... which onnxruntime fuses into integer kernels: no float weight product is left.
+  import onnxruntime as ort
+  opts = ort.SessionOptions()
+  opts.optimized_model_filepath = str(root / 'int8.fused.onnx')
+  ort.InferenceSession(str(root / 'out' / onnx_export.INT8_FILE), opts,
+                       providers=['CPUExecutionProvider'])
+  fused = [n.op_type for n in onnx.load(root / 'int8.fused.onnx').graph.node]
+  assert not {'MatMul', 'Gemm', 'Conv'} & set(fused), sorted(set(fused))
+  assert sum(op in ('QGemm', 'QLinearMatMul', 'QLinearConv') for op in fused) == quantised
   assert report['int8_calibration_images'] == onnx_export.CALIBRATION_IMAGES
   # Random student weights (scale 0.3): int8 still picks the f32 label nearly always.
   assert report['int8_basic_agreement_with_f32'] >= 0.9, report

@@ -10,17 +10,19 @@ int8 (:func:`quantize_int8`): onnxruntime's graph optimisations first (constant 
 MatMul + Add -> Gemm: ``quant_pre_process``), then static per-channel QDQ quantisation
 of the MatMul / Gemm / Conv weights (int8, one scale per output channel) and their
 activations (uint8, ranges calibrated on the export's own held-out faces); onnxruntime
-fuses each QuantizeLinear -> op -> DequantizeLinear into an integer kernel at load.
-Measured 2026-12-07 on the 2-core AMD EPYC box, demo-size student, one process, the same
-images, interleaved rounds, best of each (load 7.5: two trainings beside it): with one
-onnxruntime thread, int8 / f32 ms per image 0.449 / 0.532 at batch 8, 0.410 / 0.509 at
-32, 0.467 / 0.692 at 64 (0.68-0.84x; the dynamic quantiser this replaces: 0.477 / 0.426
-/ 0.555); with both cores the timings of every model scattered 0.8-2.2 ms under that
-load. Size 865 KB vs 2.74 MB f32 (dynamic int8: 1.14 MB). Agreement with f32 on the
-basic label 1.0 over the 32 calibration faces, max abs diff 0.015 on the probabilities
-(random-weight demo-size student; the demo's report gives the trained student's
-agreement with the teacher for f32 and int8 ONNX). The demo's "int8 0.47 vs f32 0.39
-ms" compared 8 images against 64; both are now timed on the same batch.
+fuses each QuantizeLinear -> op -> DequantizeLinear into an integer kernel at load (the
+demo student: QGemm for its 29 Dense layers, QLinearConv for its 4 stem convolutions).
+Measured 2026-12-07 on the 2-core AMD EPYC box (no AMX), demo-size student (random
+weights), one process, the same images, interleaved rounds, best of each, load 3.8 (two
+trainings beside it): with one onnxruntime thread int8 / f32 ms per image 0.437 / 0.517
+at batch 8, 0.390 / 0.481 at 32, 0.383 / 0.473 at 64 (0.81-0.84x; at load 7.5 0.68-0.84x);
+the dynamic MatMul quantiser this replaces ran 0.432 / 0.403 / 0.392, within 3 % of it.
+With both threads every model ran slower than on one under that load and int8 / f32
+scattered 0.83-1.20x: only a quiet machine says more. Size 865 KB vs 2.74 MB f32
+(dynamic int8 1.14 MB). Agreement with f32 on the basic label 1.0 over the 32
+calibration faces, max abs diff 0.015 on the outputs; the demo's report gives the
+trained student's f32 and int8 agreement with the teacher. (The demo's earlier "int8
+0.47 vs f32 0.39 ms" timed 8 images against 64; both now time the same batch.)
 """
 
 from __future__ import annotations
@@ -164,7 +166,7 @@ def quantize_int8(out: Path, student: student_fn.TrainedStudent) -> dict:
           'int8_ms_per_image': speed['int8'], 'f32_ms_per_image': speed['f32']}
 
 
-def ms_per_image(sessions: dict, images: np.ndarray, rounds: int = 7, calls: int = 3) -> dict:
+def ms_per_image(sessions: dict, images: np.ndarray, rounds: int = 5, calls: int = 2) -> dict:
   """{name: ms per image} of each onnxruntime session on ``images``: ``rounds`` rounds,
   each of ``calls`` calls to every session in turn (so a noisy neighbour hits all of
   them alike), the best call of each session."""
