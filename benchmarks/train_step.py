@@ -46,9 +46,10 @@ busy, 2 XLA threads, torch 2 threads); best steps (medians ours 1756 / 7598 ms, 
 | dims | ours ms | matmul bound ms | ours / bound | HF ms | HF / ours | real / padded tokens |
 | demo | 1431 | 617 | 2.32x | 3671 | 2.57x | 1810 / 3584 (51 %) |
 | reference | 5104 | 3868 | 1.32x | 15349 | 3.01x | 2070 / 4096 (51 %) |
-Under load torch's two spinning threads lose more than XLA's: these HF / ours overstate
-what a quiet machine shows (1.36x demo, 1.45x reference without AMX per issue 33, whose
-figures took the median). Goals (issue 33): HF / ours >= 1.5x at both dims, reference
+Loaded figures move: a run minutes earlier (load 4.5-6.6, peak 63.5) gave demo 1530 /
+4128 ms (2.70x), reference 7832 / 15286 ms (1.95x), bounds 556 / 3904 ms. Issue 33's
+figures on a machine of this kind (medians, quieter): HF / ours 1.36x demo, 1.45x
+reference -- judge the goals on a quiet machine only. Goals (issue 33): HF / ours >= 1.5x at both dims, reference
 ours / bound <= 1.35x.
 --dims tiny runs in ~20 s (most of it compiling).
 """
