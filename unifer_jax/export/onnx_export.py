@@ -9,8 +9,8 @@ and returns ``basic``, ``compound`` (probabilities), ``intensity``, ``va``.
 int8 (:func:`quantize_int8`): onnxruntime's graph optimisations first (constant folding,
 MatMul + Add -> Gemm: ``quant_pre_process``), then static per-channel QDQ quantisation
 of the MatMul / Gemm / Conv weights (int8, one scale per output channel) and their
-activations (uint8, ranges calibrated on the export's own held-out faces); onnxruntime
-fuses each QuantizeLinear -> op -> DequantizeLinear into an integer kernel at load (the
+activations (uint8, ranges calibrated on 32 of the student's training faces);
+onnxruntime fuses each QuantizeLinear -> op -> DequantizeLinear into an integer kernel at load (the
 demo student: QGemm for its 29 Dense layers, QLinearConv for its 4 stem convolutions).
 Measured 2026-12-07 on the 2-core AMD EPYC box (no AMX), demo-size student (random
 weights), one process, the same images, interleaved rounds, best of each, load 3.8 (two
@@ -19,10 +19,11 @@ at batch 8, 0.390 / 0.481 at 32, 0.383 / 0.473 at 64 (0.81-0.84x; at load 7.5 0.
 the dynamic MatMul quantiser this replaces ran 0.432 / 0.403 / 0.392, within 3 % of it.
 With both threads every model ran slower than on one under that load and int8 / f32
 scattered 0.83-1.20x: only a quiet machine says more. Size 865 KB vs 2.74 MB f32
-(dynamic int8 1.14 MB). Agreement with f32 on the basic label 1.0 over the 32
-calibration faces, max abs diff 0.015 on the outputs; the demo's report gives the
-trained student's f32 and int8 agreement with the teacher. (The demo's earlier "int8
-0.47 vs f32 0.39 ms" timed 8 images against 64; both now time the same batch.)
+(dynamic int8 1.14 MB). Agreement with f32 on the basic label 1.0 over 32 inputs
+(random: no corpus beside that student), max abs diff 0.015 on the outputs; the demo's
+report gives the trained student's f32 and int8 agreement with the teacher. (The demo's
+earlier "int8 0.47 vs f32 0.39 ms" timed 8 images against 64; both now time the same
+batch.)
 """
 
 from __future__ import annotations
@@ -125,18 +126,21 @@ INT8_OPS = ('MatMul', 'Gemm', 'Conv')
 
 
 def quantize_int8(out: Path, student: student_fn.TrainedStudent) -> dict:
-  """``out/INT8_FILE`` from ``out/FILE`` (see the module docstring); reports its size,
-  its agreement with the f32 model and both models' ms per image on the calibration
-  faces (same process, same images, best of interleaved rounds)."""
+  """``out/INT8_FILE`` from ``out/FILE`` (see the module docstring), calibrated on
+  training faces; reports its size, its agreement with the f32 model and both models' ms
+  per image on as many held-out faces (same process, same images, best of interleaved
+  rounds)."""
   import tempfile  # pylint: disable=g-import-not-at-top
   from onnxruntime import quantization as q  # pylint: disable=g-import-not-at-top
   from onnxruntime.quantization import shape_inference  # pylint: disable=g-import-not-at-top
 
+  # Activation ranges from training faces; agreement and speed on held-out ones.
+  calibration = student_fn.parity_images(student, n=CALIBRATION_IMAGES, seed=1, split='train')
   images = student_fn.parity_images(student, n=CALIBRATION_IMAGES)
 
   class Faces(q.CalibrationDataReader):
     def __init__(self):
-      self.rows = iter(images[i:i + 1] for i in range(len(images)))
+      self.rows = iter(calibration[i:i + 1] for i in range(len(calibration)))
 
     def get_next(self):
       row = next(self.rows, None)
@@ -158,7 +162,7 @@ def quantize_int8(out: Path, student: student_fn.TrainedStudent) -> dict:
   want, got = run(f32, images), run(q8, images)
   speed = ms_per_image({'f32': f32, 'int8': q8}, images)
   return {'int8_file': INT8_FILE, 'int8_bytes': (out / INT8_FILE).stat().st_size,
-          'int8_calibration_images': len(images),
+          'int8_calibration_images': len(calibration),
           'int8_basic_agreement_with_f32': float(np.mean(
               got['basic'].argmax(-1) == want['basic'].argmax(-1))),
           'int8_max_abs_diff': float(max(np.abs(want[k] - got[k]).max()
