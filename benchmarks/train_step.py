@@ -66,7 +66,7 @@ from typing import Callable
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.append(os.path.dirname(os.path.abspath(__file__)))   # matmul_bound
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -2,14 +2,18 @@
 matmul-only bound and HF PyTorch's Blip2 + Llama step, one step each -- so the
 benchmark cannot rot while the model and the trainer move under it."""
 
+import importlib.util
 import math
 import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
-import train_step  # noqa: E402  (benchmarks/ is no package)
+# benchmarks/ is no package.
+_spec = importlib.util.spec_from_file_location(
+    'train_step_bench', Path(__file__).resolve().parents[1] / 'benchmarks' / 'train_step.py')
+train_step = sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)  # (dataclasses)
+_spec.loader.exec_module(train_step)
 
 
 def test_tiny_dims_print_one_full_table(capsys):
