@@ -39,18 +39,18 @@ Prints the setup of each side and ONE table: per dims ours ms, matmul bound ms, 
 bound, HF ms, HF / ours, real / padded tokens of the batch, GFLOP/step and MFU. Asserts
 nothing (the test does). A run's history goes to the commit messages, not here.
 
-What to expect, 2026-12-07 19:27, 2-core AMD EPYC (no AMX), load 3.3-7.5 (two other
-trainings running: loaded figures), ``--dims both``: matmul peak 91.5 GFLOP/s (0.8 cores
-busy, 2 XLA threads, torch 2 threads); best steps (medians ours 1756 / 7598 ms, HF 4767 /
-16794 ms):
+What to expect, 2026-12-07 19:47, 2-core AMD EPYC (no AMX), load 5.1-7.5 (three other
+jobs running: loaded figures), ``--dims both``: matmul peak 63.9 GFLOP/s (0.6 cores busy,
+2 XLA threads, torch 2 threads); best steps (medians ours 1519 / 9516 ms, HF 4733 /
+17511 ms):
 | dims | ours ms | matmul bound ms | ours / bound | HF ms | HF / ours | real / padded tokens |
-| demo | 1431 | 617 | 2.32x | 3671 | 2.57x | 1810 / 3584 (51 %) |
-| reference | 5104 | 3868 | 1.32x | 15349 | 3.01x | 2070 / 4096 (51 %) |
-Loaded figures move: a run minutes earlier (load 4.5-6.6, peak 63.5) gave demo 1530 /
-4128 ms (2.70x), reference 7832 / 15286 ms (1.95x), bounds 556 / 3904 ms. Issue 33's
-figures on a machine of this kind (medians, quieter): HF / ours 1.36x demo, 1.45x
-reference -- judge the goals on a quiet machine only. Goals (issue 33): HF / ours >= 1.5x at both dims, reference
-ours / bound <= 1.35x.
+| demo | 1456 | 519 | 2.81x | 4374 | 3.00x | 1810 / 3584 (51 %) |
+| reference | 8743 | 4447 | 1.97x | 13316 | 1.52x | 2070 / 4096 (51 %) |
+Loaded figures move: over three runs today (load 3.3-7.5, peak 63.5-91.5) ours /
+bound was 2.32-2.81x (demo) and 1.32-2.06x (reference), HF / ours 2.57-3.00x and
+1.52-3.01x. Issue 33's figures on a machine of this kind (medians, quieter): HF / ours
+1.36x demo, 1.45x reference -- judge the goals on a quiet machine only. Goals (issue 33):
+HF / ours >= 1.5x at both dims, reference ours / bound <= 1.35x.
 --dims tiny runs in ~20 s (most of it compiling).
 """
 
