@@ -41,10 +41,16 @@ def generate_loss(model, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
   tokens, mask = batch['tokens'], batch['loss_mask']
   attn = batch.get('attention_mask', jnp.ones_like(tokens))
   # An instruction-aware Q-Former (InstructBLIP) reads the prompt beside its queries.
+  # Several images per row (image [B, M, H, W, C] + image_mask): they sit in their
+  # placeholder slots inside the tokens (models/interleave.py), no prefix in front.
   embeds, full_mask = model.prefixed_inputs(batch['image'], tokens, attn,
-                                            batch.get('qformer_ids'), batch.get('qformer_mask'))
+                                            batch.get('qformer_ids'), batch.get('qformer_mask'),
+                                            batch.get('image_mask'))
   q = embeds.shape[1] - tokens.shape[1]
   hidden = model.llm.hidden_states(inputs_embeds=embeds, attention_mask=full_mask)
+  if q == 0:  # position i-1 predicts token i; a placeholder slot is never a target
+    mask = mask * (tokens != model.cfg.image_token_index).astype(mask.dtype)
+    return target_loss.target_nll(model.llm, hidden[:, :-1], tokens[:, 1:], mask[:, 1:])
   # Position q-1+i predicts token i; of these T positions only the targets are projected
   # onto the vocabulary.
   return target_loss.target_nll(model.llm, hidden[:, q - 1:-1], tokens, mask)
