@@ -125,6 +125,19 @@ def test_one_image_in_front_equals_the_prefix_path():
                                  image_mask=np.ones((2, 1), np.int32)))  # [B, Q + T, V]
   valid = full_mask.astype(bool)
   np.testing.assert_array_equal(several[valid], one[valid])
+  # The generate/instruct loss too: the same targets, predicted from the same positions.
+  graphdef = nnx.graphdef(model)
+  loss = jax.jit(lambda s, b: losses.generate_loss(nnx.merge(graphdef, s), b, None))
+  answer = (np.arange(9) >= 4).astype(np.int32) * mask
+  want, want_aux = loss(state, dict(image=images, tokens=text, attention_mask=mask,
+                                    loss_mask=answer))
+  got, got_aux = loss(state, dict(image=images[:, None], image_mask=np.ones((2, 1), np.int32),
+                                  tokens=ids, attention_mask=full_mask,
+                                  loss_mask=np.concatenate([np.ones((2, Q), np.int32),
+                                                            answer], 1)))
+  # (the placeholders' loss_mask of 1 above is ignored: a slot is never a target)
+  assert float(got_aux['tokens']) == float(want_aux['tokens']) == answer.sum()
+  np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
 
 
 def test_absent_images_contribute_nothing():

@@ -48,9 +48,12 @@ def generate_loss(model, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
                                             batch.get('image_mask'))
   q = embeds.shape[1] - tokens.shape[1]
   hidden = model.llm.hidden_states(inputs_embeds=embeds, attention_mask=full_mask)
-  if q == 0:  # position i-1 predicts token i; a placeholder slot is never a target
-    mask = mask * (tokens != model.cfg.image_token_index).astype(mask.dtype)
-    return target_loss.target_nll(model.llm, hidden[:, :-1], tokens[:, 1:], mask[:, 1:])
+  if q == 0:  # position i-1 predicts token i; a placeholder slot is never a target (and
+    # its id may lie past the vocabulary: a valid id stands in for it, masked out)
+    slots = tokens == model.cfg.image_token_index
+    mask = mask * (~slots).astype(mask.dtype)
+    targets = jnp.where(slots, 0, tokens)
+    return target_loss.target_nll(model.llm, hidden[:, :-1], targets[:, 1:], mask[:, 1:])
   # Position q-1+i predicts token i; of these T positions only the targets are projected
   # onto the vocabulary.
   return target_loss.target_nll(model.llm, hidden[:, q - 1:-1], tokens, mask)
