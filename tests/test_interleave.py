@@ -14,7 +14,8 @@ from flax import nnx
 
 import model_util
 import vlm_util
-from unifer_jax import convert
+from unifer_jax import config_lib, convert
+from unifer_jax.data import random_batches
 from unifer_jax.models import interleave, llm, presets
 from unifer_jax.models import unifer as unifer_lib
 from unifer_jax.train import losses
@@ -25,8 +26,7 @@ NEW = 8
 
 
 def _model(seed=0, instruction_aware=False):
-  cfg = presets.get('tiny')
-  cfg.image_token_index = P
+  cfg = presets.get('tiny')   # no image_token_index: the placeholder is llm.vocab_size
   cfg.qformer.instruction_aware = instruction_aware
   return model_util.random_module(lambda: unifer_lib.UniFER(cfg, rngs=nnx.Rngs(0)), seed=seed,
                                   scale=0.3)
@@ -227,10 +227,9 @@ def test_bad_placeholders_are_refused_by_row():
   model = _model()
   with pytest.raises(ValueError, match='row 1 has 8 image placeholder ids'):
     model.prefixed_inputs(_images(2, 2), ids, image_mask=np.array([[1, 0], [1, 0]]))
-  cfg = presets.get('tiny')   # no image_token_index
-  plain = model_util.random_module(lambda: unifer_lib.UniFER(cfg, rngs=nnx.Rngs(0)))
-  with pytest.raises(ValueError, match='need model.image_token_index'):
-    plain.prefixed_inputs(_images(2, 2), ids)
+  assert interleave.placeholder_id(vlm_cfg := presets.get('tiny')) == P
+  vlm_cfg.image_token_index = 7   # a BLIP-2 from HF keeps its own
+  assert interleave.placeholder_id(vlm_cfg) == 7
 
 
 # -- against Hugging Face BLIP-2, image tokens in the middle of the text ---------------------
@@ -267,3 +266,23 @@ def test_logits_equal_hf_blip2_with_the_image_mid_text(tmp_path):
       image_mask=np.ones((2, 1), np.int32)))
   valid = mask.astype(bool)
   assert np.abs(ours - want)[valid].max() <= 1e-4
+
+
+# -- random interleaved batches (what the smoke config and compile-check feed) ---------------
+
+def test_random_batches_place_whole_images_and_mask_them_from_the_loss():
+  config = config_lib.load('configs/smoke.py:tiny',
+                           ['--config.input.images_per_row=3', '--config.input.seq_len=20'])
+  model_cfg = presets.get('tiny')
+  batch = random_batches.global_batch(config, model_cfg, step=5)
+  assert batch['image'].shape == (8, 3, 32, 32, 3) and batch['image_mask'].shape == (8, 3)
+  interleave.check_slots(batch['tokens'], batch['image_mask'], P, Q)
+  assert np.all(batch['loss_mask'][batch['tokens'] == P] == 0)
+  assert len(set(batch['image_mask'].sum(1))) > 1      # rows use different numbers of slots
+  # A process's rows are the same rows of the global batch.
+  part = random_batches.global_batch(config, model_cfg, step=5, rows=slice(4, 8))
+  for k in batch:
+    np.testing.assert_array_equal(part[k], batch[k][4:])
+  config.input.seq_len = 12
+  with pytest.raises(ValueError, match='seq_len=12 cannot hold images_per_row=3'):
+    random_batches.batch_spec(config, model_cfg)

@@ -39,9 +39,10 @@ Design: a reserved placeholder id, already expanded to Q slots in the token sequ
 * The instruction-aware Q-Former (InstructBLIP) reads either one instruction shared by
   every image of the row (``qformer_input_ids`` [B, L]) or one per image ([B, M, L]).
 
-The placeholder id needs no row in the LLM's vocabulary (it is replaced before the
-embedding lookup), so a tokenizer may use an id past its vocabulary; a BLIP-2 from HF
-uses its config's ``image_token_index``. ``check_slots`` validates a concrete batch
+The placeholder id (:func:`placeholder_id`) is ``model.image_token_index`` where the
+config has one (a BLIP-2 from HF: its config's), else ``llm.vocab_size``: one past the
+vocabulary, an id no tokenizer that fits the model emits. It needs no row of the
+embedding table: slots are replaced before the lookup and are never loss targets. ``check_slots`` validates a concrete batch
 (the data pipeline calls it; ``UniFER.prefixed_inputs`` calls it outside ``jit``).
 """
 
@@ -50,6 +51,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+
+def placeholder_id(model_cfg) -> int:
+  """The id that marks image slots in ``input_ids`` for a UniFER config (docstring)."""
+  token = model_cfg.get('image_token_index', None)
+  return int(model_cfg.llm.vocab_size if token is None else token)
 
 
 def is_concrete(*arrays) -> bool:

@@ -13,7 +13,7 @@ prompt beside its queries: the generative entry points then take
 
 Several images per row (few-shot prompts, video frames, packed rows): pass images
 ``[B, M, H, W, C]`` with ``image_mask=[B, M]``; each used image's prefix then replaces its
-Q placeholder ids (``model.image_token_index``) inside the text instead of going in front
+Q placeholder ids (``interleave.placeholder_id``) inside the text instead of going in front
 of it. The design and its reasons: ``models/interleave.py``.
 """
 
@@ -130,10 +130,7 @@ class UniFER(nnx.Module):
                          qformer_attention_mask=None, image_mask=None):
     """(inputs_embeds [B, T, D], attention_mask [B, T]) of a row holding up to M images,
     each written into its run of Q placeholder ids (``models/interleave.py``)."""
-    token = self.cfg.get('image_token_index', None)
-    if token is None:
-      raise ValueError('images [B, M, H, W, C] (several per row) need model.image_token_index: '
-                       'the id that marks each image\'s Q slots in input_ids')
+    token = interleave.placeholder_id(self.cfg)
     b, m = images.shape[:2]
     if image_mask is None:
       image_mask = jnp.ones((b, m), jnp.int32)

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from unifer_jax import sharding
+from unifer_jax.models import interleave
 from unifer_jax.models.llm import LOGIT_AXES
 from unifer_jax.train import align_losses, distill_losses, target_loss
 
@@ -50,7 +51,7 @@ def generate_loss(model, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
   hidden = model.llm.hidden_states(inputs_embeds=embeds, attention_mask=full_mask)
   if q == 0:  # position i-1 predicts token i; a placeholder slot is never a target (and
     # its id may lie past the vocabulary: a valid id stands in for it, masked out)
-    slots = tokens == model.cfg.image_token_index
+    slots = tokens == interleave.placeholder_id(model.cfg)
     mask = mask * (~slots).astype(mask.dtype)
     targets = jnp.where(slots, 0, tokens)
     return target_loss.target_nll(model.llm, hidden[:, :-1], targets[:, 1:], mask[:, 1:])
