@@ -4,6 +4,8 @@ only, relabelled rows show the query's class among their examples under the same
 plain rows are the one-image example with its face in slot 0, the global batch spec
 matches, and the tiny model's instruct loss reads a real batch."""
 
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ from flax import nnx
 from data_prep import synthetic_faces as sf
 from unifer_jax.data import augment, examples, fewshot, labels, pipeline
 from unifer_jax.data import tokenizer as tok_lib
+from unifer_jax.evaluators import fewshot as fs_eval, model_io, registry
 from unifer_jax.models import interleave, presets
 from unifer_jax.models import unifer as unifer_lib
 from unifer_jax.train import losses
@@ -142,3 +145,60 @@ def test_bad_settings_are_refused(corpus):
   basic = next(i for i in range(len(records)) if records[i]['expression'] >= 0)
   with pytest.raises(ValueError, match='seq_len=40 cuts a 4-shot row inside its images'):
     few.row(0, basic, records[basic], np.random.default_rng(0), records, 4, False)
+
+
+# -- the k-shot evaluator ------------------------------------------------------------------
+
+def test_eval_rows_ask_the_same_examples_both_ways(corpus):
+  tok = corpus['tok']
+  rng = np.random.default_rng(0)
+  expression = rng.integers(-1, 8, 40)
+  images = np.arange(40, dtype=np.float32)[:, None, None, None] * np.ones((1, 2, 2, 3))
+  rows = fs_eval.build_rows(images, expression, (0, 1, 4), tok, Q, TOKEN, max_items=10)
+  queries = np.flatnonzero(expression >= 0)[:10]
+  assert sorted(set(rows['query'])) == sorted(queries)
+  interleave.check_slots(rows['ids'], rows['image_mask'], TOKEN, Q)
+  for i in range(len(rows['k'])):
+    k, qi, used = rows['k'][i], rows['query'][i], int(rows['image_mask'][i].sum())
+    faces = rows['images'][i, :used, 0, 0, 0].astype(int)    # each face's record index
+    assert used == k + 1 and faces[-1] == qi and qi not in faces[:-1]
+    assert np.all(expression[faces] >= 0)
+    words = [line.split('Label:')[1].strip()
+             for line in _lines(tok, rows['ids'][i], rows['mask'][i])[1:-1]]
+    assert len(words) == k
+    if rows['relabelled'][i]:
+      assert rows['answer'][i] in fewshot.RELABEL_WORDS
+      assert (k == 0) or rows['answer'][i] in words      # answerable from the examples
+    else:
+      assert rows['answer'][i] == labels.BASIC[expression[qi]]
+      assert words == [labels.BASIC[expression[f]] for f in faces[:-1]]
+  # The two kinds of a (query, k) show the same faces.
+  for qi in queries:
+    for k in (1, 4):
+      same = (rows['query'] == qi) & (rows['k'] == k)
+      if same.sum() == 2:
+        a, b = rows['images'][same]
+        np.testing.assert_array_equal(a, b)
+  assert fs_eval.correct('<answer>Maple.</answer>', 'maple', True)
+  assert not fs_eval.correct('<answer>happiness</answer>', 'maple', True)
+  assert fs_eval.correct('<answer>happy</answer>', 'happiness', False)
+
+
+def test_evaluator_runs_on_a_model(corpus, tmp_path):
+  model_cfg = presets.get('tiny')
+  model_cfg.llm.update(vocab_size=TOKEN, max_seq_len=256)
+  module = model_util.random_module(lambda: unifer_lib.UniFER(model_cfg, rngs=nnx.Rngs(0)))
+  graphdef, params = nnx.split(module)
+  config = pipeline.ml_collections.ConfigDict(dict(
+      model=model_cfg.to_dict(), input=dict(type='tfds', data_dir=corpus['dir'],
+                                            tokenizer=corpus['tok'].path, image_size=SIZE)))
+  model = model_io.Model(config, graphdef, params, step=0)
+  ev = registry.build({'fs': dict(type='fewshot', shots=[0, 1], max_items=6)})['fs']
+  got = ev.run(model, tmp_path)
+  assert got['fewshot_n'] == 6
+  for key in ('fewshot_acc_0shot', 'fewshot_acc_1shot', 'fewshot_relabelled_acc_0shot',
+              'fewshot_relabelled_acc_1shot'):
+    assert 0.0 <= got[key] <= 1.0, key
+  raw = json.loads((tmp_path / 'fs_answers.json').read_text())
+  assert len(raw) <= 6 * 2 * 2 and sum(not r['relabelled'] for r in raw) == 6 * 2
+  assert {r['k'] for r in raw} == {0, 1} and all(isinstance(r['said'], str) for r in raw)

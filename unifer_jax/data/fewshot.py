@@ -118,9 +118,11 @@ class FewShotMaker(examples.ExampleMaker):
   def row(self, source, index, record, rng, others, k: int, relabel: bool):
     """A k-shot row for ``record`` (examples drawn from ``others`` with ``rng``)."""
     query = int(record['expression'])
-    support = self._support(others, index, query, k, relabel, rng)
-    if relabel and support is None:   # no example of the class found: ask the usual way
-      relabel, support = False, self._support(others, index, query, k, False, rng)
+    label_of = lambda j: int(others[j].get('expression', -1))
+    picks = pick_examples(len(others), label_of, index, query, k, relabel, rng)
+    if picks is None:   # no example of the query's class turned up: ask the usual way
+      relabel, picks = False, pick_examples(len(others), label_of, index, query, k, False, rng)
+    support = [others[j] for j in picks]
     names = list(labels.BASIC)
     if relabel:
       names = [RELABEL_WORDS[i] for i in rng.choice(len(RELABEL_WORDS), len(names), False)]
@@ -145,33 +147,6 @@ class FewShotMaker(examples.ExampleMaker):
       ex.update(qformer_ids=ids, qformer_mask=qmask, _truncated=np.int32(cut or qcut))
     return ex
 
-  def _support(self, others, index, query, k, need_query_class, rng):
-    """k records with a basic label (not ``index``); with ``need_query_class`` one of them
-    of class ``query`` at a random position, or None if none turned up."""
-    picked, same = [], None
-    for _ in range(_MAX_DRAWS * (k + 1)):
-      j = int(rng.integers(len(others)))
-      if j == index:
-        continue
-      rec = others[j]
-      label = int(rec.get('expression', -1))
-      if label < 0:
-        continue
-      if need_query_class and same is None and label == query:
-        same = rec
-      elif len(picked) < k - int(need_query_class):
-        picked.append(rec)
-      if len(picked) == k - int(need_query_class) and (same is not None or not need_query_class):
-        break
-    if len(picked) < k - int(need_query_class):
-      raise ValueError(f'k-shot row for record {index}: found only {len(picked)} records with '
-                       f'a basic label in {_MAX_DRAWS * (k + 1)} draws from its dataset')
-    if need_query_class:
-      if same is None:
-        return None
-      picked.insert(int(rng.integers(k)), same)
-    return picked
-
   def _slots(self, faces) -> np.ndarray:
     out = np.zeros((self.slots, *faces[0].shape), faces[0].dtype)
     out[:len(faces)] = faces
@@ -179,6 +154,35 @@ class FewShotMaker(examples.ExampleMaker):
 
   def _used(self, n: int) -> np.ndarray:
     return (np.arange(self.slots) < n).astype(np.int32)
+
+
+def pick_examples(n: int, label_of, index: int, query: int, k: int, need_query_class: bool,
+                  rng) -> list[int] | None:
+  """Indices of k example records among ``n`` with a basic label (``label_of(j) >= 0``),
+  never ``index``; with ``need_query_class`` one of them of class ``query``, at a random
+  position -- None if none turned up in the draws. Rejection sampling: a dataset is read
+  record by record, nothing is indexed in advance."""
+  want = k - int(need_query_class and k > 0)
+  picked, same = [], None
+  for _ in range(_MAX_DRAWS * (k + 1)):
+    if len(picked) == want and (same is not None or not need_query_class or k == 0):
+      break
+    j = int(rng.integers(n))
+    label = label_of(j) if j != index else -1
+    if label < 0:
+      continue
+    if need_query_class and same is None and label == query:
+      same = j
+    elif len(picked) < want:
+      picked.append(j)
+  if len(picked) < want:
+    raise ValueError(f'k-shot row for record {index}: found only {len(picked)} of {want} '
+                     f'records with a basic label in {_MAX_DRAWS * (k + 1)} draws')
+  if need_query_class and k > 0:
+    if same is None:
+      return None
+    picked.insert(int(rng.integers(k)), same)
+  return picked
 
 
 def example_spec(image_size: int, seq_len: int, text_len: int, qformer_prompt: bool,

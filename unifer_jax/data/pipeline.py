@@ -178,7 +178,8 @@ class Pipeline:
     aug = dict(cfg.augment)
     enabled = aug.pop('enabled', True)
     aug = augment.settings(aug)
-    shots = dict(cfg.fewshot) if int(cfg.fewshot.max_shots) > 0 else None
+    # k-shot rows are instruct rows; the eval format (evaluators) reads one face per row.
+    shots = dict(cfg.fewshot) if int(cfg.fewshot.max_shots) > 0 and fmt == 'instruct' else None
     maker_cls = examples.ExampleMaker
     if shots:
       maker_cls = functools.partial(
@@ -299,7 +300,7 @@ class Pipeline:
 
 def _example_spec(cfg, fmt: str, image_size: int) -> dict:
   max_shots = int(cfg.fewshot.max_shots)
-  if max_shots > 0:
+  if max_shots > 0 and fmt == 'instruct':
     return fewshot.example_spec(image_size, cfg.seq_len, cfg.text_len, cfg.qformer_prompt,
                                 max_shots)
   return examples.example_spec(fmt, image_size, cfg.seq_len, cfg.text_len, cfg.qformer_prompt)
@@ -349,6 +350,9 @@ def stage_input(config, model_cfg) -> tuple[ml_collections.ConfigDict, str, int]
   if fmt is None:
     raise ValueError(f'config.stage={stage!r} has no input format; set config.input.format '
                      f'to one of {examples.FORMATS}')
+  if int(cfg.fewshot.max_shots) > 0 and fmt != 'instruct':
+    raise ValueError(f'config.input.fewshot.max_shots={cfg.fewshot.max_shots}: k-shot rows '
+                     f'are instruct rows; this stage reads format {fmt!r}')
   vision = presets.vision_config(model_cfg)  # a UniFER's vit or a student's encoder
   image_size = cfg.image_size or vision.image_size
   if image_size != vision.image_size:
