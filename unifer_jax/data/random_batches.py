@@ -12,6 +12,11 @@ a run of Q placeholder ids at a random place in the tokens (never a target). Wha
 
   unifer compile-check --config configs/smoke.py:7b --topology v5p-128 \\
       --config.input.images_per_row=5
+
+Expected (2026-12-07, libtpu 0.0.42; 12 min and 5.5 GB RSS to compile here): global batch
+512 rows x 5 image slots at 224 px, seq_len 256 (5 x 32 slots + text): fits at 5.39 GiB
+of 95 per chip (6 %), model FLOPs 1.028e+14 per chip (1.285e+14 executed, full remat),
+roofline compute 280 ms vs HBM 123 ms and communication 146 ms: compute-bound.
 """
 
 from __future__ import annotations
