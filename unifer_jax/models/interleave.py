@@ -59,9 +59,14 @@ def placeholder_id(model_cfg) -> int:
   return int(model_cfg.llm.vocab_size if token is None else token)
 
 
-def is_concrete(*arrays) -> bool:
-  """True when no argument is a tracer (the values can be checked in numpy)."""
-  return not any(isinstance(a, jax.core.Tracer) for a in arrays)
+def check_if_concrete(input_ids, image_mask, image_token: int, num_queries: int) -> None:
+  """``check_slots`` outside ``jit``; traced values (inside a compiled step or generate)
+  pass unchecked: their batches came from a pipeline that checks (or builds) them."""
+  try:
+    ids, used = np.asarray(input_ids), np.asarray(image_mask)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    return
+  check_slots(ids, used, image_token, num_queries)
 
 
 def check_slots(input_ids, image_mask, image_token: int, num_queries: int,

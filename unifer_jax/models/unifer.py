@@ -135,8 +135,7 @@ class UniFER(nnx.Module):
     if image_mask is None:
       image_mask = jnp.ones((b, m), jnp.int32)
     q = self.cfg.qformer.num_queries
-    if interleave.is_concrete(input_ids, image_mask):
-      interleave.check_slots(input_ids, image_mask, token, q)
+    interleave.check_if_concrete(input_ids, image_mask, token, q)
     q_ids, q_mask = interleave.per_image_instruction(qformer_input_ids, qformer_attention_mask, m)
     prefixes = self.prefix(images.reshape(b * m, *images.shape[2:]), q_ids, q_mask)
     slots = input_ids == token
