@@ -5,7 +5,8 @@ On with ``config.input.fewshot.max_shots = K > 0``: every instruct row then carr
 ``image`` [K + 1, S, S, 3] and ``image_mask`` [K + 1] (slot 0 the query's face in an
 ordinary instruct row, the faces in text order in a k-shot row), and the tokens hold a
 run of Q placeholder ids (``image_token``) where each face goes. A ``fraction`` of the
-rows whose record has a basic label become k-shot rows, k drawn from ``shots``::
+rows whose record has a basic label become k-shot rows, k drawn from ``shots`` (k = 0:
+the query alone, in this format, with the usual words)::
 
   <|user|>Each face is followed by its expression label.
   [face 1] Label: sadness
@@ -42,7 +43,7 @@ _MAX_DRAWS = 64   # records read while looking for an example of a given class
 
 def default_config() -> dict:
   """``config.input.fewshot`` (off: max_shots = 0)."""
-  return dict(max_shots=0, shots=(1, 2, 4), fraction=0.5, relabel_fraction=0.5)
+  return dict(max_shots=0, shots=(0, 1, 2, 4), fraction=0.5, relabel_fraction=0.5)
 
 
 def message(support_words) -> str:
@@ -67,7 +68,7 @@ class FewShotMaker(examples.ExampleMaker):
   """``ExampleMaker`` for the instruct format with several image slots per row; called
   with ``others`` (the record's dataset, random access) to draw the examples."""
   max_shots: int = 0
-  shots: tuple = (1, 2, 4)
+  shots: tuple = (0, 1, 2, 4)
   fraction: float = 0.5
   relabel_fraction: float = 0.5
   image_queries: int = 0           # Q of the model
@@ -82,10 +83,10 @@ class FewShotMaker(examples.ExampleMaker):
     if self.max_shots <= 0 or self.image_queries <= 0 or self.image_token < 0:
       raise ValueError('FewShotMaker needs max_shots > 0, image_queries > 0 and image_token '
                        f'>= 0; got {self.max_shots}, {self.image_queries}, {self.image_token}')
-    bad = [k for k in self.shots if not 1 <= int(k) <= self.max_shots]
+    bad = [k for k in self.shots if not 0 <= int(k) <= self.max_shots]
     if bad:
       raise ValueError(f'config.input.fewshot.shots={list(self.shots)}: each k must be in '
-                       f'1..max_shots={self.max_shots}; {bad} is not')
+                       f'0..max_shots={self.max_shots}; {bad} is not')
 
   @property
   def slots(self) -> int:
@@ -95,7 +96,8 @@ class FewShotMaker(examples.ExampleMaker):
     basic = int(record.get('expression', -1)) >= 0
     if rng is not None and others is not None and basic and rng.random() < self.fraction:
       k = int(self.shots[rng.integers(len(self.shots))])
-      relabel = rng.random() < self.relabel_fraction
+      # A 0-shot row is asked with the usual words only: renamed, it has no answer.
+      relabel = k > 0 and rng.random() < self.relabel_fraction
       return self.row(source, index, record, rng, others, k, relabel)
     return self._plain(source, index, record, rng)
 
