@@ -203,3 +203,12 @@ def test_evaluator_runs_on_a_model(corpus, tmp_path):
   raw = json.loads((tmp_path / 'fs_answers.json').read_text())
   assert len(raw) <= 6 * 2 * 2 and sum(not r['relabelled'] for r in raw) == 6 * 2
   assert {r['k'] for r in raw} == {0, 1} and all(isinstance(r['said'], str) for r in raw)
+
+
+def test_kshot_rows_are_for_the_instruct_stage_only(corpus):
+  model_cfg = presets.get('tiny')
+  for stage in ('generate', 'grpo'):
+    config = pipeline.ml_collections.ConfigDict(dict(stage=stage, input=_cfg(corpus)))
+    with pytest.raises(ValueError, match=f"k-shot rows are rows of the instruct stage; stage "
+                                         f"'{stage}'"):
+      pipeline.global_batch_spec(config, model_cfg)

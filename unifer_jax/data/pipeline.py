@@ -350,9 +350,10 @@ def stage_input(config, model_cfg) -> tuple[ml_collections.ConfigDict, str, int]
   if fmt is None:
     raise ValueError(f'config.stage={stage!r} has no input format; set config.input.format '
                      f'to one of {examples.FORMATS}')
-  if int(cfg.fewshot.max_shots) > 0 and fmt != 'instruct':
+  if int(cfg.fewshot.max_shots) > 0 and (fmt != 'instruct' or stage == 'grpo'):
     raise ValueError(f'config.input.fewshot.max_shots={cfg.fewshot.max_shots}: k-shot rows '
-                     f'are instruct rows; this stage reads format {fmt!r}')
+                     f'are rows of the instruct stage; stage {stage!r} reads format {fmt!r}'
+                     + (' (GRPO\'s rollouts take one image per prompt)' * (stage == 'grpo')))
   vision = presets.vision_config(model_cfg)  # a UniFER's vit or a student's encoder
   image_size = cfg.image_size or vision.image_size
   if image_size != vision.image_size:
