@@ -95,6 +95,42 @@ def test_in_training_hook_runs_what_is_due(workdir):
   assert (workdir['root'] / 'train' / 'evals' / 'step_2' / 'zs_confusion.png').exists()
 
 
+def test_sampled_answers_and_the_rl_headroom(workdir):
+  """The sampled answers GRPO's rollouts score: at a vanishing temperature every sample is
+  the greedy answer; at 1.0 a group's answers differ and the seed reproduces them; the
+  headroom figures are those of the answers (the label FERBench extraction reads)."""
+  from unifer_jax.evaluators import data as eval_data, instruct  # pylint: disable=g-import-not-at-top
+  model = model_io.load(workdir['workdir'], 2)
+  data = eval_data.load_split(model.input_cfg, 'test', model.image_size, limit=12)
+  keep = np.flatnonzero(data['expression'] >= 0)[:6]    # faces with a basic label
+  data = {k: data[k][keep] for k in ('image', 'expression', 'compound')}
+  ask = lambda **kw: instruct.answers(model.graphdef, model.params, data['image'], 'basic',
+                                      model.tokenizer, batch_size=4, **kw)
+  greedy = ask()
+  assert ask(temperature=1e-6, samples=3) == [t for t in greedy for _ in range(3)]
+  sampled = ask(temperature=1.0, samples=3, seed=5)
+  assert len(sampled) == 18 and sampled == ask(temperature=1.0, samples=3, seed=5)
+  assert any(len(set(sampled[i:i + 3])) > 1 for i in range(0, 18, 3))
+  r = instruct.sampling_headroom(model.graphdef, model.params, data, model.tokenizer,
+                                 tasks=('basic',), samples=3, seed=5, batch_size=4)
+  truth = np.asarray([instruct_label(data, i) for i in range(6)])
+  hits = np.asarray([ferbench_label(t) for t in sampled]).reshape(6, 3) == truth[:, None]
+  assert r['basic_n'] == 6 and r['basic_sampled'] == hits.mean()
+  assert r['basic_pass@3'] == hits.any(1).mean() and r['basic_all_right'] == hits.all(1).mean()
+  assert r['basic_greedy'] == np.mean([ferbench_label(t) for t in greedy] == truth)
+
+
+def instruct_label(data, i):
+  from unifer_jax.data import labels  # pylint: disable=g-import-not-at-top
+  return labels.BASIC[data['expression'][i]]
+
+
+def ferbench_label(text):
+  from unifer_jax.data import labels  # pylint: disable=g-import-not-at-top
+  from unifer_jax.evaluators import ferbench  # pylint: disable=g-import-not-at-top
+  return ferbench.extract_label(text, labels.BASIC)
+
+
 def sweep_config(tmp_path: Path, workdir, ferbench_items, extra_dataset: str = '') -> str:
   w = workdir['workdir']
   return write_config(tmp_path / 'sweep.py', f"""dict(

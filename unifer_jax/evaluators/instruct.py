@@ -9,6 +9,7 @@ AU sets named by the answer vs the record's rationale).
 
 from __future__ import annotations
 
+import collections
 import functools
 
 import jax
@@ -30,19 +31,26 @@ TASKS = {'basic': ('expression', MAX_NEW_TOKENS), 'compound': ('compound', MAX_N
          'rationale': ('aus', MAX_NEW_TOKENS)}
 
 
-@functools.partial(jax.jit, static_argnames=('graphdef', 'max_new', 'eos_id'))
-def _generate(params, images, prompt_ids, qformer, *, graphdef, max_new: int, eos_id: int):
+@functools.partial(jax.jit, static_argnames=('graphdef', 'max_new', 'eos_id', 'temperature',
+                                             'samples'))
+def _generate(params, images, prompt_ids, qformer, rng=None, *, graphdef, max_new: int,
+              eos_id: int, temperature: float = 0.0, samples: int = 1):
   q_ids, q_mask = qformer if qformer is not None else (None, None)
-  return unifer_lib.generate(nnx.merge(graphdef, params), images, prompt_ids,
-                             qformer_input_ids=q_ids, qformer_attention_mask=q_mask,
-                             max_new_tokens=max_new, eos_id=eos_id, pad_id=0)
+  out = unifer_lib.generate(nnx.merge(graphdef, params), images, prompt_ids,
+                            qformer_input_ids=q_ids, qformer_attention_mask=q_mask,
+                            max_new_tokens=max_new, eos_id=eos_id, pad_id=0,
+                            temperature=temperature, rng=rng, num_samples=samples)
+  return out.reshape(len(images), samples, max_new) if samples > 1 else out
 
 
 def answers(graphdef, params, images: np.ndarray, task: str, tok, batch_size: int = 64,
-            qformer_text=None) -> list[str]:
+            qformer_text=None, *, temperature: float = 0.0, samples: int = 1,
+            seed: int = 0) -> list[str]:
   """Greedy answers of the model to `task`'s prompt for each image; ``qformer_text``
   (``model_io.Model.qformer_text``) gives an instruction-aware Q-Former the prompt. The
-  images are split over the processes of the mesh ``params`` live on (item_shards)."""
+  images are split over the processes of the mesh ``params`` live on (item_shards).
+  With ``temperature`` > 0, ``samples`` sampled answers per image (image i's are
+  ``[i * samples, (i + 1) * samples)``), batch b drawn with key ``fold_in(seed, b)``."""
   message = instructions.prompt_for(task)
   prompt = np.asarray(tok.prompt_ids(message), np.int32)
   n = len(images)
@@ -51,11 +59,14 @@ def answers(graphdef, params, images: np.ndarray, task: str, tok, batch_size: in
     arrays += list(qformer_text([message] * n))
   mesh = item_shards.mesh_of(params)
   out = []
-  for batch in item_shards.batches(arrays, batch_size, mesh):
+  sampling = dict(temperature=float(temperature), samples=int(samples)) if temperature else {}
+  for b, batch in enumerate(item_shards.batches(arrays, batch_size, mesh)):
     chunk, ids, *q = batch.arrays
-    tokens = _generate(params, chunk, ids, tuple(q) or None, graphdef=graphdef,
-                       max_new=TASKS[task][1], eos_id=tok.eos_id)
-    out += [tok.decode(t) for t in batch.results(tokens)]
+    rng = jax.random.fold_in(jax.random.key(seed), b) if temperature else None
+    tokens = _generate(params, chunk, ids, tuple(q) or None, rng, graphdef=graphdef,
+                       max_new=TASKS[task][1], eos_id=tok.eos_id, **sampling)
+    out += [tok.decode(t) for r in batch.results(tokens)   # [rows, G, L] when G > 1
+            for t in (r if temperature and samples > 1 else [r])]
   return out
 
 
@@ -149,6 +160,40 @@ def ferbench_scores(graphdef, params, data: dict, tok, tasks=('basic', 'compound
     out[f'{task}_n'] = len(idx)
     formats += ok
   out['format_rate'] = float(np.mean(formats))
+  return out
+
+
+def sampling_headroom(graphdef, params, data: dict, tok, tasks=('basic', 'compound'), *,
+                      samples: int = 8, temperature: float = 1.0, seed: int = 0,
+                      batch_size: int = 32, max_per_task: int = 400, qformer_text=None) -> dict:
+  """What a verifiable-reward RL stage (train/grpo.py) has to work with, per label task:
+  ``{task}_greedy`` (ferbench_scores' accuracy), ``{task}_sampled`` (mean accuracy of
+  ``samples`` answers sampled at ``temperature``, what GRPO's rollouts score),
+  ``{task}_pass@G`` (some sample right: the ceiling sharpening can reach on these faces),
+  ``{task}_maj@G`` (the samples' most common label right), and ``{task}_all_right`` /
+  ``{task}_none_right`` (groups of G that carry no reward signal)."""
+  from unifer_jax.data import labels  # pylint: disable=g-import-not-at-top
+  from unifer_jax.evaluators import ferbench  # pylint: disable=g-import-not-at-top
+  out = {}
+  for task in tasks:
+    key, vocab = {'basic': ('expression', labels.BASIC),
+                  'compound': ('compound', labels.COMPOUND)}[task]
+    idx = np.flatnonzero(data[key] >= 0)[:max_per_task]
+    truth = np.asarray([vocab[i] for i in data[key][idx]])
+    said = lambda texts: np.asarray([ferbench.extract_label(t, vocab) for t in texts])
+    greedy = said(answers(graphdef, params, data['image'][idx], task, tok, batch_size,
+                          qformer_text))
+    right = said(answers(graphdef, params, data['image'][idx], task, tok, batch_size,
+                         qformer_text, temperature=temperature, samples=samples, seed=seed)
+                 ).reshape(len(idx), samples)
+    hits = right == truth[:, None]
+    majority = [collections.Counter(r).most_common(1)[0][0] for r in right]
+    g = samples
+    out.update({f'{task}_greedy': float(np.mean(greedy == truth)),
+                f'{task}_sampled': float(hits.mean()), f'{task}_pass@{g}': float(hits.any(1).mean()),
+                f'{task}_maj@{g}': float(np.mean(np.asarray(majority) == truth)),
+                f'{task}_all_right': float(hits.all(1).mean()),
+                f'{task}_none_right': float((~hits).all(1).mean()), f'{task}_n': len(idx)})
   return out
 
 
