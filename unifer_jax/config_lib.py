@@ -32,8 +32,9 @@ def base(model: str = 'tiny') -> ml_collections.ConfigDict:
   # process), replica 0 writes it whole (train/checkpoint.py).
   c.checkpoint = dict(every_steps=50, every_minutes=0.0, keep=2, keep_every=0, async_save=True,
                       replica_parallel=True)
+  # images_per_row > 1: interleaved rows, several images each (data/random_batches.py).
   c.input = dict(type='synthetic_random', batch_size=8, seq_len=32, data_dir='', workers=0,
-                 pool=0)
+                 pool=0, images_per_row=1)
   c.model = model
   # Pretrained towers (HF dirs or converted checkpoints), a whole pretrained VLM (BLIP-2 /
   # InstructBLIP) and/or an earlier stage's workdir.

@@ -41,9 +41,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from unifer_jax.data import augment, examples, instructions, memory_table, sources
+from unifer_jax.data import augment, examples, fewshot, instructions, memory_table, sources
 from unifer_jax.data import tokenizer as tokenizer_lib
-from unifer_jax.models import presets
+from unifer_jax.models import interleave, presets
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,10 @@ def default_input_config() -> ml_collections.ConfigDict:
       lm_caption_fraction=0.5,     # lm format: captions vs instruction texts
       augment=dict(enabled=True, **{k: v for k, v in augment.DEFAULT_AUGMENT.items()}),
       cache=False,                 # decode once, keep in memory (memory_table.py; eval format)
+      # k-shot instruct rows (several faces per row; data/fewshot.py); max_shots=0: off.
+      fewshot=fewshot.default_config(),
+      image_queries=0,             # set by the trainer from the model (k-shot rows):
+      image_token=-1,              # Q and the placeholder id of its image slots
       workers=0,                   # grain worker processes (0 = in-process threads only)
       threads=2,                   # grain read threads per process / worker
       prefetch=4,                  # batches buffered per reader
@@ -108,6 +112,8 @@ class _Transform:
 
   def __call__(self, item, rng):
     source, index = item
+    if getattr(self.maker, 'reads_others', False):   # k-shot rows draw their examples
+      return self.maker(source, index, self.srcs[source][index], rng, others=self.srcs[source])
     return self.maker(source, index, self.srcs[source][index], rng)
 
 
@@ -172,7 +178,16 @@ class Pipeline:
     aug = dict(cfg.augment)
     enabled = aug.pop('enabled', True)
     aug = augment.settings(aug)
-    self.maker = examples.ExampleMaker(
+    # k-shot rows are instruct rows; the eval format (evaluators) reads one face per row.
+    shots = dict(cfg.fewshot) if int(cfg.fewshot.max_shots) > 0 and fmt == 'instruct' else None
+    maker_cls = examples.ExampleMaker
+    if shots:
+      maker_cls = functools.partial(
+          fewshot.FewShotMaker, max_shots=int(shots['max_shots']),
+          shots=tuple(shots['shots']), fraction=float(shots['fraction']),
+          relabel_fraction=float(shots['relabel_fraction']),
+          image_queries=int(cfg.image_queries), image_token=int(cfg.image_token))
+    self.maker = maker_cls(
         fmt=fmt, image_size=image_size, seq_len=cfg.seq_len, text_len=cfg.text_len,
         tokenizer=tok, text_tokenizer=text_tok, tasks=tuple(cfg.tasks),
         task_weights=tuple(cfg.task_weights), lm_caption_fraction=cfg.lm_caption_fraction,
@@ -276,12 +291,19 @@ class Pipeline:
 
   def batch_spec(self, global_batch: int) -> dict[str, jax.ShapeDtypeStruct]:
     """Device keys of the GLOBAL batch (no '_' metadata, no ``id``)."""
-    spec = examples.example_spec(self.fmt, self.maker.image_size, self.cfg.seq_len,
-                                 self.cfg.text_len, self.maker.qformer_prompt)
+    spec = _example_spec(self.cfg, self.fmt, self.maker.image_size)
     if not self.train:
       spec['valid'] = ((), np.float32)
     return {k: jax.ShapeDtypeStruct((global_batch, *shape), dtype)
             for k, (shape, dtype) in spec.items()}
+
+
+def _example_spec(cfg, fmt: str, image_size: int) -> dict:
+  max_shots = int(cfg.fewshot.max_shots)
+  if max_shots > 0 and fmt == 'instruct':
+    return fewshot.example_spec(image_size, cfg.seq_len, cfg.text_len, cfg.qformer_prompt,
+                                max_shots)
+  return examples.example_spec(fmt, image_size, cfg.seq_len, cfg.text_len, cfg.qformer_prompt)
 
 
 def _same_structure(a, b) -> bool:
@@ -320,11 +342,18 @@ def stage_input(config, model_cfg) -> tuple[ml_collections.ConfigDict, str, int]
   cfg = resolve_config(config.input)
   if 'qformer' in model_cfg:  # an InstructBLIP reads the prompt beside its queries
     cfg.qformer_prompt = bool(model_cfg.qformer.get('instruction_aware', False))
+    # k-shot rows mark each face's slots with the model's placeholder id.
+    cfg.image_queries = int(model_cfg.qformer.num_queries)
+    cfg.image_token = interleave.placeholder_id(model_cfg)
   stage = config.get('stage', '')
   fmt = cfg.format or STAGE_FORMATS.get(stage)
   if fmt is None:
     raise ValueError(f'config.stage={stage!r} has no input format; set config.input.format '
                      f'to one of {examples.FORMATS}')
+  if int(cfg.fewshot.max_shots) > 0 and (fmt != 'instruct' or stage == 'grpo'):
+    raise ValueError(f'config.input.fewshot.max_shots={cfg.fewshot.max_shots}: k-shot rows '
+                     f'are rows of the instruct stage; stage {stage!r} reads format {fmt!r}'
+                     + (' (GRPO\'s rollouts take one image per prompt)' * (stage == 'grpo')))
   vision = presets.vision_config(model_cfg)  # a UniFER's vit or a student's encoder
   image_size = cfg.image_size or vision.image_size
   if image_size != vision.image_size:
@@ -338,7 +367,7 @@ def global_batch_spec(config, model_cfg) -> dict[str, jax.ShapeDtypeStruct]:
   """The device keys of a global training batch from the config alone -- no dataset or
   tokenizer is opened (compile-check lowers a step for data that is elsewhere)."""
   cfg, fmt, image_size = stage_input(config, model_cfg)
-  spec = examples.example_spec(fmt, image_size, cfg.seq_len, cfg.text_len, cfg.qformer_prompt)
+  spec = _example_spec(cfg, fmt, image_size)
   return {k: jax.ShapeDtypeStruct((cfg.batch_size, *shape), dtype)
           for k, (shape, dtype) in spec.items()}
 
@@ -406,7 +435,8 @@ def check_model_fit(cfg, fmt: str, model_cfg, tok, text_tok) -> None:
     if tok.vocab_size > llm.vocab_size:
       raise ValueError(f'tokenizer {tok.path} has {tok.vocab_size} ids but '
                        f'model.llm.vocab_size={llm.vocab_size}')
-    prefix = model_cfg.qformer.num_queries if fmt != 'lm' else 0
+    # k-shot rows hold their faces' slots inside seq_len; one image goes in front of it.
+    prefix = model_cfg.qformer.num_queries if fmt != 'lm' and not cfg.fewshot.max_shots else 0
     if cfg.seq_len + prefix > llm.max_seq_len:
       raise ValueError(f'config.input.seq_len={cfg.seq_len} + {prefix} image queries exceeds '
                        f'model.llm.max_seq_len={llm.max_seq_len}')

@@ -24,7 +24,8 @@ from pathlib import Path
 import jax
 
 from unifer_jax import workdirs
-from unifer_jax.evaluators import alignment, classify, generative, instruct, item_shards
+from unifer_jax.evaluators import alignment, classify, fewshot, generative, instruct
+from unifer_jax.evaluators import item_shards
 from unifer_jax.evaluators import label_likelihood
 
 EVALUATORS = {
@@ -33,6 +34,7 @@ EVALUATORS = {
     'linear_probe': classify.LinearProbe,
     'generative': generative.Generative,
     'instruct': instruct.InstructTasks,
+    'fewshot': fewshot.FewShot,
     'retrieval': alignment.Retrieval,
     'itm': alignment.Matching,
 }

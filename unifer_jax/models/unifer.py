@@ -10,6 +10,11 @@ An instruction-aware Q-Former (InstructBLIP, ``qformer.instruction_aware``) read
 prompt beside its queries: the generative entry points then take
 ``qformer_input_ids`` / ``qformer_attention_mask``, the prompt in the Q-Former's own
 (BERT) vocabulary.
+
+Several images per row (few-shot prompts, video frames, packed rows): pass images
+``[B, M, H, W, C]`` with ``image_mask=[B, M]``; each used image's prefix then replaces its
+Q placeholder ids (``interleave.placeholder_id``) inside the text instead of going in front
+of it. The design and its reasons: ``models/interleave.py``.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from unifer_jax.data import labels
-from unifer_jax.models import layers, lora
+from unifer_jax.models import interleave, layers, lora
 from unifer_jax.models import llm as llm_lib
 from unifer_jax.models.llm import LLM
 from unifer_jax.models.qformer import QFormer
@@ -102,8 +107,16 @@ class UniFER(nnx.Module):
   # -- generative path ---------------------------------------------------------------
 
   def prefixed_inputs(self, images, input_ids, attention_mask=None, qformer_input_ids=None,
-                      qformer_attention_mask=None):
-    """(inputs_embeds, attention_mask) of [image prefix; text] for the LLM."""
+                      qformer_attention_mask=None, image_mask=None):
+    """(inputs_embeds, attention_mask) for the LLM: [image prefix; text] for one image per
+    row (images [B, H, W, C]); the text with each image's prefix in its placeholder slots
+    for several (images [B, M, H, W, C], ``image_mask`` [B, M], default all used)."""
+    if images.ndim == 5:
+      return self.interleaved_inputs(images, input_ids, attention_mask, qformer_input_ids,
+                                     qformer_attention_mask, image_mask)
+    if image_mask is not None:
+      raise ValueError(f'image_mask is for several images per row (images [B, M, H, W, C]); '
+                       f'got images of shape {images.shape}')
     prefix = self.prefix(images, qformer_input_ids, qformer_attention_mask)
     text = self.llm.embed(input_ids)
     embeds = jnp.concatenate([prefix.astype(text.dtype), text], axis=1)
@@ -113,12 +126,33 @@ class UniFER(nnx.Module):
         [jnp.ones(prefix.shape[:2], attention_mask.dtype), attention_mask], axis=1)
     return embeds, mask
 
+  def interleaved_inputs(self, images, input_ids, attention_mask=None, qformer_input_ids=None,
+                         qformer_attention_mask=None, image_mask=None):
+    """(inputs_embeds [B, T, D], attention_mask [B, T]) of a row holding up to M images,
+    each written into its run of Q placeholder ids (``models/interleave.py``)."""
+    token = interleave.placeholder_id(self.cfg)
+    b, m = images.shape[:2]
+    if image_mask is None:
+      image_mask = jnp.ones((b, m), jnp.int32)
+    q = self.cfg.qformer.num_queries
+    interleave.check_if_concrete(input_ids, image_mask, token, q)
+    q_ids, q_mask = interleave.per_image_instruction(qformer_input_ids, qformer_attention_mask, m)
+    prefixes = self.prefix(images.reshape(b * m, *images.shape[2:]), q_ids, q_mask)
+    slots = input_ids == token
+    # The placeholder id need not be a row of the vocabulary: embed a valid id there.
+    text = self.llm.embed(jnp.where(slots, 0, input_ids))
+    embeds = interleave.merge_image_slots(text, slots, prefixes.reshape(b, m, q, -1), image_mask)
+    if attention_mask is None:
+      attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+    return embeds, attention_mask
+
   def __call__(self, images: jax.Array, input_ids: jax.Array,
                attention_mask: jax.Array | None = None, *, qformer_input_ids=None,
-               qformer_attention_mask=None) -> jax.Array:
-    """LLM logits over [image prefix; text]: [B, Q + T, V]."""
+               qformer_attention_mask=None, image_mask=None) -> jax.Array:
+    """LLM logits over [image prefix; text]: [B, Q + T, V]; with several images per row
+    (images [B, M, H, W, C]) over the text with the images in their slots: [B, T, V]."""
     embeds, mask = self.prefixed_inputs(images, input_ids, attention_mask, qformer_input_ids,
-                                        qformer_attention_mask)
+                                        qformer_attention_mask, image_mask)
     return self.llm(inputs_embeds=embeds, attention_mask=mask)
 
   # -- stage-1 heads -----------------------------------------------------------------
@@ -164,11 +198,12 @@ class UniFER(nnx.Module):
 
 def generate(model: UniFER, images: jax.Array, input_ids: jax.Array,
              attention_mask: jax.Array | None = None, *, qformer_input_ids=None,
-             qformer_attention_mask=None, **kw) -> jax.Array:
+             qformer_attention_mask=None, image_mask=None, **kw) -> jax.Array:
   """Tokens generated after [image prefix; prompt] (``llm.generate``: ``max_new_tokens``,
-  sampling, ``eos_id``...); prompts may be left- or right-padded."""
+  sampling, ``eos_id``...); prompts may be left- or right-padded. With images
+  [B, M, H, W, C] and ``image_mask``, after the prompt with its images in their slots."""
   embeds, mask = model.prefixed_inputs(images, input_ids, attention_mask, qformer_input_ids,
-                                       qformer_attention_mask)
+                                       qformer_attention_mask, image_mask)
   return llm_lib.generate(model.llm, inputs_embeds=embeds, attention_mask=mask, **kw)
 
 

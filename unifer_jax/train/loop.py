@@ -119,7 +119,8 @@ def train(config, workdir: str | Path) -> dict:
   peak = metrics_lib.device_peak_flops()
   leaf_names = step_lib.trainable_leaf_names(setup)
   rng = jax.random.key(config.seed)
-  images_per_batch = batch_spec['image'].shape[0] if 'image' in batch_spec else 0
+  # [B, H, W, C], or [B, M, H, W, C] with several image slots per row (all computed).
+  images_per_batch = int(np.prod(batch_spec['image'].shape[:-3])) if 'image' in batch_spec else 0
   tokens_per_batch = int(np.prod(batch_spec['tokens'].shape)) if 'tokens' in batch_spec else 0
 
   # ------------------------------------------------------------------------------ #

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from unifer_jax import sharding
+from unifer_jax.models import interleave
 from unifer_jax.models.llm import LOGIT_AXES
 from unifer_jax.train import align_losses, distill_losses, target_loss
 
@@ -41,10 +42,19 @@ def generate_loss(model, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
   tokens, mask = batch['tokens'], batch['loss_mask']
   attn = batch.get('attention_mask', jnp.ones_like(tokens))
   # An instruction-aware Q-Former (InstructBLIP) reads the prompt beside its queries.
+  # Several images per row (image [B, M, H, W, C] + image_mask): they sit in their
+  # placeholder slots inside the tokens (models/interleave.py), no prefix in front.
   embeds, full_mask = model.prefixed_inputs(batch['image'], tokens, attn,
-                                            batch.get('qformer_ids'), batch.get('qformer_mask'))
+                                            batch.get('qformer_ids'), batch.get('qformer_mask'),
+                                            batch.get('image_mask'))
   q = embeds.shape[1] - tokens.shape[1]
   hidden = model.llm.hidden_states(inputs_embeds=embeds, attention_mask=full_mask)
+  if q == 0:  # position i-1 predicts token i; a placeholder slot is never a target (and
+    # its id may lie past the vocabulary: a valid id stands in for it, masked out)
+    slots = tokens == interleave.placeholder_id(model.cfg)
+    mask = mask * (~slots).astype(mask.dtype)
+    targets = jnp.where(slots, 0, tokens)
+    return target_loss.target_nll(model.llm, hidden[:, :-1], targets[:, 1:], mask[:, 1:])
   # Position q-1+i predicts token i; of these T positions only the targets are projected
   # onto the vocabulary.
   return target_loss.target_nll(model.llm, hidden[:, q - 1:-1], tokens, mask)
