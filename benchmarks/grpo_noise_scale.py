@@ -26,11 +26,14 @@ config's B = 16 prompts x G = 8, its tasks and rewards; 2.57 M trainable weights
   the config's          24   8.4e-04    0.267        319  (B_noise ~5100 prompts)
   the config's          8    2.9e-03    0.255        89
   coin flips (control)  8   -9.4e-04    0.091        -- (signal reads 0 +- ~1e-3)
+  answer only, T 0.7 *  24   1.8e-02    0.372        20   (B_noise ~320 prompts)
 
 The signal estimate's own spread (the control's |G|^2 over its noise, ~1 %, shrinking
 ~1/K) is ~9e-4 at K = 24: the config's signal is within 1-2 of its sd of zero, so an
 update needs >= ~1600 prompts (x 8 completions) before its reward signal matches its
-sampling noise -- 100x the demo's batch. Why the demo's GRPO moves the policy without
+sampling noise -- 100x the demo's batch. (*) basic + compound prompts (weights 0.3 : 1),
+the answer reward alone, temperature 0.7: a 16x stronger signal per prompt than the
+config's mix of five rewards at temperature 1.0. Why the demo's GRPO moves the policy without
 improving it: Adam steps at lr per weight whatever the gradient's SNR.
 """
 
