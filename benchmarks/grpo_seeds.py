@@ -20,9 +20,13 @@ instruct checkpoint answers basic 0.937 / compound 0.722, format 1.000. GRPO low
 compound in every recipe tried: 0.658 (the config, lr 1e-4, 60 steps), 0.652 / 0.678
 (compound x4, answer-weighted rewards, lr 1e-4 / 3e-5), 0.668 (basic + compound only,
 answer + format rewards, lr 3e-5, 100 steps, two updates per batch); basic 0.93-0.94,
-format >= 0.998. The sampled training accuracy does not rise either (compound 0.53 over
-steps 1-20, 0.49-0.60 later), so the update is not yet learning from the rewards on the
-demo model: the must-show is not met (issue 29).
+format >= 0.998. On 192 test faces (benchmarks/grpo_headroom.py, greedy compound 0.714
+before): 40 steps at lr 1e-4 on compound prompts with the answer reward alone leave
+0.495 -- and the same run with coin-flip rewards 0.193, so the rewards do steer, against
+a larger drift; B = 32 at temperature 0.7 and lr 1e-5 for 50 steps, 0.693 (no change
+beyond the faces' se ~0.03). Why: benchmarks/grpo_noise_scale.py measures the update's
+reward signal at under 1/100 of its sampling noise at B = 16 -- the must-show needs
+~100x the batch (issue 29).
 """
 
 from __future__ import annotations

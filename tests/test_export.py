@@ -50,6 +50,48 @@ def test_every_format_matches_the_jax_student(exported):
   assert weight_bytes(onnx_export.INT8_FILE) < 0.6 * weight_bytes(onnx_export.FILE)
 
 
+def test_int8_is_per_channel_static_qdq_and_timed_against_f32(exported):
+  root, reports = exported
+  report = reports['onnx']
+  graph = onnx.load(root / 'out' / onnx_export.INT8_FILE).graph
+  inits = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
+  made_by = {o: n for n in graph.node for o in n.output}
+  quantised, channels = 0, []
+  for node in graph.node:
+    if node.op_type not in onnx_export.INT8_OPS:
+      continue
+    # Static QDQ: the activation comes through Quantize -> Dequantize (calibrated range,
+    # no DynamicQuantizeLinear), the weight is an int8 initializer with one scale per
+    # output channel.
+    act, weight = (made_by.get(i) for i in node.input[:2])
+    assert act is not None and act.op_type == 'DequantizeLinear', node.name
+    assert made_by[act.input[0]].op_type == 'QuantizeLinear', node.name
+    assert weight is not None and weight.op_type == 'DequantizeLinear', node.name
+    w, scale = inits[weight.input[0]], inits[weight.input[1]]
+    axis = {a.name: onnx.helper.get_attribute_value(a) for a in weight.attribute}.get('axis', 1)
+    assert w.dtype == np.int8 and scale.size == w.shape[axis], (node.name, w.shape, scale.shape)
+    quantised += 1
+    channels.append(scale.size)
+  assert quantised >= report['onnx_dense_matmuls']   # every Dense (and conv) weight
+  assert max(channels) > 1
+  assert not any(n.op_type == 'DynamicQuantizeLinear' for n in graph.node)
+  # ... which onnxruntime fuses into integer kernels: no float weight product is left.
+  import onnxruntime as ort
+  opts = ort.SessionOptions()
+  opts.optimized_model_filepath = str(root / 'int8.fused.onnx')
+  ort.InferenceSession(str(root / 'out' / onnx_export.INT8_FILE), opts,
+                       providers=['CPUExecutionProvider'])
+  fused = [n.op_type for n in onnx.load(root / 'int8.fused.onnx').graph.node]
+  assert not {'MatMul', 'Gemm', 'Conv'} & set(fused), sorted(set(fused))
+  assert sum(op in ('QGemm', 'QLinearMatMul', 'QLinearConv') for op in fused) == quantised
+  assert report['int8_calibration_images'] == onnx_export.CALIBRATION_IMAGES
+  # Random student weights (scale 0.3): int8 still picks the f32 label nearly always.
+  assert report['int8_basic_agreement_with_f32'] >= 0.9, report
+  assert 0 < report['int8_max_abs_diff'] < 0.1, report
+  for key in ('int8_ms_per_image', 'f32_ms_per_image'):
+    assert 0 < report[key] < 1e3, report
+
+
 def test_a_real_mismatch_fails_loudly(exported):
   root, _ = exported
   student = student_fn.load(root / 'distill')

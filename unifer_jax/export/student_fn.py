@@ -123,21 +123,22 @@ def meta(student: TrainedStudent) -> dict:
   }
 
 
-def parity_images(student: TrainedStudent, n: int = 8, seed: int = 0) -> np.ndarray:
-  """Held-out faces of the student's corpus when its data is there, else random images
-  in the normalised range (parity does not depend on realism, but faces are checked
-  where we can). Read once per student."""
+def parity_images(student: TrainedStudent, n: int = 8, seed: int = 0,
+                  split: str = 'test') -> np.ndarray:
+  """Held-out faces (``split``) of the student's corpus when its data is there, else
+  random images in the normalised range (parity does not depend on realism, but faces
+  are checked where we can). Read once per student."""
   cache = student.__dict__.setdefault('_parity_images', {})
-  if (n, seed) not in cache:
-    cache[(n, seed)] = _parity_images(student, n, seed)
-  return cache[(n, seed)]
+  if (n, seed, split) not in cache:
+    cache[(n, seed, split)] = _parity_images(student, n, seed, split)
+  return cache[(n, seed, split)]
 
 
-def _parity_images(student: TrainedStudent, n: int, seed: int) -> np.ndarray:
+def _parity_images(student: TrainedStudent, n: int, seed: int, split: str) -> np.ndarray:
   cfg = student.input_cfg
   try:
     from unifer_jax.evaluators import data as eval_data  # pylint: disable=g-import-not-at-top
-    images = eval_data.load_split(cfg, 'test', student.image_size, limit=n)['image']
+    images = eval_data.load_split(cfg, split, student.image_size, limit=n)['image']
     if len(images) == n:
       return images.astype(np.float32)
   except Exception:  # the corpus may have moved; random faces-range inputs still test parity
