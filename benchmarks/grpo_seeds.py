@@ -25,8 +25,8 @@ before): 40 steps at lr 1e-4 on compound prompts with the answer reward alone le
 0.495 -- and the same run with coin-flip rewards 0.193, so the rewards do steer, against
 a larger drift; B = 32 at temperature 0.7 and lr 1e-5 for 50 steps, 0.693 (no change
 beyond the faces' se ~0.03); the answer reward alone at T 0.7, B = 32, lr 5e-5, 60
-steps: 0.656 (the rollouts' sampled accuracy rose 0.60 -> 0.64). Why: benchmarks/grpo_noise_scale.py measures the update's
-reward signal at under 1/100 of its sampling noise at B = 16 -- the must-show needs
+steps: 0.656 (the rollouts' sampled accuracy rose 0.60 -> 0.64). Why:
+benchmarks/grpo_noise_scale.py measures the update's reward signal at under 1/100 of its sampling noise at B = 16 -- the must-show needs
 ~100x the batch (issue 29).
 """
 
