@@ -118,6 +118,8 @@ def test_sampled_answers_and_the_rl_headroom(workdir):
   assert r['basic_n'] == 6 and r['basic_sampled'] == hits.mean()
   assert r['basic_pass@3'] == hits.any(1).mean() and r['basic_all_right'] == hits.all(1).mean()
   assert r['basic_greedy'] == np.mean([ferbench_label(t) for t in greedy] == truth)
+  assert r['basic_greedy'] == instruct.ferbench_scores(
+      model.graphdef, model.params, data, model.tokenizer, ('basic',), batch_size=4)['basic_acc']
 
 
 def instruct_label(data, i):

@@ -137,6 +137,12 @@ def evaluate(graphdef, params, data: dict, tok, tasks=tuple(TASKS), batch_size: 
   return metrics, raw
 
 
+def _label_task(task: str) -> tuple[str, tuple]:
+  """A label task's record key and label vocabulary."""
+  from unifer_jax.data import labels  # pylint: disable=g-import-not-at-top
+  return {'basic': ('expression', labels.BASIC), 'compound': ('compound', labels.COMPOUND)}[task]
+
+
 def ferbench_scores(graphdef, params, data: dict, tok, tasks=('basic', 'compound'),
                     batch_size: int = 64, max_per_task: int = 400, qformer_text=None) -> dict:
   """Greedy answers to each label task's training prompt (CoT hint), scored as the
@@ -144,12 +150,11 @@ def ferbench_scores(graphdef, params, data: dict, tok, tasks=('basic', 'compound
   ``ferbench.extract_label`` reads over the task's vocabulary, RAF-DB protocol; unknown =
   wrong), ``{task}_format`` (``answers.is_well_formed``: exactly <think>..</think>
   <answer>..</answer>), ``{task}_n``; plus ``format_rate`` over all of them."""
-  from unifer_jax.data import answers as answers_lib, labels  # pylint: disable=g-import-not-at-top
+  from unifer_jax.data import answers as answers_lib  # pylint: disable=g-import-not-at-top
   from unifer_jax.evaluators import ferbench  # pylint: disable=g-import-not-at-top
   out, formats = {}, []
   for task in tasks:
-    key, vocab = {'basic': ('expression', labels.BASIC),
-                  'compound': ('compound', labels.COMPOUND)}[task]
+    key, vocab = _label_task(task)
     idx = np.flatnonzero(data[key] >= 0)[:max_per_task]
     texts = answers(graphdef, params, data['image'][idx], task, tok, batch_size, qformer_text)
     said = [ferbench.extract_label(t, vocab) for t in texts]
@@ -172,12 +177,10 @@ def sampling_headroom(graphdef, params, data: dict, tok, tasks=('basic', 'compou
   ``{task}_pass@G`` (some sample right: the ceiling sharpening can reach on these faces),
   ``{task}_maj@G`` (the samples' most common label right), and ``{task}_all_right`` /
   ``{task}_none_right`` (groups of G that carry no reward signal)."""
-  from unifer_jax.data import labels  # pylint: disable=g-import-not-at-top
   from unifer_jax.evaluators import ferbench  # pylint: disable=g-import-not-at-top
   out = {}
   for task in tasks:
-    key, vocab = {'basic': ('expression', labels.BASIC),
-                  'compound': ('compound', labels.COMPOUND)}[task]
+    key, vocab = _label_task(task)
     idx = np.flatnonzero(data[key] >= 0)[:max_per_task]
     truth = np.asarray([vocab[i] for i in data[key][idx]])
     said = lambda texts: np.asarray([ferbench.extract_label(t, vocab) for t in texts])
