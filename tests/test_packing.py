@@ -35,16 +35,28 @@ def tok(corpus):
   return tok_lib.load(corpus['tok'])
 
 
-@pytest.fixture(scope='module')
-def model(tok):
+def _tiny(tok, instruction_aware=False):
   cfg = presets.get('tiny')
   cfg.llm.vocab_size, cfg.llm.max_seq_len = tok.vocab_size, 512
+  if instruction_aware:   # InstructBLIP: each image's queries read its prompt
+    cfg.qformer.update(instruction_aware=True, vocab_size=tok.vocab_size, max_position=96)
   return UniFER(cfg, rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope='module')
+def model(tok):
+  return _tiny(tok)
+
+
+@pytest.fixture(scope='module')
+def aware_model(tok):
+  return _tiny(tok, instruction_aware=True)
 
 
 def make(corpus, tok, model, fmt, *, pack, batch=8, **kw):
   cfg = pipeline.default_input_config()
   cfg.update(data_dir=corpus['a'], tokenizer=corpus['tok'], seq_len=64, pack=pack,
+             text_len=32, qformer_prompt=bool(model.instruction_aware),
              image_queries=model.cfg.qformer.num_queries,
              image_token=interleave.placeholder_id(model.cfg), **kw)
   return pipeline.Pipeline(cfg, fmt, batch_size=batch, image_size=SIZE, shard=(0, 1),
@@ -65,6 +77,14 @@ def _unifer(model, image, tokens, attention_mask, **kw):
   return model(image, tokens, attention_mask, **kw)
 
 
+def _prompt(b):
+  """An instruction-aware Q-Former's prompt: [B, Tq] per example, [B, M, Tq] per slot."""
+  if 'qformer_ids' not in b:
+    return {}
+  return dict(qformer_input_ids=jnp.asarray(b['qformer_ids']),
+              qformer_attention_mask=jnp.asarray(b['qformer_mask']))
+
+
 def _token_nll(logits, tokens, mask):
   """-log p(token i | row before i) at each position i >= 1 that the mask keeps (0 else);
   ``logits`` [T, V] where logits[i - 1] predicts token i."""
@@ -83,7 +103,7 @@ def _unpacked_examples(model, fmt, batches):
                                jnp.asarray(b['attention_mask'])))
     else:  # [prefix; text]: position q - 1 + j predicts text token j
       logits = np.asarray(_unifer(model, jnp.asarray(b['image']), jnp.asarray(b['tokens']),
-                                  jnp.asarray(b['attention_mask'])))[:, q - 1:]
+                                  jnp.asarray(b['attention_mask']), **_prompt(b)))[:, q - 1:]
     for r in range(len(b['tokens'])):
       n = int(b['attention_mask'][r].sum())
       toks, mask = b['tokens'][r][:n], b['loss_mask'][r][:n]
@@ -106,7 +126,7 @@ def _packed_segments(model, fmt, b):
     logits = np.asarray(_llm(model, d['tokens'], d['attention_mask'], **pack))
   else:
     logits = np.asarray(_unifer(model, d['image'], d['tokens'], d['attention_mask'],
-                                image_mask=d['image_mask'], **pack))
+                                image_mask=d['image_mask'], **pack, **_prompt(d)))
   out = []
   for r in range(len(b['tokens'])):
     seg = b['segment_ids'][r]
@@ -126,8 +146,10 @@ def _packed_segments(model, fmt, b):
   return out
 
 
-@pytest.mark.parametrize('fmt', ['lm', 'instruct'])
-def test_packed_rows_give_each_example_its_unpacked_loss(corpus, tok, model, fmt):
+@pytest.mark.parametrize('fmt', ['lm', 'generate', 'instruct', 'instruct/instruction-aware'])
+def test_packed_rows_give_each_example_its_unpacked_loss(corpus, tok, model, aware_model, fmt):
+  fmt, _, aware = fmt.partition('/')
+  model = aware_model if aware else model
   packed = next(make(corpus, tok, model, fmt, pack=True))
   plain = make(corpus, tok, model, fmt, pack=False)
   alone = _unpacked_examples(model, fmt, [next(plain) for _ in range(5)])
@@ -140,7 +162,9 @@ def test_packed_rows_give_each_example_its_unpacked_loss(corpus, tok, model, fmt
     assert kept == alone[key][1]
     total, count = total + nll, count + kept
   # The stage loss on the packed batch: the mean over the same target tokens.
-  loss_fn = losses.get('lm' if fmt == 'lm' else 'instruct')
+  if aware:
+    assert packed['qformer_ids'].shape == (8, 4, 32)
+  loss_fn = losses.get(fmt)
   loss, aux = loss_fn(model, _device(packed), None)
   np.testing.assert_allclose(float(loss), total / count, rtol=2e-5)
   assert float(aux['tokens']) == count
