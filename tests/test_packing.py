@@ -139,7 +139,8 @@ def _packed_segments(model, fmt, b):
       if fmt == 'lm':
         key = (tuple(toks), b'')
       else:   # its image's Q slots first, then its text; its image in slot s - 1
-        assert np.all(toks[:q] == interleave.placeholder_id(model.cfg)) and b['image_mask'][r][s - 1]
+        assert np.all(toks[:q] == interleave.placeholder_id(model.cfg))
+        assert b['image_mask'][r][s - 1]
         key = (tuple(toks[q:]), b['image'][r][s - 1].tobytes())
       out.append((key, nll.sum(), kept.sum()))
     assert not b['image_mask'][r][seg.max():].any() if fmt != 'lm' else True
