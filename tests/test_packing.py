@@ -253,6 +253,9 @@ def test_trainer_spec_and_errors(corpus, tok, model):
   with pytest.raises(ValueError, match='k-shot rows'):
     make(corpus, tok, model, 'instruct', pack=True, fewshot=dict(
         pipeline.default_input_config().fewshot.to_dict(), max_shots=2))
+  with pytest.raises(ValueError, match='GRPO reads one prompt per row'):
+    pipeline.global_batch_spec(ml_collections.ConfigDict(dict(config.to_dict(), stage='grpo')),
+                               ml_collections.ConfigDict(mcfg.to_dict()))
   config.input.pack_len = 1024
   with pytest.raises(ValueError, match='exceed model.llm.max_seq_len=512'):
     pipeline.TfdsInput(config, ml_collections.ConfigDict(mcfg.to_dict()))
