@@ -259,3 +259,23 @@ def test_trainer_spec_and_errors(corpus, tok, model):
   config.input.pack_len = 1024
   with pytest.raises(ValueError, match='exceed model.llm.max_seq_len=512'):
     pipeline.TfdsInput(config, ml_collections.ConfigDict(mcfg.to_dict()))
+
+
+def test_a_worker_process_packs_the_same_rows_and_resumes(corpus, tok, model):
+  ref = make(corpus, tok, model, 'instruct', pack=True, batch=4)
+  want = [next(ref) for _ in range(5)]
+  mp = make(corpus, tok, model, 'instruct', pack=True, batch=4, workers=1)
+  try:
+    got = [next(mp) for _ in range(3)]
+    saved = json.loads(json.dumps(mp.get_state()))    # grain's state, through the worker
+  finally:
+    mp.close()
+  again = make(corpus, tok, model, 'instruct', pack=True, batch=4, workers=1)
+  try:
+    again.set_state(saved)
+    got += [next(again) for _ in range(2)]
+  finally:
+    again.close()
+  for w, g in zip(want, got):
+    for k in w:
+      np.testing.assert_array_equal(w[k], g[k], err_msg=k)
