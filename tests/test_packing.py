@@ -12,11 +12,12 @@ import pytest
 from flax import nnx
 
 from data_prep import synthetic_faces as sf
+from unifer_jax import config_lib
 from unifer_jax.data import pipeline
 from unifer_jax.data import tokenizer as tok_lib
 from unifer_jax.models import interleave, layers, presets
 from unifer_jax.models.unifer import UniFER
-from unifer_jax.train import losses
+from unifer_jax.train import loop, losses
 
 SIZE = 32   # the tiny preset's image size
 
@@ -279,3 +280,18 @@ def test_a_worker_process_packs_the_same_rows_and_resumes(corpus, tok, model):
   for w, g in zip(want, got):
     for k in w:
       np.testing.assert_array_equal(w[k], g[k], err_msg=k)
+
+
+def test_the_loop_logs_real_tokens_per_second_of_packed_rows(corpus, tmp_path):
+  # tokens_per_s counts every position of the batch; real_tokens_per_s the ones holding
+  # a token -- the figure packing raises.
+  config = config_lib.load('configs/lm.py:tiny', [
+      f'--config.input.data_dir={corpus["a"]}', f'--config.input.tokenizer={corpus["tok"]}',
+      '--config.input.pack=True', '--config.total_steps=2', '--config.log_every_steps=1',
+      '--config.input.batch_size=8', '--config.model.llm.vocab_size=512',
+      '--config.input.seq_len=32', '--config.input.pack_len=64'])
+  loop.train(config, tmp_path)
+  rows = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  for r in rows:
+    frac = r['real_tokens_per_s'] / r['tokens_per_s']
+    assert 0.5 < frac <= 1.0, r
