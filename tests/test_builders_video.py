@@ -26,12 +26,13 @@ def _frames(folder, n, start=0):
     Image.fromarray(arr).save(os.path.join(folder, f'{i + 1:05d}.jpg'), quality=98)
 
 
-def _video(path, n=12):
-  """An mp4 (MPEG-4 part 2) of a real face drifting across a grey scene, via PyAV."""
+def _video(path, n=12, faststart=False):
+  """An mp4 (MPEG-4 part 2) of a real face drifting across a grey scene, via PyAV;
+  `faststart` puts the index first (so a file cut short still opens)."""
   import av  # pylint: disable=g-import-not-at-top
   scene = u.astronaut_face_scene()
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  with av.open(path, 'w') as out:
+  with av.open(path, 'w', options={'movflags': 'faststart'} if faststart else {}) as out:
     stream = out.add_stream('mpeg4', rate=10)
     stream.width, stream.height, stream.pix_fmt = scene.width, scene.height, 'yuv420p'
     for i in range(n):
@@ -43,11 +44,11 @@ def _video(path, n=12):
   return path
 
 
-def _cut(path):
+def _cut(path, keep=0.5):
   with open(path, 'rb') as f:
     data = f.read()
   with open(path, 'wb') as f:
-    f.write(data[: len(data) // 2])
+    f.write(data[: int(len(data) * keep)])
 
 
 def _grey(frames):
@@ -71,23 +72,28 @@ def test_dfew_from_annotation_txt(tmp_path):
   _frames(clip_dir / '00004', 6)                          # label 9: unknown
   _video(str(src / 'Clip' / 'original' / 'part_1' / '00005.mp4'))      # fear, video only
   _cut(_video(str(src / 'Clip' / 'original' / 'part_1' / '00006.mp4')))  # truncated
+  _cut(_video(str(src / 'Clip' / 'original' / 'part_2' / '00009.mp4'), faststart=True),
+       keep=0.6)                                          # cut short, but its index opens
   _frames(clip_dir / '00007', 5)
   u.truncated(str(clip_dir / '00007' / '00003.jpg'))      # one unreadable frame file
   prefix = '/home/author/data/DFEW/Clip/clip_224x224'     # the txt's foreign absolute paths
   u.write(str(src / 'annotation' / 'DFEW_set_1_train.txt'),
           f'{prefix}/00001 20 1\n{prefix}/00002 8 3\n{prefix}/00003 10 2\n\n'
-          f'{prefix}/00004 6 9\n{prefix}/00008 x 1\n')
+          f'{prefix}/00004 6 9\n{prefix}/00008 x 1\n{prefix}/00001 20 1\n')
   u.write(str(src / 'annotation' / 'DFEW_set_1_test.txt'),
-          f'{prefix}/00005 12 7\n{prefix}/00006 12 4\n{prefix}/00007 5 5\n')
+          f'{prefix}/00005 12 7\n{prefix}/00006 12 4\n{prefix}/00007 5 5\n{prefix}/00009 12 1\n')
 
   report = registry.prepare('dfew', src, out, max_skip_fraction=0.9, face_size=SIZE)
   train_txt, test_txt = 'annotation/DFEW_set_1_train.txt', 'annotation/DFEW_set_1_test.txt'
   assert report.written == {'train': 2, 'test': 1}
   assert u.skipped_at(report, common.MISSING) == [f'{train_txt}:3']
   assert u.skipped_at(report, common.LABEL) == [f'{train_txt}:5']
-  assert u.skipped_at(report, common.MALFORMED) == [f'{train_txt}:6']
-  assert u.skipped_at(report, common.UNREADABLE) == [f'{test_txt}:2', f'{test_txt}:3']
-  assert '4 of 10 frames' in report.examples[common.MISSING][0]
+  assert u.skipped_at(report, common.MALFORMED) == [f'{train_txt}:6', f'{train_txt}:7']
+  assert u.skipped_at(report, common.UNREADABLE) == [f'{test_txt}:2', f'{test_txt}:3',
+                                                     f'{test_txt}:4']
+  details = ' '.join(w for ws in report.examples.values() for w in ws)
+  assert '4 of 10 frames' in details and 'already listed at ' + f'{train_txt}:1' in details
+  assert '00003.jpg: OSError' in details and 'frames its container declares' in details
 
   train = u.records(out, 'dfew/fold1', 'train')
   assert sorted(train) == ['Clip/clip_224x224/00001', 'Clip/clip_224x224/00002']

@@ -88,26 +88,34 @@ def folder_frames(clip: Clip, t: int, size: int) -> list:
                       f'{len(files)} of {clip.num_frames} frames in {clip.path}')
   out = []
   for i in schema.clip_indices(len(files), t):
-    img, _ = common.open_image(os.path.join(clip.path, files[i]), clip.where)
+    try:
+      img, _ = common.open_image(os.path.join(clip.path, files[i]), clip.where)
+    except common.Skip as e:   # name the frame file, not only the annotation line
+      raise common.Skip(e.outcome.reason, clip.where, f'{files[i]}: {e.outcome.detail}') from None
     out.append(_square(common.rgb_array(img), size))
   return out
 
 
 def _decode(path: str, where: str, keep=None):
   """(frames decoded, {index: RGB array} for the indices in `keep`). Raises
-  Skip(UNREADABLE) when PyAV cannot open or decode the file."""
+  Skip(UNREADABLE) when PyAV cannot open the file, fails mid-stream, or decodes fewer
+  frames than the container declares (a file cut short with its index intact)."""
   import av  # pylint: disable=g-import-not-at-top  (only the video readers need it)
   kept, n = {}, 0
   try:
     with av.open(path) as container:
       if not container.streams.video:
         raise common.Skip(common.UNREADABLE, where, f'{path}: no video stream')
+      declared = container.streams.video[0].frames   # 0 when the container does not say
       for frame in container.decode(video=0):
         if keep is not None and n in keep:
           kept[n] = frame.to_ndarray(format='rgb24')
         n += 1
   except av.error.FFmpegError as e:
     raise common.Skip(common.UNREADABLE, where, f'{path}: {type(e).__name__}: {e}') from None
+  if declared and n < declared:
+    raise common.Skip(common.UNREADABLE, where, f'{path}: decoded {n} of the {declared} frames '
+                                                f'its container declares (cut short?)')
   return n, kept
 
 
@@ -146,12 +154,13 @@ class ClipSource(common.Source):
     return out
 
   def clip_from_line(self, where, path, num_frames, code, codes, tally, *, videos=None,
-                     keep_other=False):
+                     keep_other=False, seen=None):
     """The Clip of one annotation line, or None after tallying why not. `codes`: label
     code -> class name (the release's naming); a class outside labels.BASIC is excluded
     (the report lists it, it does not count as a skip), or kept with expression -1 when
     `keep_other`. A missing frame folder falls back to the release's video of the same
-    clip (`videos`: name -> file, from `video_index`) when there is one."""
+    clip (`videos`: name -> file, from `video_index`) when there is one. `seen` (key ->
+    where, one dict per split) turns a clip listed twice into a skip."""
     if code not in codes:
       tally.add(common.Skipped(common.LABEL, where,
                                f'code {code}, expected {min(codes)}..{max(codes)}'))
@@ -169,6 +178,11 @@ class ClipSource(common.Source):
       tally.add(common.Skipped(common.MISSING, where, f'{path} (not found under {self.src})'))
       return None
     key = os.path.splitext(self.rel(found))[0].replace(os.sep, '/')
+    if seen is not None:   # tfds refuses a split with two records of one key
+      if key in seen:
+        tally.add(common.Skipped(common.MALFORMED, where, f'{key} already listed at {seen[key]}'))
+        return None
+      seen[key] = where
     nuisance = common.dumps({f'{self.name}_class': name})
     return Clip(key, found, 0 if os.path.isfile(found) else num_frames, basic, where, nuisance)
 

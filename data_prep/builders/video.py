@@ -88,9 +88,10 @@ class AnnotatedClips(clips.ClipSource):
       good, bad = clips.read_annotation(path, self.rel)
       for where, line in bad:
         tally.add(common.Skipped(common.MALFORMED, where, repr(line)))
+      seen = {}
       units[split] = [c for c in (
           self.clip_from_line(where, frame_dir, n, code, self.codes, tally, videos=videos,
-                              keep_other=self.keep_other)
+                              keep_other=self.keep_other, seen=seen)
           for where, frame_dir, n, code in good) if c is not None]
     return units
 
@@ -122,7 +123,7 @@ class Dfew(AnnotatedClips):
     for split in SPLITS:
       path = self.find(os.path.join('EmoLabel_DataSplit', f'{split}(single-labeled)',
                                     f'set_{self.fold}.csv'))
-      units[split] = []
+      units[split], seen = [], {}
       with open(path, encoding='utf-8-sig', errors='replace') as f:
         for lineno, row in enumerate(csv.reader(f), 1):
           if lineno == 1 or not any(c.strip() for c in row):
@@ -134,7 +135,7 @@ class Dfew(AnnotatedClips):
             tally.add(common.Skipped(common.MALFORMED, where, repr(','.join(row))))
             continue
           c = self.clip_from_line(where, os.path.join(frames_root, f'{number:05d}'), 0, code,
-                                  self.codes, tally, videos=videos)
+                                  self.codes, tally, videos=videos, seen=seen)
           if c is not None:
             units[split].append(c)
     return units
