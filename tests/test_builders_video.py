@@ -12,7 +12,7 @@ from PIL import Image
 import builders_util as u
 from data_prep import registry
 from data_prep.builders import clips, common
-from unifer_jax.data import labels, schema
+from unifer_jax.data import labels, schema, sources
 
 T = schema.CLIP_FRAMES
 SIZE = 32
@@ -83,6 +83,9 @@ def test_dfew_from_annotation_txt(tmp_path):
   u.write(str(src / 'annotation' / 'DFEW_set_1_test.txt'),
           f'{prefix}/00005 12 7\n{prefix}/00006 12 4\n{prefix}/00007 5 5\n{prefix}/00009 12 1\n')
 
+  with pytest.raises(common.SkipFractionExceeded, match='too many inputs skipped'):
+    registry.prepare('dfew', src, out, face_size=SIZE)          # default limit 1 %
+  assert not os.path.exists(registry.dataset_dir(out, 'dfew/fold1'))
   report = registry.prepare('dfew', src, out, max_skip_fraction=0.9, face_size=SIZE)
   train_txt, test_txt = 'annotation/DFEW_set_1_train.txt', 'annotation/DFEW_set_1_test.txt'
   assert report.written == {'train': 2, 'test': 1}
@@ -160,6 +163,9 @@ def test_mafw_other_classes_and_ferv39k(tmp_path):
   assert report.written == {'train': 2, 'test': 1} and not report.skipped
   test = u.records(out, 'ferv39k', 'test')
   assert labels.BASIC[test['2_ClipsforFaceCrop/Talk/Angry/0001']['expression']] == 'sadness'
+  # The training pipeline's reader takes clip datasets as they are: image bytes + frames.
+  rec = sources.open_split('ferv39k', 'train', str(out))[0]
+  assert isinstance(rec['image'], bytes) and np.stack(rec['frames']).shape == (T, SIZE, SIZE, 3)
 
 
 def test_missing_annotation_is_a_clear_error(tmp_path):
