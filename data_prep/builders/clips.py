@@ -96,10 +96,12 @@ def folder_frames(clip: Clip, t: int, size: int) -> list:
   return out
 
 
-def _decode(path: str, where: str, keep=None):
-  """(frames decoded, {index: RGB array} for the indices in `keep`). Raises
-  Skip(UNREADABLE) when PyAV cannot open the file, fails mid-stream, or decodes fewer
-  frames than the container declares (a file cut short with its index intact)."""
+def _decode(path: str, where: str, t: int, indices=None):
+  """(frames decoded, {index: RGB array}) of one pass over a video: the arrays kept are
+  `indices`, else the T of `schema.clip_indices` over the frame count the container
+  declares (none kept when it declares none). Raises Skip(UNREADABLE) when PyAV cannot
+  open the file, fails mid-stream, or decodes fewer frames than declared (a file cut
+  short with its index intact)."""
   import av  # pylint: disable=g-import-not-at-top  (only the video readers need it)
   kept, n = {}, 0
   try:
@@ -107,8 +109,11 @@ def _decode(path: str, where: str, keep=None):
       if not container.streams.video:
         raise common.Skip(common.UNREADABLE, where, f'{path}: no video stream')
       declared = container.streams.video[0].frames   # 0 when the container does not say
+      if indices is None and declared:
+        indices = schema.clip_indices(declared, t)
+      keep = set(indices or ())
       for frame in container.decode(video=0):
-        if keep is not None and n in keep:
+        if n in keep:
           kept[n] = frame.to_ndarray(format='rgb24')
         n += 1
   except av.error.FFmpegError as e:
@@ -120,15 +125,18 @@ def _decode(path: str, where: str, keep=None):
 
 
 def video_frames(clip: Clip, t: int, size: int, margin: float) -> list:
-  """T RGB face crops (size x size) sampled from a video file, one box for all."""
-  n, _ = _decode(clip.path, clip.where)
+  """T RGB face crops (size x size) sampled from a video file, one box for all. One
+  decoding pass when the container declares its frame count and holds to it (mp4
+  does), else a first pass counts the frames."""
+  n, kept = _decode(clip.path, clip.where, t)
   if n == 0 or n < clip.num_frames:
     raise common.Skip(common.UNREADABLE, clip.where,
                       f'{clip.path}: decoded {n} of {clip.num_frames or "some"} frames')
   indices = schema.clip_indices(n, t)
-  n_again, kept = _decode(clip.path, clip.where, keep=set(indices))
-  if n_again != n or len(kept) != len(set(indices)):
-    raise common.Skip(common.UNREADABLE, clip.where, f'{clip.path}: decodes differently twice')
+  if set(kept) != set(indices):   # the container said nothing, or not the truth
+    n_again, kept = _decode(clip.path, clip.where, t, indices)
+    if n_again != n or set(kept) != set(indices):
+      raise common.Skip(common.UNREADABLE, clip.where, f'{clip.path}: decodes differently twice')
   middle = kept[indices[t // 2]]
   boxes = faces.detect(middle)
   if not boxes:
