@@ -136,15 +136,19 @@ def test_mafw_other_classes_and_ferv39k(tmp_path):
   src, out = tmp_path / 'MAFW', tmp_path / 'out'
   for name in ('00001', '00002', '00003'):
     _frames(src / 'data' / 'frames' / name, 6)
+  _video(str(src / 'data' / 'clips' / '00004.mkv'))   # Matroska declares no frame count
   u.write(str(src / 'annotation' / 'MAFW_set_1_train.txt'),
-          '/x/data/frames/00001 6 8\n/x/data/frames/00002 6 9\n/x/data/frames/00003 6 12\n')
+          '/x/data/frames/00001 6 8\n/x/data/frames/00002 6 9\n/x/data/frames/00003 6 12\n'
+          '/x/data/frames/00004 12 4\n')
   u.write(str(src / 'annotation' / 'MAFW_set_1_test.txt'), '/x/data/frames/00001 6 1\n')
   report = registry.prepare('mafw', src, out, max_skip_fraction=0.5, face_size=SIZE)
-  assert report.written == {'train': 1, 'test': 1}
+  assert report.written == {'train': 2, 'test': 1}
   assert report.excluded == {"mafw class 'anxiety' is not in labels.BASIC": 1}
   assert u.skipped_at(report, common.LABEL) == ['annotation/MAFW_set_1_train.txt:3']
   train = u.records(out, 'mafw/fold1', 'train')
   assert labels.BASIC[train['data/frames/00001']['expression']] == 'contempt'
+  assert labels.BASIC[train['data/clips/00004']['expression']] == 'anger'
+  assert np.stack(train['data/clips/00004']['frames']).shape == (T, SIZE, SIZE, 3)
 
   report = registry.prepare('mafw', src, out, max_skip_fraction=0.5, face_size=SIZE,
                             other_classes='keep')
