@@ -53,7 +53,12 @@ def get_config(arg: str = 'demo'):
   pod = arg == 'pod'
   c = config_lib.stage_config('align', '7b' if pod else arg or 'demo', steps=400, batch_size=32,
                               peak_lr=1e-3, freeze=config_lib.LLM_PROJ_AND_LABEL_HEAD)
-  c.input.text_len = 48
+  # Captions name the face's look beside its action units (data_prep/look_words.py): on
+  # 3000 demo records 46 tokens with [CLS] and EOS on average, p99 63, max 70; 80 keeps
+  # every one whole (the pipeline warns when a row is cut).
+  c.input.text_len = 80
+  # Captions say left and right (head turn, light): a mirrored image would contradict them.
+  c.input.augment.flip = 0.0
   c.align = ml_collections.ConfigDict(dict(weights=dict(itc=1.0, itm=1.0, itg=1.0)))
   if pod:
     # A pretrained ViT (init.vision), frozen; the Q-Former learns to query it.

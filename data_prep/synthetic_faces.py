@@ -37,7 +37,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image, ImageDraw, ImageFont
 
-from data_prep import facs, render, tfds_writer
+from data_prep import facs, look_words, render, tfds_writer
 from unifer_jax.data import faces, labels, schema
 
 NAME = 'synthetic_faces'
@@ -90,7 +90,7 @@ def make_record(index: int, *, seed: int, split: str, image_size: int = 112,
       image=png_bytes(image), id=f'{split}/{index:07d}', source=NAME,
       expression=expr.basic, compound=expr.compound, intensity=expr.intensity,
       valence=valence, arousal=arousal, aus=expr.au_vector(), label_dist=expr.label_dist(),
-      caption=facs.caption(expr, rng, hidden, look.occluder, look.glasses),
+      caption=facs.caption(expr, rng, hidden, look=look_words.phrases(look, rng, align)),
       rationale=facs.rationale(expr, hidden, look.occluder),
       nuisance=json.dumps(nuisance, sort_keys=True, separators=(',', ':')))
 
