@@ -20,6 +20,8 @@ Choices and deviations:
   components (e.g. happily surprised -> happiness, surprise), the soft label a
   FERPlus-style vote would approach.
 * Valence/arousal: see CIRCUMPLEX -- a modelling choice, not measurements.
+* Captions: the visible AUs with a degree word from the amplitude, half the time naming
+  the expression; synthetic_faces adds the face's look (look_words.py) as a second part.
 """
 
 import dataclasses

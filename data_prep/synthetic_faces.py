@@ -4,7 +4,10 @@ Faces are rendered from FACS action units (`render.py`) following the recipes in
 `facs.py`: 7 basic expressions + contempt, the 11 RAF-DB compound expressions,
 intensity, valence/arousal, AU amplitudes, captions and AU rationales, with pose,
 lighting, skin tone, hair, glasses/mask/hand occlusion and noise as nuisances
-(recorded as JSON in `nuisance`; an occluded face keeps its true label).
+(recorded as JSON in `nuisance`; an occluded face keeps its true label). A caption
+names the visible AUs and then the face's look (`look_words.py`: head turn, light,
+skin, hair, background, accessories), so it tells one face from another -- no two of
+300 test faces share one -- and retrieval is scored per face, not per label.
 
 Faces are stored eye-line aligned, as RAF-DB's and AffectNet's aligned crops are: the
 exact eye centres (`render.eye_centres`, kept in `nuisance.eyes`) go through the same
