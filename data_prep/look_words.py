@@ -2,8 +2,9 @@
 synthetic caption that tells one face from another (issue 32: retrieval at instance level).
 
 `phrases(look, rng, aligned)` -> {attribute: phrase} for what the stored image shows:
-head pose (yaw), lighting, skin tone, hair, eye colour, background colour, glasses,
-occluder and grain. Each attribute has a few phrasings, drawn from the record's own rng
+head pose (yaw), lighting, skin tone, hair, background colour, glasses, occluder and
+grain; eye colour only with `with_eyes=True` (an iris is ~3 px across at 112 px, and the
+corpus's captions are long enough: 46 tokens on average, 71 at most). Each attribute has a few phrasings, drawn from the record's own rng
 (so the corpus stays a pure function of its seed). Left and right are the IMAGE's (the
 viewer's): a face with yaw > 0 turns to the image right (render.Look) and is "turned to
 the right" here -- the subject's own left.
