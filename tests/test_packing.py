@@ -139,7 +139,8 @@ def _packed_segments(model, fmt, b):
       if fmt == 'lm':
         key = (tuple(toks), b'')
       else:   # its image's Q slots first, then its text; its image in slot s - 1
-        assert np.all(toks[:q] == interleave.placeholder_id(model.cfg)) and b['image_mask'][r][s - 1]
+        assert np.all(toks[:q] == interleave.placeholder_id(model.cfg))
+        assert b['image_mask'][r][s - 1]
         key = (tuple(toks[q:]), b['image'][r][s - 1].tobytes())
       out.append((key, nll.sum(), kept.sum()))
     assert not b['image_mask'][r][seg.max():].any() if fmt != 'lm' else True
@@ -252,6 +253,29 @@ def test_trainer_spec_and_errors(corpus, tok, model):
   with pytest.raises(ValueError, match='k-shot rows'):
     make(corpus, tok, model, 'instruct', pack=True, fewshot=dict(
         pipeline.default_input_config().fewshot.to_dict(), max_shots=2))
+  with pytest.raises(ValueError, match='GRPO reads one prompt per row'):
+    pipeline.global_batch_spec(ml_collections.ConfigDict(dict(config.to_dict(), stage='grpo')),
+                               ml_collections.ConfigDict(mcfg.to_dict()))
   config.input.pack_len = 1024
   with pytest.raises(ValueError, match='exceed model.llm.max_seq_len=512'):
     pipeline.TfdsInput(config, ml_collections.ConfigDict(mcfg.to_dict()))
+
+
+def test_a_worker_process_packs_the_same_rows_and_resumes(corpus, tok, model):
+  ref = make(corpus, tok, model, 'instruct', pack=True, batch=4)
+  want = [next(ref) for _ in range(5)]
+  mp = make(corpus, tok, model, 'instruct', pack=True, batch=4, workers=1)
+  try:
+    got = [next(mp) for _ in range(3)]
+    saved = json.loads(json.dumps(mp.get_state()))    # grain's state, through the worker
+  finally:
+    mp.close()
+  again = make(corpus, tok, model, 'instruct', pack=True, batch=4, workers=1)
+  try:
+    again.set_state(saved)
+    got += [next(again) for _ in range(2)]
+  finally:
+    again.close()
+  for w, g in zip(want, got):
+    for k in w:
+      np.testing.assert_array_equal(w[k], g[k], err_msg=k)

@@ -386,6 +386,9 @@ def stage_input(config, model_cfg) -> tuple[ml_collections.ConfigDict, str, int]
     raise ValueError(f'config.input.fewshot.max_shots={cfg.fewshot.max_shots}: k-shot rows '
                      f'are rows of the instruct stage; stage {stage!r} reads format {fmt!r}'
                      + (' (GRPO\'s rollouts take one image per prompt)' * (stage == 'grpo')))
+  if cfg.get('pack', False) and stage == 'grpo':
+    raise ValueError('config.input.pack=True: GRPO reads one prompt per row (its rollouts); '
+                     'packing is for the lm, generate and instruct stages')
   vision = presets.vision_config(model_cfg)  # a UniFER's vit or a student's encoder
   image_size = cfg.image_size or vision.image_size
   if image_size != vision.image_size:
