@@ -18,7 +18,11 @@ two faces of the corpus share a caption) and retrieval is scored per face. From 
 demo's vision checkpoint on that corpus (held-out 1000 faces, chance R@1 0.001): image->
 text R@1 / R@5 / R@10 0.080 / 0.352 / 0.560, text->image 0.100 / 0.372 / 0.563, label-
 level R@1 0.766, zero-shot 0.599; without colour jitter 0.057 / 0.248 / 0.423, 0.073 /
-0.272 / 0.450, 0.796 and 0.801 -- one run each, far from the goal of 0.30 (issue 32).
+0.272 / 0.450, 0.796 and 0.801; 800 steps instead of 400: 0.154 / 0.495 / 0.722, 0.159 /
+0.508 / 0.720, 0.817, but zero-shot 0.389 -- one run each, far from the goal of 0.30
+(issue 32). Prompted with single look phrases ('blue background', 'turned left', ...)
+none of the three reads pose, light, hair or background above the majority class: R@1
+comes from the action-unit words, the look part is not learnt yet.
 text_len 48 -> 80 for those captions: step FLOPs x1.25, step 1.41 -> 1.63 s (median of
 35 steps each, back to back on the shared 2-core box).
 Pod variant, `configs/align.py:pod`: the 7b preset with its pretrained ViT-L frozen (bf16),
