@@ -254,7 +254,7 @@ def _draw_head(cv: _Canvas, jaw_drop: float):
   cv.poly(_outline(lk, jaw_drop), lk.skin, flat=True)
 
 
-def _draw_eyes(cv: _Canvas, a: _AUs):
+def _draw_eyes(cv: _Canvas, a: _AUs, blink: float = 0.0):
   lk = cv.look
   line = _ink(lk, 0.75)
   for s in (-1, 1):
@@ -267,6 +267,9 @@ def _draw_eyes(cv: _Canvas, a: _AUs):
     shape = np.sin(math.pi * (t + 1) / 2) ** 0.8
     upper = np.stack([xs, ey - up * shape * (1 - 0.12 * s * t)], -1)
     lower = np.stack([xs, ey + lo * shape], -1)
+    crease = upper[2:-2] - [0, 0.045 + 0.02 * lk.eye_size]   # stays put while the lid falls
+    if blink > 0:  # AU45: the upper lid comes down onto the lower one (closed at 1)
+      upper = upper + blink * (lower - upper)
     cv.poly(np.concatenate([upper, lower[::-1]]), (238, 236, 232))
     ir = 0.082 * lk.eye_size
     cv.poly(_ellipse(ex + lk.gaze, ey + 0.008, ir, ir), lk.iris)
@@ -277,7 +280,7 @@ def _draw_eyes(cv: _Canvas, a: _AUs):
     cv.line(upper, line, 0.028)
     cv.line(lower, _ink(lk, 0.75 * (0.35 + 0.5 * max(a(7), a(6)))), 0.014)
     if a(5) < 0.4:  # the lid crease vanishes when the upper lid retracts
-      cv.line(upper[2:-2] - [0, 0.045 + 0.02 * lk.eye_size], _ink(lk, 0.26), 0.012)
+      cv.line(crease, _ink(lk, 0.26), 0.012)
     # AU6: cheeks up (infraorbital furrow rises) and crow's feet at the outer corners.
     fy = ey + 0.17 - 0.06 * a(6) - 0.02 * a(12)
     cv.line(_bezier((ex - s * 0.1, fy - 0.02), (ex + s * 0.05, fy + 0.02),
@@ -436,20 +439,24 @@ def _noise_bank():
 
 
 def render(aus, look: Look = Look(), *, unilateral=None, size: int = 112,
-           supersample: int = 2) -> np.ndarray:
+           supersample: int = 2, blink: float = 0.0) -> np.ndarray:
   """Renders a face. `aus`: {au_number: amplitude in [0, 1]}; returns uint8 [size, size, 3].
 
   `unilateral`: {au_number: side} for AUs active on one side only (+1 = image right,
-  the subject's left; -1 = image left).
+  the subject's left; -1 = image left). `blink`: eyelid closure in [0, 1] (FACS AU45,
+  1 = closed), a keyword of its own because AU45 is not one of the annotated AUs
+  (labels.AUS): a blink is a moment of a clip (synthetic_clips.py), not an expression.
   """
   a = _AUs(aus, unilateral)
+  if not 0 <= blink <= 1:
+    raise ValueError(f'render: blink={blink}; expected an eyelid closure in [0, 1]')
   if look.hair not in ('none', 'short', 'long') or look.occluder not in OCCLUDER_HIDES:
     raise ValueError(f'render: Look(hair={look.hair!r}, occluder={look.occluder!r}); expected '
                      f"hair in none|short|long and occluder in {'|'.join(OCCLUDER_HIDES)}")
   cv = _Canvas(look, size * supersample)
   jaw_drop = 0.2 * a(26) + 0.03 * a(25)  # AU26 (and a little AU25) lower the chin
   _draw_head(cv, jaw_drop)
-  _draw_eyes(cv, a)
+  _draw_eyes(cv, a, blink)
   _draw_nose(cv, a)
   _draw_mouth(cv, a)
   _draw_brows(cv, a)
