@@ -54,7 +54,8 @@ def get_config(arg: str = 'demo'):
   c = config_lib.stage_config('align', '7b' if pod else arg or 'demo', steps=400, batch_size=32,
                               peak_lr=1e-3, freeze=config_lib.LLM_PROJ_AND_LABEL_HEAD)
   c.input.text_len = 48
-  c.align = ml_collections.ConfigDict(dict(weights=dict(itc=1.0, itm=1.0, itg=1.0)))
+  c.align = ml_collections.ConfigDict(dict(weights=dict(itc=1.0, itm=1.0, itg=1.0),
+                                            itm_hardness=1.0))
   if pod:
     # A pretrained ViT (init.vision), frozen; the Q-Former learns to query it.
     c.freeze = r'^(vit|vision_norm)(/|$)|' + config_lib.LLM_PROJ_AND_LABEL_HEAD

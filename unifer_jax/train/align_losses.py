@@ -66,13 +66,15 @@ def itc_loss(sim_i2t: jax.Array, positives: jax.Array, label_smoothing: float = 
   return (i2t + t2i) / 2
 
 
-def sample_hard_negatives(sim_i2t: jax.Array, positives: jax.Array, rng: jax.Array):
-  """Per text an image, per image a text, drawn with probability softmax(sim) among
-  the pairs outside ``positives`` (BLIP-2's hard-negative mining; pass not_negatives).
+def sample_hard_negatives(sim_i2t: jax.Array, positives: jax.Array, rng: jax.Array,
+                          hardness: float = 1.0):
+  """Per text an image, per image a text, drawn with probability softmax(hardness * sim)
+  among the pairs outside ``positives`` (BLIP-2's hard-negative mining at hardness 1;
+  uniform over the true negatives at 0; pass not_negatives).
   ``sim_i2t`` is the global batch's (jit over the mesh gathers it), so negatives come
   from every device's samples. Returns (neg_image_for_text, neg_text_for_image), each
   [B] int32 indices."""
-  sim = jax.lax.stop_gradient(sim_i2t.astype(jnp.float32))
+  sim = hardness * jax.lax.stop_gradient(sim_i2t.astype(jnp.float32))
   blocked = jnp.where(positives, -jnp.inf, 0.0)
   # A row with no negative at all (every text in the batch equal) samples uniformly.
   blocked = jnp.where(jnp.all(positives, axis=1, keepdims=True), 0.0, blocked)
@@ -108,7 +110,7 @@ def itg_loss(logits: jax.Array, itg_ids: jax.Array, text_mask: jax.Array,
   return (nll * mask).sum() / jnp.maximum(mask.sum(), 1.0)
 
 
-def align_loss(model, batch: dict, rng: jax.Array, weights=(1.0, 1.0, 1.0)):
+def align_loss(model, batch: dict, rng: jax.Array, weights=(1.0, 1.0, 1.0), hardness=1.0):
   image_tokens = model.image_tokens(batch['image'])
   text_ids, text_mask = batch['text_ids'], batch['text_mask']
   # ITC: uni-modal passes (queries see the image, text sees only text).
@@ -128,7 +130,7 @@ def align_loss(model, batch: dict, rng: jax.Array, weights=(1.0, 1.0, 1.0)):
     return weights[0] * itc + weights[2] * itg, aux
   # ITM with hard negatives mined from the similarity matrix, true negatives only.
   excluded = not_negatives(text_ids, text_mask, batch.get('expression'), batch.get('compound'))
-  neg_image, neg_text = sample_hard_negatives(sim, excluded, rng)
+  neg_image, neg_text = sample_hard_negatives(sim, excluded, rng, hardness)
   itm_logits, itm_labels = itm_logits_and_labels(model, image_tokens, text_ids, text_mask,
                                                  neg_image, neg_text)
   itm = optax.softmax_cross_entropy_with_integer_labels(itm_logits, itm_labels).mean()
