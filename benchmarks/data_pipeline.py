@@ -1,6 +1,7 @@
 """Input pipeline throughput vs what the demo train step consumes.
 
   python benchmarks/data_pipeline.py [--data_dir DIR] [--size 1200] [--workers 0 1 2]
+      [--sections pipeline packing] [--demo_workdir W]
 
 Builds (or reuses) a synthetic_faces corpus at 112 px (the demo corpus's size) and a
 2048-token BPE on it, then measures, in one run:
@@ -21,8 +22,36 @@ Builds (or reuses) a synthetic_faces corpus at 112 px (the demo corpus's size) a
    this process's CPU ms per batch of 64 and the ratio (the table's one-off build time
    printed apart).
 
+5. packing (``config.input.pack``, data/packing.py) for instruct at the demo preset
+   (configs/instruct.py:demo: 16 queries + seq_len 112, the LLM tuned in full): the
+   unpacked batch (32 rows of 128 positions) against the packed one (16 rows of 256 =
+   the same 4096 LLM positions, 4 image slots a row) -- over ``--batches`` batches the
+   real / padded positions (real = text + the image queries' slots; and text alone),
+   examples per batch, and the trainer's compiled instruct step on each, timed in turns
+   (the two steps alternate, so the load of a shared box hits both alike): real text
+   tokens per second of step, packed / unpacked. ``--demo_workdir W`` reads the corpus
+   and tokenizer of a finished demo (read only) instead of the benchmark's own;
+   ``--pack_stages instruct lm generate`` measures those stages the same way (packed:
+   half the rows at twice the length).
+
 Prints numbers and ratios; asserts nothing. Expected on the 2-core CPU: the pipeline at
 several hundred images/s, the step at a few tens, ratio well above 3.
+
+Packing today (2026-12-07, 2-core AMD EPYC, a demo workdir's corpus and tokenizer,
+``--sections packing --pack_stages instruct lm generate --batches 10 --step_iters 6``;
+load 5-12 from other jobs, so steps are best of 6 taken in turns):
+| stage | rows x positions | examples / batch | real / positions | text tokens/s |
+| instruct unpacked | 32 x 128 | 32 | 60.5 % (text 48.0 %) | 1210 (step 1625 ms) |
+| instruct packed | 16 x 256 | 48.9 | 93.0 % (text 73.9 %) | 1486 (step 2037 ms): 1.23x |
+| lm unpacked / packed | 32 x 96 / 16 x 192 | 32 / 70.6 | 41.6 / 95.4 % | 2.08x (step 1.10x) |
+| generate unpacked / packed | 32 x 64 / 16 x 128 | 32 / 45.5 | 64.3 / 91.7 % | 0.88x (step 1.63x) |
+Instruct's step costs 1.25x at the same 4096 positions: 1.13x for the rows' 256 keys
+(measured with 2 image slots a row, 32 images either way) and the rest for 64 image
+slots instead of 32 -- 17 of them the images of the extra examples (real work), 15
+empty. With the frozen ViT and the trained Q-Former run per example, even a packer with
+no overhead would reach only ~1.45x text tokens/s at these dims; generate, whose LLM is
+frozen, is bound by its image path and loses. Packing stays off in the demo's configs
+until the demo's figures are checked with it (lm would gain 2x).
 """
 
 from __future__ import annotations
@@ -41,7 +70,8 @@ import numpy as np  # noqa: E402
 
 from data_prep import synthetic_faces as sf  # noqa: E402
 from unifer_jax import config_lib, sharding  # noqa: E402
-from unifer_jax.data import pipeline, tokenizer as tok_lib  # noqa: E402
+from unifer_jax.data import inputs, pipeline, tokenizer as tok_lib  # noqa: E402
+from unifer_jax.models import interleave  # noqa: E402
 from unifer_jax.train import losses, state as state_lib, step as step_lib  # noqa: E402
 
 BATCH, IMAGE = 32, 64
@@ -133,6 +163,64 @@ def cache_rates(data_dir: str, batches: int, batch: int = 64):
   print(f'ratio per-record / cached CPU per batch: {cpu[False] / cpu[True]:.1f}x')
 
 
+def packed_config(stage: str, data_dir: str, tok_dir: str, pack: bool):
+  """configs/STAGE.py:demo on this corpus; packed: half the rows at twice the length (the
+  unpacked batch's LLM positions), 4 image slots a row."""
+  config = config_lib.load(f'configs/{stage}.py:demo')
+  config.input.update(data_dir=data_dir, tokenizer=tok_dir, pack=pack)
+  if pack:
+    config.input.update(batch_size=config.input.batch_size // 2, images_per_row=4)
+  return config
+
+
+def packing_rates(stage: str, data_dir: str, tok_dir: str, batches: int, iters: int):
+  """Section 5 of the docstring: real / padded positions and the step's text tokens/s
+  of a stage at the demo preset, packed vs not."""
+  runs = {}
+  for pack in (False, True):
+    config = packed_config(stage, data_dir, tok_dir, pack)
+    data = pipeline.TfdsInput(config, config.model)
+    slot = interleave.placeholder_id(config.model)
+    q = config.model.qformer.num_queries if stage != 'lm' else 0
+    rows = [data.next_local_batch() for _ in range(batches)]
+    text = sum(int(((b['attention_mask'] > 0) & (b['tokens'] != slot)).sum()) for b in rows)
+    # Unpacked image rows carry their image's Q queries in front of the tokens.
+    images = sum(int(b['image_mask'].sum()) if pack and q else len(b['tokens']) for b in rows)
+    positions = sum(b['tokens'].size + (0 if pack else q * len(b['tokens'])) for b in rows)
+    examples = sum(int(b['segment_ids'].max(1).sum()) if pack else len(b['tokens'])
+                   for b in rows)
+    mesh = sharding.make_mesh(dict(config.mesh))
+    setup = state_lib.build(config, mesh)
+    spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in rows[0].items()}
+    compiled = step_lib.compile_step(setup, losses.get(stage), spec)
+    runs[pack] = dict(text=text / batches, examples=examples / batches,
+                      real=(text + q * images) / positions, text_frac=text / positions,
+                      compiled=compiled, state=setup.init_state(), times=[],
+                      shape=(len(rows[0]['tokens']), rows[0]['tokens'].shape[1] + q * (not pack)),
+                      batches=[inputs.to_global(b, mesh) for b in rows[:3]])
+  rng = jax.random.key(0)
+  for i in range(iters + 1):   # in turns; the first of each is a warm-up
+    for r in runs.values():
+      t = time.perf_counter()
+      r['state'], m = r['compiled'](r['state'], r['batches'][i % 3], rng)
+      jax.block_until_ready(m['loss'])
+      if i:
+        r['times'].append(time.perf_counter() - t)
+  print(f'\n| {stage}, demo preset | rows x positions | examples / batch | real / positions '
+        '(text + image slots) | text / positions | step ms (best, median) | text tokens/s |')
+  print('|---|---|---|---|---|---|---|')
+  for pack, r in runs.items():
+    best = min(r['times'])
+    r['tps'] = r['text'] / best
+    print(f'| {"packed" if pack else "unpacked"} | {r["shape"][0]} x {r["shape"][1]} | '
+          f'{r["examples"]:.1f} | {r["real"]:.1%} | {r["text_frac"]:.1%} | {best * 1e3:.0f}, '
+          f'{np.median(r["times"]) * 1e3:.0f} | {r["tps"]:.0f} |')
+  print(f'{stage} packed / unpacked: real positions {runs[True]["real"] / runs[False]["real"]:.2f}x'
+        f', text tokens per second of step {runs[True]["tps"] / runs[False]["tps"]:.2f}x, step '
+        f'time {min(runs[True]["times"]) / min(runs[False]["times"]):.2f}x (over {batches} '
+        f'batches; steps best of {iters}; load average {os.getloadavg()[0]:.1f})', flush=True)
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   ap.add_argument('--data_dir', default='')
@@ -141,12 +229,30 @@ def main():
   ap.add_argument('--batches', type=int, default=20)
   ap.add_argument('--seq_len', type=int, default=96, help='configs/instruct.py uses 96')
   ap.add_argument('--step_iters', type=int, default=5)
+  ap.add_argument('--sections', nargs='+', choices=['pipeline', 'packing'],
+                  default=['pipeline', 'packing'])
+  ap.add_argument('--pack_stages', nargs='+', choices=['instruct', 'generate', 'lm'],
+                  default=['instruct'])
+  ap.add_argument('--demo_workdir', default='',
+                  help='packing: read W/data and W/tokenizer of a finished demo (read only)')
   args = ap.parse_args()
-  data_dir = args.data_dir or os.path.join(tempfile.gettempdir(), 'unifer_bench_data')
-  tok_dir = prepare(data_dir, args.size)
   print(f'jax {jax.__version__}, {jax.device_count()} {jax.devices()[0].platform} device(s), '
         f'{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}')
+  if args.demo_workdir:
+    data_dir = os.path.join(args.demo_workdir, 'data')
+    tok_dir = os.path.join(args.demo_workdir, 'tokenizer')
+  else:
+    data_dir = args.data_dir or os.path.join(tempfile.gettempdir(), 'unifer_bench_data')
+    tok_dir = prepare(data_dir, args.size)
+  if 'pipeline' in args.sections:
+    pipeline_sections(args, data_dir, tok_dir)
+  if 'packing' in args.sections:
+    for stage in args.pack_stages:
+      packing_rates(stage, data_dir, tok_dir, args.batches, args.step_iters)
 
+
+def pipeline_sections(args, data_dir: str, tok_dir: str):
+  """Sections 1-4 of the docstring."""
   toks = pipeline.load_tokenizers(input_config(data_dir, tok_dir, args.seq_len, 0), 'instruct')
   rates, firsts = {}, {}
   for w in args.workers:
@@ -164,7 +270,6 @@ def main():
 
   compiled, state, mesh, keys, freeze = train_step(args.seq_len)
   batch = {k: firsts[args.workers[0]][0][k] for k in keys}
-  from unifer_jax.data import inputs  # noqa: E402  pylint: disable=g-import-not-at-top
   device_batch = inputs.to_global(batch, mesh)
   step_ips, state = step_rate(compiled, state, device_batch, args.step_iters)
   print(f'demo train step (generate loss, freeze={freeze!r}): {step_ips:7.1f} images/s '

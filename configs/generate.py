@@ -7,6 +7,10 @@ frozen LLM; LM loss on the captions. Trains the Q-Former and the projection.
 
 Expected (demo preset, 2-core CPU, ~1.5 min): caption token loss well below the
 text-only LM's on the same captions (the image tells which action units to name).
+Packed rows (``config.input.pack``, data/packing.py) stay off here: 92 % of the positions
+real instead of 64 %, but the frozen LLM leaves the image path the step's bound and the
+packed step (16 rows of 128, 4 image slots each) made 0.88x the text tokens per second
+(benchmarks/data_pipeline.py, 2026-12-07).
 Pod variant, `configs/generate.py:pod`: the 7b preset, FSDP over every chip, bf16 compute,
 the frozen ViT and LLM in bf16, the Q-Former in f32; global batch 4096 (64 captions of
 48 tokens + 32 query tokens per chip on v5p-128); LLM remat 'dots' (the gradient flows
@@ -34,7 +38,14 @@ def get_config(arg: str = 'demo'):
   c = config_lib.stage_config(
       'generate', '7b' if pod else arg or 'demo', steps=200, batch_size=32, peak_lr=1e-3,
       freeze=config_lib.VISION_STAGE1_HEADS_AND_LLM + '|' + config_lib.QFORMER_TEXT_SIDE)
-  c.input.seq_len = 48
+  # [bos] caption [eos]: the corpus's captions name the face's look too (data_prep/
+  # look_words.py), 71 tokens at most over the demo's training faces; at 48 a third of the
+  # rows lost their tail. Cost on the demo (2026-12-07, 35 steps each, shared 2-core box):
+  # 48 -> 80 tokens multiplied the step's FLOPs by 1.42 (0.84 -> 1.16 s); 72 sits between.
+  # (The image prefix comes on top: a preset with a short LLM -- tiny -- gets what fits.)
+  c.input.seq_len = 48 if pod else min(72, c.model.llm.max_seq_len - c.model.qformer.num_queries)
+  # Captions say left and right (head turn, light): a mirrored image would contradict them.
+  c.input.augment.flip = 0.0
   if pod:
     config_lib.pod_variant(c, batch_size=POD_BATCH, remat=POD_REMAT, trained=('qformer',))
   return c

@@ -15,6 +15,14 @@ CCC 0.661 (`unifer demo` from a fresh clone, 2026-12-06, seq_len 112 after an IT
 align; the same to the last digit on two machines). Earlier fresh clones: 0.922 / 0.851,
 F1 0.914, MAE 0.144, CCC 0.737 (seq_len 128, ITM on); with the patchify ViT 0.868 /
 0.760, F1 0.862 (2026-12-02). Compound accuracy moves 0.68-0.85 between such runs.
+Packed rows (``--config.input.pack=True --config.input.batch_size=16``: 16 rows of 256
+positions, ~49 examples each step, 4 image slots a row; data/packing.py) are off: 93 % of
+the positions hold text or image queries instead of 60.5 %, but the step costs 1.25x at
+the same positions (256-key rows; more image slots), so text tokens/s is 1.23x
+(benchmarks/data_pipeline.py, 2026-12-07). Held out, from one demo's generate checkpoint
+(2026-12-07, n = 400 / 316): packed, 260 steps of 16 rows (the examples of 400 unpacked
+steps), basic / compound 0.933 / 0.630, AU F1 0.894, intensity MAE 0.161, V/A CCC 0.729;
+unpacked, its 400 steps, 0.940 / 0.709, 0.896, 0.143, 0.780.
 Pod variant, `configs/instruct.py:pod`: the 7b preset (Llama-2-7B shape) with rank-16 LoRA,
 FSDP over every chip, bf16 compute, the frozen towers' weights in bf16, the Q-Former in
 f32; global batch 2048 at seq_len 128 (+32 query tokens: 5120 tokens per chip on

@@ -20,6 +20,8 @@ Choices and deviations:
   components (e.g. happily surprised -> happiness, surprise), the soft label a
   FERPlus-style vote would approach.
 * Valence/arousal: see CIRCUMPLEX -- a modelling choice, not measurements.
+* Captions: the visible AUs with a degree word from the amplitude, half the time naming
+  the expression; synthetic_faces adds the face's look (look_words.py) as a second part.
 """
 
 import dataclasses
@@ -210,8 +212,13 @@ def _join(parts):
 
 
 def caption(expr: Expression, rng: np.random.Generator, hidden=(), occluder='none',
-            glasses=False) -> str:
-  """A varied description of the visible AUs (+ occlusion), sometimes naming the expression."""
+            glasses=False, look: dict | None = None) -> str:
+  """A varied description of the visible AUs, sometimes naming the expression.
+
+  `look`: phrases for the rest of the face ({attribute: phrase}, look_words.phrases),
+  appended as a second sentence in a random order -- what tells this face from others
+  with the same expression. Without it, the occluder and glasses are named alone.
+  """
   visible = [au for au in expr.aus if au not in hidden]
   parts = []
   for pair, phrases in _COMBOS.items():
@@ -224,16 +231,22 @@ def caption(expr: Expression, rng: np.random.Generator, hidden=(), occluder='non
     parts.append(_pick(rng, table[au]).format(deg=_degree(rng, expr.aus[au])))
   if not parts:
     parts = [_pick(rng, _NEUTRAL) if not expr.aus else 'relaxed visible features']
-  extras = [_pick(rng, _OCCLUSION[occluder])] if occluder in _OCCLUSION else []
-  if glasses:
-    extras.append(_pick(rng, ('wearing glasses', 'with glasses')))
   adj = ADJECTIVE.get(expr.name, expr.name)
   named = rng.random() < 0.5
   template = _pick(rng, _TEMPLATES_NAMED if named else _TEMPLATES_PLAIN)
   text = template.format(aus=_join(parts), adj=adj)
-  if extras:
-    text += ', ' + ', '.join(extras)
+  if look is None:
+    extras = [_pick(rng, _OCCLUSION[occluder])] if occluder in _OCCLUSION else []
+    if glasses:
+      extras.append(_pick(rng, ('wearing glasses', 'with glasses')))
+    if extras:
+      text += ', ' + ', '.join(extras)
+  else:
+    words = list(look.values())
+    words = [words[i] for i in rng.permutation(len(words))]
+    text += _pick(rng, ('. ', '; ', '. ')) + ', '.join(words)
   text = re.sub(r'\ba ([aeiou])', r'an \1', text)
+  text = re.sub(r'\. ([a-z])', lambda m: '. ' + m.group(1).upper(), text)
   return text[0].upper() + text[1:] + '.'
 
 

@@ -15,7 +15,8 @@ import shutil
 
 import tensorflow_datasets as tfds
 
-from data_prep.builders import affectnet, base, ckplus, common, expw, fer2013, rafdb, sfew, text
+from data_prep.builders import (affectnet, base, ckplus, common, expw, fer2013, rafdb, sfew, text,
+                                video)
 from data_prep.builders.common import Report, SkipFractionExceeded  # pylint: disable=unused-import
 
 SOURCES = {
@@ -27,6 +28,9 @@ SOURCES = {
     'sfew': sfew.Sfew,
     'expw': expw.ExpW,
     'ckplus': ckplus.CkPlus,
+    'dfew': video.Dfew,
+    'ferv39k': video.Ferv39k,
+    'mafw': video.Mafw,
     'facecaption': text.FaceCaption,
     'celeba_dialog': text.CelebaDialog,
 }

@@ -4,7 +4,10 @@ Faces are rendered from FACS action units (`render.py`) following the recipes in
 `facs.py`: 7 basic expressions + contempt, the 11 RAF-DB compound expressions,
 intensity, valence/arousal, AU amplitudes, captions and AU rationales, with pose,
 lighting, skin tone, hair, glasses/mask/hand occlusion and noise as nuisances
-(recorded as JSON in `nuisance`; an occluded face keeps its true label).
+(recorded as JSON in `nuisance`; an occluded face keeps its true label). A caption
+names the visible AUs and then the face's look (`look_words.py`: head turn, light,
+skin, hair, background, accessories), so it tells one face from another -- no two of
+300 test faces share one -- and retrieval is scored per face, not per label.
 
 Faces are stored eye-line aligned, as RAF-DB's and AffectNet's aligned crops are: the
 exact eye centres (`render.eye_centres`, kept in `nuisance.eyes`) go through the same
@@ -37,7 +40,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image, ImageDraw, ImageFont
 
-from data_prep import facs, render, tfds_writer
+from data_prep import facs, look_words, render, tfds_writer
 from unifer_jax.data import faces, labels, schema
 
 NAME = 'synthetic_faces'
@@ -90,7 +93,7 @@ def make_record(index: int, *, seed: int, split: str, image_size: int = 112,
       image=png_bytes(image), id=f'{split}/{index:07d}', source=NAME,
       expression=expr.basic, compound=expr.compound, intensity=expr.intensity,
       valence=valence, arousal=arousal, aus=expr.au_vector(), label_dist=expr.label_dist(),
-      caption=facs.caption(expr, rng, hidden, look.occluder, look.glasses),
+      caption=facs.caption(expr, rng, hidden, look=look_words.phrases(look, rng, align)),
       rationale=facs.rationale(expr, hidden, look.occluder),
       nuisance=json.dumps(nuisance, sort_keys=True, separators=(',', ':')))
 

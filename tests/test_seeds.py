@@ -30,7 +30,7 @@ def test_two_tiny_seeds_give_a_table_of_every_report_figure(tmp_path):
   # Two different runs (init and data order), the same corpus.
   assert (tmp_path / 'seed_1' / 'data').resolve() == (tmp_path / 'seed_0' / 'data').resolve()
   assert reports[0]['align_final']['loss'] != reports[1]['align_final']['loss']
-  for key in ('zero_shot_acc', 'itm_acc', 'retrieval_r1',
+  for key in ('zero_shot_acc', 'itm_acc', 'retrieval_r1', 'retrieval_i2t_r1', 'retrieval_t2i_r1',
               'align_final.loss', 'timings.align_s'):
     s = summary[key]
     flat = [seeds.flatten(r)[key] for r in reports]

@@ -61,7 +61,8 @@ class SourceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _info(self):
     return tfds.core.DatasetInfo(
-        builder=self, description=self.SOURCE.description, features=schema.features(),
+        builder=self, description=self.SOURCE.description,
+        features=schema.features(frames=self.SOURCE.clip_frames),
         metadata=tfds.core.MetadataDict())
 
   def _download_and_prepare(self, dl_manager, download_config):

@@ -195,6 +195,8 @@ class Source:
   description = ''
   # config name -> options passed to __init__ (the first is the default).
   configs = {'default': {}}
+  # T for a clip dataset (records carry `frames`, see schema.py); None: image records.
+  clip_frames = None
 
   def __init__(self, src, *, face_size: int = 224, face_margin: float = 0.25):
     self.src = os.fspath(src)

@@ -25,6 +25,10 @@ Eval (``train=False``): one pass over the split in order, no augmentation; proce
 reads records p, p + P, ...; the last batch is padded (``valid`` = 0 rows, a repeat of a
 real record) so every process yields the same number of batches; adds ``id`` (bytes).
 
+Packed rows (``config.input.pack``; lm, generate, instruct in training): the per-record
+map yields each example at its real length and grain's packer fills rows of
+``pack_len`` positions with whole examples before the batch (data/packing.py).
+
 Stage -> format: lm -> lm, align -> align, generate -> generate, instruct -> instruct,
 grpo -> instruct (its prompts), distill -> eval (with augmentation in training).
 ``config.input.format`` overrides.
@@ -41,7 +45,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from unifer_jax.data import augment, examples, fewshot, instructions, memory_table, sources
+from unifer_jax.data import augment, examples, fewshot, instructions, memory_table, packing
+from unifer_jax.data import sources
 from unifer_jax.data import tokenizer as tokenizer_lib
 from unifer_jax.models import interleave, presets
 
@@ -78,6 +83,12 @@ def default_input_config() -> ml_collections.ConfigDict:
       cache=False,                 # decode once, keep in memory (memory_table.py; eval format)
       # k-shot instruct rows (several faces per row; data/fewshot.py); max_shots=0: off.
       fewshot=fewshot.default_config(),
+      # Packed rows (data/packing.py): several whole examples per row, segment ids and
+      # per-example positions; lm / generate / instruct training only. Off until the
+      # demo's figures are measured with it (benchmarks/data_pipeline.py).
+      pack=False,
+      pack_len=0,                  # LLM positions per packed row; 0 = 2 x an unpacked row
+      images_per_row=4,            # image slots per packed generate / instruct row
       image_queries=0,             # set by the trainer from the model (k-shot rows):
       image_token=-1,              # Q and the placeholder id of its image slots
       workers=0,                   # grain worker processes (0 = in-process threads only)
@@ -174,6 +185,9 @@ class Pipeline:
     if not 0 <= self.shard[0] < self.shard[1]:
       raise ValueError(f'shard {self.shard} must be (index, count) with 0 <= index < count')
     memory_table.check_cacheable(cfg, fmt, train)
+    self.packed = packing.enabled(cfg, fmt, train)
+    if self.packed:   # bad lengths fail here, not at the first batch
+      packing.example_spec(cfg, fmt, image_size, int(cfg.image_queries), False)
     tok, text_tok = tokenizers if tokenizers is not None else load_tokenizers(cfg, fmt)
     aug = dict(cfg.augment)
     enabled = aug.pop('enabled', True)
@@ -223,6 +237,9 @@ class Pipeline:
       return ds.batch(self.batch_size, drop_remainder=True).map(memory_table.Gather(tables))
     ds = ds.random_map(_Transform(srcs, self.maker),
                        seed=_seed(self.cfg.seed, 2, p))
+    if self.packed:   # examples at their real length; packed and batched in _iterator
+      return ds.map(packing.ExampleForm(self.fmt, int(self.cfg.image_queries),
+                                        int(self.cfg.image_token)))
     return ds.batch(self.batch_size, drop_remainder=True)
 
   def _eval_graph(self, srcs):
@@ -246,8 +263,15 @@ class Pipeline:
     if self._iter is None:
       cfg = self.cfg
       ds = self.dataset[self._start:] if self._start else self.dataset
+      # Packed: the reader's elements are examples, a batch's worth per buffered batch.
+      per = self.batch_size if self.packed else 1
       ds = ds.to_iter_dataset(grain.ReadOptions(
-          num_threads=int(cfg.threads), prefetch_buffer_size=int(cfg.prefetch)))
+          num_threads=int(cfg.threads), prefetch_buffer_size=int(cfg.prefetch) * per))
+      if self.packed:
+        ds = packing.pack(ds, cfg, self.fmt, batch_size=self.batch_size,
+                          queries=int(cfg.image_queries), pad_id=self.maker.tokenizer.pad_id,
+                          seed=_seed(cfg.seed, 3, self.shard[0]),
+                          qformer_prompt=bool(cfg.qformer_prompt))
       if cfg.workers > 0:
         from absl import flags  # pylint: disable=g-import-not-at-top
         if not flags.FLAGS.is_parsed():   # grain's workers read absl flags
@@ -280,6 +304,11 @@ class Pipeline:
     saved = _int_keys(state.get('grain'))
     if saved is not None and _same_structure(_jsonable(saved), _jsonable(it.get_state())):
       it.set_state(saved)
+    elif self.packed:
+      raise ValueError('config.input.pack=True: packed rows resume from grain\'s saved '
+                       'iterator state only, and this state does not fit the pipeline (was '
+                       'config.input.workers changed?); saved: '
+                       f'{str(_jsonable(saved))[:200]}')
     else:
       self._iterator(position)
     self.position = position
@@ -291,14 +320,17 @@ class Pipeline:
 
   def batch_spec(self, global_batch: int) -> dict[str, jax.ShapeDtypeStruct]:
     """Device keys of the GLOBAL batch (no '_' metadata, no ``id``)."""
-    spec = _example_spec(self.cfg, self.fmt, self.maker.image_size)
+    spec = _example_spec(self.cfg, self.fmt, self.maker.image_size, self.packed)
     if not self.train:
       spec['valid'] = ((), np.float32)
     return {k: jax.ShapeDtypeStruct((global_batch, *shape), dtype)
             for k, (shape, dtype) in spec.items()}
 
 
-def _example_spec(cfg, fmt: str, image_size: int) -> dict:
+def _example_spec(cfg, fmt: str, image_size: int, packed: bool = False) -> dict:
+  if packed:
+    return packing.example_spec(cfg, fmt, image_size, int(cfg.image_queries),
+                                bool(cfg.qformer_prompt))
   max_shots = int(cfg.fewshot.max_shots)
   if max_shots > 0 and fmt == 'instruct':
     return fewshot.example_spec(image_size, cfg.seq_len, cfg.text_len, cfg.qformer_prompt,
@@ -354,6 +386,9 @@ def stage_input(config, model_cfg) -> tuple[ml_collections.ConfigDict, str, int]
     raise ValueError(f'config.input.fewshot.max_shots={cfg.fewshot.max_shots}: k-shot rows '
                      f'are rows of the instruct stage; stage {stage!r} reads format {fmt!r}'
                      + (' (GRPO\'s rollouts take one image per prompt)' * (stage == 'grpo')))
+  if cfg.get('pack', False) and stage == 'grpo':
+    raise ValueError('config.input.pack=True: GRPO reads one prompt per row (its rollouts); '
+                     'packing is for the lm, generate and instruct stages')
   vision = presets.vision_config(model_cfg)  # a UniFER's vit or a student's encoder
   image_size = cfg.image_size or vision.image_size
   if image_size != vision.image_size:
@@ -367,7 +402,7 @@ def global_batch_spec(config, model_cfg) -> dict[str, jax.ShapeDtypeStruct]:
   """The device keys of a global training batch from the config alone -- no dataset or
   tokenizer is opened (compile-check lowers a step for data that is elsewhere)."""
   cfg, fmt, image_size = stage_input(config, model_cfg)
-  spec = _example_spec(cfg, fmt, image_size)
+  spec = _example_spec(cfg, fmt, image_size, packing.enabled(cfg, fmt, train=True))
   return {k: jax.ShapeDtypeStruct((cfg.batch_size, *shape), dtype)
           for k, (shape, dtype) in spec.items()}
 
@@ -397,7 +432,9 @@ class TfdsInput:
     """The device keys; ``with_index`` adds the host-side ``_index`` (each row's record
     in the split, for inputs that join per-record data, e.g. cached distill targets)."""
     batch = next(self.pipeline)
-    self.rows += len(batch['_truncated'])
+    # Packed rows count their examples.
+    self.rows += int(batch['_examples'].sum() if '_examples' in batch
+                     else len(batch['_truncated']))
     cut = int(batch['_truncated'].sum())
     if cut and not self.truncated:
       log.warning('config.input.seq_len/text_len truncates texts (%d of %d rows in this '
@@ -435,6 +472,12 @@ def check_model_fit(cfg, fmt: str, model_cfg, tok, text_tok) -> None:
     if tok.vocab_size > llm.vocab_size:
       raise ValueError(f'tokenizer {tok.path} has {tok.vocab_size} ids but '
                        f'model.llm.vocab_size={llm.vocab_size}')
+    if packing.enabled(cfg, fmt, train=True):
+      q = model_cfg.qformer.num_queries if fmt != 'lm' else 0
+      if packing.row_length(cfg, fmt, q) > llm.max_seq_len:
+        raise ValueError(f'packed rows of {packing.row_length(cfg, fmt, q)} positions '
+                         f'(config.input.pack_len={cfg.pack_len}) exceed '
+                         f'model.llm.max_seq_len={llm.max_seq_len}')
     # k-shot rows hold their faces' slots inside seq_len; one image goes in front of it.
     prefix = model_cfg.qformer.num_queries if fmt != 'lm' and not cfg.fewshot.max_shots else 0
     if cfg.seq_len + prefix > llm.max_seq_len:

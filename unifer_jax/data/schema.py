@@ -19,6 +19,21 @@ made from these fields at pipeline time, not stored.
 | rationale | text | which AUs show, e.g. 'AU6 cheek raiser, AU12 lip corner puller' | '' |
 | age_group, gender, race | int32 | index into labels.AGE_GROUPS / GENDERS / RACES | -1 |
 | nuisance | text | JSON of pose/lighting/occlusion etc., for analysis | '' |
+
+Clip records (video datasets: DFEW, FERV39k, MAFW; data_prep/builders/video.py) are the
+same record plus one field, so every image reader works on them unchanged:
+
+| frames | a sequence of exactly T encoded images (`features(frames=T)`) | the clip | - |
+
+and `image` holds the clip's middle sampled frame (`frames[T // 2]`), what a
+single-image model or a frame-vote baseline reads. T is fixed per dataset and the frames
+are sampled uniformly over the whole clip at build time (`clip_indices`), because:
+a fixed T keeps the video step one compiled program; uniform over the whole clip covers
+onset, apex and offset whatever the clip's length; and storing T frames instead of every
+frame makes a clip dataset ~T/length of the decoded clips (DFEW clips run 50-150+
+frames). T = 16 (`CLIP_FRAMES`) is what DFER-CLIP / Exp-CLIP sample. A reader gets
+`frames` back as a list of T HxWx3 uint8 arrays (tfds' Sequence of Image; `np.stack`
+them); a builder makes every frame the same size, so they stack.
 """
 
 import math
@@ -37,10 +52,20 @@ _VOCABS = {
     'age_group': labels.AGE_GROUPS, 'gender': labels.GENDERS, 'race': labels.RACES,
 }
 FIELDS = _REQUIRED + _INT_FIELDS + _FLOAT_FIELDS + tuple(_VECTOR_FIELDS) + _TEXT_FIELDS
+CLIP_FRAMES = 16   # T of the clip datasets (see the module docstring)
 
 
-def features():
-  """The shared `tfds.features.FeaturesDict` (images of any size, 3 channels)."""
+def clip_indices(num_frames: int, t: int = CLIP_FRAMES) -> list:
+  """T frame indices spread uniformly over a clip of `num_frames` (each the middle of
+  one of T equal segments); a clip shorter than T repeats frames."""
+  if num_frames < 1 or t < 1:
+    raise ValueError(f'clip_indices needs num_frames >= 1 and t >= 1, got {num_frames}, {t}')
+  return [min(num_frames - 1, int((i + 0.5) * num_frames / t)) for i in range(t)]
+
+
+def features(frames: int | None = None):
+  """The shared `tfds.features.FeaturesDict` (images of any size, 3 channels); with
+  `frames=T`, a clip dataset's (adds `frames`, T images)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (slow import; only builders need it)
   f = tfds.features
   spec = {
@@ -53,11 +78,16 @@ def features():
   spec.update({k: f.Tensor(shape=(n,), dtype=np.float32)
                for k, n in _VECTOR_FIELDS.items()})
   spec.update({k: f.Text() for k in _TEXT_FIELDS})
+  if frames is not None:
+    if frames < 1:
+      raise ValueError(f'features(frames=T) needs T >= 1, got {frames}')
+    spec['frames'] = f.Sequence(f.Image(shape=(None, None, 3)), length=frames)
   return f.FeaturesDict(spec)
 
 
-def empty_record(**fields) -> dict:
-  """A record with every schema field; absent ones hold their sentinel.
+def empty_record(*, frames=None, **fields) -> dict:
+  """A record with every schema field; absent ones hold their sentinel. `frames`
+  (a clip's T encoded frames) makes it a clip record; image records leave it out.
 
   Values are checked and converted to the stored dtypes: ints must index their
   vocabulary (or be -1), vectors must have the schema length, scalars must be finite
@@ -89,4 +119,9 @@ def empty_record(**fields) -> dict:
     if not isinstance(v, str):
       raise ValueError(f'field {k!r} must be a str, got {type(v).__name__}')
     rec[k] = v
+  if frames is not None:
+    frames = list(frames)
+    if not frames:
+      raise ValueError('field frames must hold at least one encoded frame, got none')
+    rec['frames'] = frames
   return rec

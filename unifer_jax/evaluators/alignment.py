@@ -1,6 +1,7 @@
 """Evaluations of the aligned Q-Former: zero-shot classification from text prompts
-(any label list, so open vocabulary), image-text retrieval R@k and image-text matching
-(ITM) accuracy on held-out pairs.
+(any label list, so open vocabulary), image-text retrieval R@k (at instance level: only
+the face's own caption is relevant; at label level: any caption of a face with the same
+expression label) and image-text matching (ITM) accuracy on held-out pairs.
 
 Scores follow BLIP-2's ITC: an image's similarity to a text is the best of its query
 embeddings' cosine similarities with the text's [CLS] embedding.
@@ -48,6 +49,30 @@ def recall_at_k(sim: np.ndarray, relevant: np.ndarray, ks: Sequence[int] = (1, 5
   order = np.argsort(-sim, axis=1)
   hits = np.take_along_axis(relevant, order, axis=1)
   return {f'r{k}': float(hits[:, :k].any(axis=1).mean()) for k in ks}
+
+
+def retrieval_recalls(sim: np.ndarray, ks: Sequence[int] = (1, 5, 10), expression=None,
+                      compound=None) -> dict:
+  """Image->text and text->image R@k of a square sim [N images, N texts] (text i is image
+  i's caption). Instance level, ``i2t_r{k}`` / ``t2i_r{k}``: only the pair's own item is
+  relevant. With labels given, label level too, ``label_i2t_r{k}`` / ``label_t2i_r{k}``:
+  any item with the same expression label (align_losses.same_label; an unlabelled record
+  counts its own item only)."""
+  from unifer_jax.train import align_losses  # pylint: disable=g-import-not-at-top
+  sim = np.asarray(sim)
+  if sim.ndim != 2 or sim.shape[0] != sim.shape[1]:
+    raise ValueError(f'retrieval: similarities must be square [N images, N captions], '
+                     f'got {sim.shape}')
+  own = np.eye(len(sim), dtype=bool)
+  levels = {'': own}
+  if expression is not None and compound is not None:
+    levels['label_'] = own | np.asarray(align_losses.same_label(
+        jnp.asarray(expression), jnp.asarray(compound)))
+  out = {}
+  for prefix, relevant in levels.items():
+    out.update({f'{prefix}i2t_{k}': v for k, v in recall_at_k(sim, relevant, ks).items()})
+    out.update({f'{prefix}t2i_{k}': v for k, v in recall_at_k(sim.T, relevant.T, ks).items()})
+  return out
 
 
 def matching_pairs(sim: np.ndarray, excluded: np.ndarray, temp: float, seed: int = 0):
@@ -98,8 +123,9 @@ def encode_in_batches(fn: Callable, arrays: Sequence[np.ndarray], batch_size: in
 
 class Retrieval:
   """``config.evals.NAME = dict(type='retrieval', dataset=<tfds spec>, ks=[1, 5, 10])``:
-  image->text and text->image R@k over a split's captions (identical captions all
-  count as relevant: the procedural corpus repeats them)."""
+  image->text and text->image R@k over a split's captions (retrieval_recalls): instance
+  level (``i2t_r1``: is the face's own caption the top one?) and label level
+  (``label_i2t_r1``: is the top caption one of a face with the same expression?)."""
 
   def __init__(self, name: str, cfg: dict):
     self.name, self.cfg = name, cfg
@@ -112,13 +138,9 @@ class Retrieval:
     img = model.image_features(data['image'])
     txt = model.text_features(list(data['caption']))
     sim = np.asarray(scores(jnp.asarray(img), jnp.asarray(txt)))
-    caps = np.asarray(data['caption'])
-    relevant = caps[:, None] == caps[None, :]
     ks = tuple(self.cfg.get('ks') or (1, 5, 10))
-    i2t = recall_at_k(sim, relevant, ks)
-    t2i = recall_at_k(sim.T, relevant.T, ks)
-    return {**{f'i2t_{k}': v for k, v in i2t.items()}, **{f't2i_{k}': v for k, v in t2i.items()},
-            'n': int(len(caps))}
+    return {**retrieval_recalls(sim, ks, data.get('expression'), data.get('compound')),
+            'n': int(len(sim))}
 
 
 class Matching:

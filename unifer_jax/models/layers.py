@@ -203,6 +203,13 @@ def padding_mask(valid: jax.Array) -> jax.Array:
   return valid.astype(bool)[:, None, None, :]
 
 
+def segment_mask(segment_ids: jax.Array) -> jax.Array:
+  """``[B, T]`` segment ids of packed rows -> ``[B, 1, T, T]``: a token attends only to
+  tokens of its own segment (several examples share a row; id 0 = padding, masked
+  as keys by the padding mask)."""
+  return (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+
+
 def causal_mask(t: int, s: int | None = None, offset: int = 0) -> jax.Array:
   """``[1, 1, T, S]`` lower-triangular mask; query i sees keys <= i + offset."""
   s = t if s is None else s

@@ -41,6 +41,11 @@ same for every family, and so does HF OPT's ``forward`` (``cumsum(mask) * mask -
 padding tokens read row 1, ours a valid row: they are never attended to); HF Llama's
 ``forward`` without ``position_ids`` uses ``arange`` instead.
 
+Packed rows (several examples per row, ``data/packing.py``): ``segment_ids`` [B, T]
+(1, 2, ... per example, 0 = padding) restrict attention to a token's own segment, and
+positions restart at 0 in each segment (``positions_from_segments``, or the pipeline's
+``positions``), so each example gets exactly the logits it has alone in a row.
+
 KV cache (a dict; passed in and returned, so it works under ``jax.jit``)::
 
   k, v   [L, B, S, K, H]  keys (after RoPE) and values per layer and slot
@@ -208,6 +213,15 @@ def positions_from_mask(mask: jax.Array, start: jax.Array | int = 0) -> jax.Arra
   return jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0) + (start[:, None] if start.ndim else start)
 
 
+def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
+  """Positions ``[B, T]`` that restart at 0 where each segment starts (packed rows)."""
+  t = segment_ids.shape[1]
+  idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), segment_ids.shape)
+  starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
+                            segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+  return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+
+
 class LLM(nnx.Module):
   """Decoder-only LM; ``model(input_ids)`` -> f32 logits ``[B, T, V]``."""
 
@@ -277,22 +291,26 @@ class LLM(nnx.Module):
                             unroll=self.cfg.get('unroll_layers', False))
 
   def hidden_states(self, input_ids=None, *, inputs_embeds=None, attention_mask=None,
-                    positions=None) -> jax.Array:
+                    positions=None, segment_ids=None) -> jax.Array:
     """Final-normed hidden states ``[B, T, D]`` (``dtype``); logits are
-    ``logits_from_hidden`` of them (compute them only where a loss needs them)."""
+    ``logits_from_hidden`` of them (compute them only where a loss needs them).
+    ``segment_ids`` [B, T]: packed rows (module docstring)."""
     x, valid = self._inputs(input_ids, inputs_embeds, attention_mask)
     if positions is None:
-      positions = positions_from_mask(valid)
+      positions = (positions_from_mask(valid) if segment_ids is None
+                   else positions_from_segments(segment_ids))
     t = x.shape[1]
     mask = layers.causal_mask(t) & layers.padding_mask(valid)
+    if segment_ids is not None:
+      mask = mask & layers.segment_mask(segment_ids)
     x, _ = self._run_layers(x, positions, mask)
     return self.final_norm(x)
 
   def __call__(self, input_ids=None, *, inputs_embeds=None, attention_mask=None,
-               positions=None) -> jax.Array:
+               positions=None, segment_ids=None) -> jax.Array:
     return self.logits_from_hidden(self.hidden_states(
         input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-        positions=positions))
+        positions=positions, segment_ids=segment_ids))
 
   # ---------------------------------------------------------------- KV cache
   def init_cache(self, batch: int, max_len: int | None = None, dtype=None) -> Cache:

@@ -148,12 +148,16 @@ class UniFER(nnx.Module):
 
   def __call__(self, images: jax.Array, input_ids: jax.Array,
                attention_mask: jax.Array | None = None, *, qformer_input_ids=None,
-               qformer_attention_mask=None, image_mask=None) -> jax.Array:
+               qformer_attention_mask=None, image_mask=None, segment_ids=None,
+               positions=None) -> jax.Array:
     """LLM logits over [image prefix; text]: [B, Q + T, V]; with several images per row
-    (images [B, M, H, W, C]) over the text with the images in their slots: [B, T, V]."""
+    (images [B, M, H, W, C]) over the text with the images in their slots: [B, T, V].
+    ``segment_ids`` / ``positions`` [B, T]: packed rows of several examples
+    (data/packing.py; interleaved rows only)."""
     embeds, mask = self.prefixed_inputs(images, input_ids, attention_mask, qformer_input_ids,
                                         qformer_attention_mask, image_mask)
-    return self.llm(inputs_embeds=embeds, attention_mask=mask)
+    return self.llm(inputs_embeds=embeds, attention_mask=mask, segment_ids=segment_ids,
+                    positions=positions)
 
   # -- stage-1 heads -----------------------------------------------------------------
 

@@ -167,6 +167,9 @@ def train(config, workdir: str | Path) -> dict:
       peer_watch.progress(step + 1)   # the step this process is about to run
       with profiler.step(step + 1):
         local, host_metrics = data.next_local_batch(), {}
+        if tokens_per_batch and 'attention_mask' in local:
+          # Positions that hold a token (packed or not), on this process's rows.
+          host_metrics['real_token_frac'] = float(np.mean(local['attention_mask'] > 0))
         if stage.has_hook:   # e.g. rollouts: the step's batch is made from the input's rows
           batch, host_metrics = stage.before_step(state, local, step, extra, data.next_local_batch)
         else:
@@ -193,6 +196,8 @@ def train(config, workdir: str | Path) -> dict:
           record['skipped'] = float(not m['finite'])
           record.update(step_time_s=per_step, img_per_s=images_per_batch / per_step,
                         tokens_per_s=tokens_per_batch / per_step)
+          if 'real_token_frac' in host:
+            record['real_tokens_per_s'] = host['real_token_frac'] * tokens_per_batch / per_step
           if flops_per_device and peak == peak:
             record['mfu'] = flops_per_device / per_step / peak
           record = stage.log_record({**record, **host})

@@ -6,6 +6,11 @@ Batches are dicts of arrays. Token batches use ``tokens`` [B, T] and ``loss_mask
 from everything before it. Logits are computed only at the positions that predict a
 text token (the image-prefix positions are never projected onto the vocabulary; in
 ``generate``/``instruct`` only the target positions are, ``target_loss``).
+
+Packed rows (``config.input.pack``, data/packing.py) add ``segment_ids`` and
+``positions`` [B, T]: attention stays inside each example and no position predicts the
+first token of the next example, so every example's NLL is what it is alone in a row;
+the loss stays the mean over the batch's target tokens.
 """
 
 from __future__ import annotations
@@ -48,11 +53,12 @@ def generate_loss(model, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
                                             batch.get('qformer_ids'), batch.get('qformer_mask'),
                                             batch.get('image_mask'))
   q = embeds.shape[1] - tokens.shape[1]
-  hidden = model.llm.hidden_states(inputs_embeds=embeds, attention_mask=full_mask)
+  hidden = model.llm.hidden_states(inputs_embeds=embeds, attention_mask=full_mask,
+                                   **_packing(batch))
   if q == 0:  # position i-1 predicts token i; a placeholder slot is never a target (and
     # its id may lie past the vocabulary: a valid id stands in for it, masked out)
     slots = tokens == interleave.placeholder_id(model.cfg)
-    mask = mask * (~slots).astype(mask.dtype)
+    mask = _same_segment(batch, mask * (~slots).astype(mask.dtype))
     targets = jnp.where(slots, 0, tokens)
     return target_loss.target_nll(model.llm, hidden[:, :-1], targets[:, 1:], mask[:, 1:])
   # Position q-1+i predicts token i; of these T positions only the targets are projected
@@ -65,9 +71,24 @@ def lm_loss(model, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
   del rng
   tokens, mask = batch['tokens'], batch['loss_mask']
   attn = batch.get('attention_mask', jnp.ones_like(tokens))
-  hidden = model.llm.hidden_states(tokens, attention_mask=attn)
+  hidden = model.llm.hidden_states(tokens, attention_mask=attn, **_packing(batch))
   logits = model.llm.logits_from_hidden(hidden[:, :-1])
-  return token_nll(logits, tokens[:, 1:], mask[:, 1:])
+  return token_nll(logits, tokens[:, 1:], _same_segment(batch, mask)[:, 1:])
+
+
+def _packing(batch: dict) -> dict:
+  """The LLM's packed-row inputs of a batch (none for unpacked rows)."""
+  return {k: batch[k] for k in ('segment_ids', 'positions') if k in batch}
+
+
+def _same_segment(batch: dict, mask: jax.Array) -> jax.Array:
+  """``mask`` without the first token of each packed segment: the position before it
+  belongs to the previous example (its own row-start token is masked already)."""
+  seg = batch.get('segment_ids')
+  if seg is None:
+    return mask
+  first = jnp.concatenate([jnp.ones_like(seg[:, :1], bool), seg[:, 1:] != seg[:, :-1]], 1)
+  return mask * (~first).astype(mask.dtype)
 
 
 def vision_loss(model, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
@@ -108,5 +129,6 @@ def get(stage: str, config=None) -> Callable:
   if stage == 'align' and config is not None and 'align' in config:
     w = config.align.weights
     fn = functools.partial(fn, weights=(float(w.itc), float(w.itm), float(w.itg)),
-                           hardness=float(config.align.get('itm_hardness', 1.0)))
+                           hardness=float(config.align.get('itm_hardness', 1.0)),
+                           uniform_fraction=float(config.align.get('itm_uniform_fraction', 0.0)))
   return fn
