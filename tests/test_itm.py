@@ -41,6 +41,16 @@ def test_same_label_pairs_are_never_negatives_and_similar_ones_are_preferred():
   plain = al.not_negatives(ids, mask)
   drawn = al.sample_hard_negatives(jnp.asarray(sim), plain, jax.random.key(0))[1]
   assert int(drawn[0]) == 3
+  # hardness scales the similarities: at 0.5 text 5 weighs e^3; at 0 the draw is uniform
+  # over the true negatives (the allowed texts 1, 2, 4, 5 a quarter each); a uniform
+  # fraction f mixes: f * 1/4 + (1 - f) * the hard share.
+  for hardness, uniform, want5 in ((0.5, 0.0, np.exp(3) / (np.exp(3) + 3)), (0.0, 0.0, 0.25),
+                                   (1.0, 1.0, 0.25), (1.0, 0.5, 0.5 * share + 0.125)):
+    t = np.stack([al.sample_hard_negatives(jnp.asarray(sim), jnp.asarray(excluded),
+                                           jax.random.key(s), hardness, uniform)[1]
+                  for s in range(400)])
+    assert not excluded[0, t[:, 0]].any()
+    assert abs((t[:, 0] == 5).mean() - want5) < 0.06, (hardness, uniform)
 
 
 def test_held_out_pairs_are_one_positive_to_two_true_negatives():

@@ -66,21 +66,28 @@ def itc_loss(sim_i2t: jax.Array, positives: jax.Array, label_smoothing: float = 
   return (i2t + t2i) / 2
 
 
-def sample_hard_negatives(sim_i2t: jax.Array, positives: jax.Array, rng: jax.Array):
-  """Per text an image, per image a text, drawn with probability softmax(sim) among
-  the pairs outside ``positives`` (BLIP-2's hard-negative mining; pass not_negatives).
+def sample_hard_negatives(sim_i2t: jax.Array, positives: jax.Array, rng: jax.Array,
+                          hardness: float = 1.0, uniform_fraction: float = 0.0):
+  """Per text an image, per image a text, drawn with probability softmax(hardness * sim)
+  among the pairs outside ``positives`` (BLIP-2's hard-negative mining at hardness 1;
+  uniform over the true negatives at 0; pass not_negatives). A ``uniform_fraction`` of
+  the rows, chosen at random, draws uniformly instead: easy negatives that let ITM start
+  learning while the hard ones are still beyond it (configs/align.py).
   ``sim_i2t`` is the global batch's (jit over the mesh gathers it), so negatives come
   from every device's samples. Returns (neg_image_for_text, neg_text_for_image), each
   [B] int32 indices."""
-  sim = jax.lax.stop_gradient(sim_i2t.astype(jnp.float32))
-  blocked = jnp.where(positives, -jnp.inf, 0.0)
-  # A row with no negative at all (every text in the batch equal) samples uniformly.
-  blocked = jnp.where(jnp.all(positives, axis=1, keepdims=True), 0.0, blocked)
-  k1, k2 = jax.random.split(rng)
-  neg_text = jax.random.categorical(k1, sim + blocked, axis=1)
-  blocked_t = jnp.where(jnp.all(positives.T, axis=1, keepdims=True), 0.0,
-                        jnp.where(positives.T, -jnp.inf, 0.0))
-  neg_image = jax.random.categorical(k2, sim.T + blocked_t, axis=1)
+  sim = hardness * jax.lax.stop_gradient(sim_i2t.astype(jnp.float32))
+  k1, k2, k3 = jax.random.split(rng, 3)
+  flat = jax.random.uniform(k3, (2, sim.shape[0], 1)) < uniform_fraction
+
+  def draw(key, scores, blocked, flat_rows):
+    # A row with no negative at all (every text in the batch equal) samples uniformly.
+    blocked = jnp.where(jnp.all(blocked, axis=1, keepdims=True), 0.0,
+                        jnp.where(blocked, -jnp.inf, 0.0))
+    return jax.random.categorical(key, jnp.where(flat_rows, 0.0, scores) + blocked, axis=1)
+
+  neg_text = draw(k1, sim, positives, flat[0])
+  neg_image = draw(k2, sim.T, positives.T, flat[1])
   return neg_image.astype(jnp.int32), neg_text.astype(jnp.int32)
 
 
@@ -108,7 +115,8 @@ def itg_loss(logits: jax.Array, itg_ids: jax.Array, text_mask: jax.Array,
   return (nll * mask).sum() / jnp.maximum(mask.sum(), 1.0)
 
 
-def align_loss(model, batch: dict, rng: jax.Array, weights=(1.0, 1.0, 1.0)):
+def align_loss(model, batch: dict, rng: jax.Array, weights=(1.0, 1.0, 1.0), hardness=1.0,
+               uniform_fraction=0.0):
   image_tokens = model.image_tokens(batch['image'])
   text_ids, text_mask = batch['text_ids'], batch['text_mask']
   # ITC: uni-modal passes (queries see the image, text sees only text).
@@ -128,7 +136,7 @@ def align_loss(model, batch: dict, rng: jax.Array, weights=(1.0, 1.0, 1.0)):
     return weights[0] * itc + weights[2] * itg, aux
   # ITM with hard negatives mined from the similarity matrix, true negatives only.
   excluded = not_negatives(text_ids, text_mask, batch.get('expression'), batch.get('compound'))
-  neg_image, neg_text = sample_hard_negatives(sim, excluded, rng)
+  neg_image, neg_text = sample_hard_negatives(sim, excluded, rng, hardness, uniform_fraction)
   itm_logits, itm_labels = itm_logits_and_labels(model, image_tokens, text_ids, text_mask,
                                                  neg_image, neg_text)
   itm = optax.softmax_cross_entropy_with_integer_labels(itm_logits, itm_labels).mean()

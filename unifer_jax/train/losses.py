@@ -128,5 +128,7 @@ def get(stage: str, config=None) -> Callable:
   fn = LOSSES[stage]
   if stage == 'align' and config is not None and 'align' in config:
     w = config.align.weights
-    fn = functools.partial(fn, weights=(float(w.itc), float(w.itm), float(w.itg)))
+    fn = functools.partial(fn, weights=(float(w.itc), float(w.itm), float(w.itg)),
+                           hardness=float(config.align.get('itm_hardness', 1.0)),
+                           uniform_fraction=float(config.align.get('itm_uniform_fraction', 0.0)))
   return fn
