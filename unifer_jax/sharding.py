@@ -59,6 +59,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ('queries', None),
     ('classes', None),
     ('kv', None),
+    ('frames', None),  # a clip's time axis (models/video.py): T <= 16, replicated
     # Activations. Batch over the batch axes, the residual stream replicated over
     # tensor (Megatron: each tensor shard sees whole tokens), and the dimensions a
     # tensor-parallel matmul splits (heads, mlp, vocab) over tensor.

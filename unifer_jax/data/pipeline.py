@@ -30,7 +30,9 @@ map yields each example at its real length and grain's packer fills rows of
 ``pack_len`` positions with whole examples before the batch (data/packing.py).
 
 Stage -> format: lm -> lm, align -> align, generate -> generate, instruct -> instruct,
-grpo -> instruct (its prompts), distill -> eval (with augmentation in training).
+grpo -> instruct (its prompts), distill -> eval (with augmentation in training), video ->
+instruct rows of clips (``config.input.frames`` > 0: ``frames`` [T, S, S, 3] in place of
+``image``; data/clips.py).
 ``config.input.format`` overrides.
 """
 
@@ -45,7 +47,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from unifer_jax.data import augment, examples, fewshot, instructions, memory_table, packing
+from unifer_jax.data import augment, clips, examples, fewshot, instructions, memory_table
+from unifer_jax.data import packing
 from unifer_jax.data import sources
 from unifer_jax.data import tokenizer as tokenizer_lib
 from unifer_jax.models import interleave, presets
@@ -53,7 +56,8 @@ from unifer_jax.models import interleave, presets
 log = logging.getLogger(__name__)
 
 STAGE_FORMATS = {'lm': 'lm', 'vision': 'eval', 'align': 'align', 'generate': 'generate',
-                 'instruct': 'instruct', 'grpo': 'instruct', 'distill': 'eval'}
+                 'instruct': 'instruct', 'grpo': 'instruct', 'distill': 'eval',
+                 'video': 'instruct'}
 
 
 def default_input_config() -> ml_collections.ConfigDict:
@@ -71,6 +75,8 @@ def default_input_config() -> ml_collections.ConfigDict:
       image_size=0,                # 0 = the model's vit.image_size
       image_mean=(0.5, 0.5, 0.5),  # pixels -> (x / 255 - mean) / std
       image_std=(0.5, 0.5, 0.5),
+      frames=0,                    # > 0: clip rows of T frames (data/clips.py); the video
+                                   # stage sets it from model.video.frames
       tokenizer='',                # HF tokenizer directory (LLM side)
       text_tokenizer='',           # Q-Former side; '' = tokenizer
       qformer_prompt=False,        # the prompt for an instruction-aware Q-Former (the
@@ -201,6 +207,9 @@ class Pipeline:
           shots=tuple(shots['shots']), fraction=float(shots['fraction']),
           relabel_fraction=float(shots['relabel_fraction']),
           image_queries=int(cfg.image_queries), image_token=int(cfg.image_token))
+    if int(cfg.frames) > 0:   # clip rows: `frames` in place of `image`
+      maker_cls = functools.partial(clips.ClipMaker, frames=int(cfg.frames), datasets=tuple(
+          str(m[0]) for m in cfg.mixture) or (cfg.name,))
     self.maker = maker_cls(
         fmt=fmt, image_size=image_size, seq_len=cfg.seq_len, text_len=cfg.text_len,
         tokenizer=tok, text_tokenizer=text_tok, tasks=tuple(cfg.tasks),
@@ -331,6 +340,9 @@ def _example_spec(cfg, fmt: str, image_size: int, packed: bool = False) -> dict:
   if packed:
     return packing.example_spec(cfg, fmt, image_size, int(cfg.image_queries),
                                 bool(cfg.qformer_prompt))
+  if int(cfg.frames) > 0:
+    return clips.example_spec(fmt, image_size, int(cfg.frames), cfg.seq_len, cfg.text_len,
+                              cfg.qformer_prompt)
   max_shots = int(cfg.fewshot.max_shots)
   if max_shots > 0 and fmt == 'instruct':
     return fewshot.example_spec(image_size, cfg.seq_len, cfg.text_len, cfg.qformer_prompt,
@@ -378,6 +390,7 @@ def stage_input(config, model_cfg) -> tuple[ml_collections.ConfigDict, str, int]
     cfg.image_queries = int(model_cfg.qformer.num_queries)
     cfg.image_token = interleave.placeholder_id(model_cfg)
   stage = config.get('stage', '')
+  clips.resolve_frames(cfg, stage, model_cfg)
   fmt = cfg.format or STAGE_FORMATS.get(stage)
   if fmt is None:
     raise ValueError(f'config.stage={stage!r} has no input format; set config.input.format '

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from unifer_jax.data import labels
-from unifer_jax.models import interleave, layers, lora
+from unifer_jax.models import interleave, layers, lora, video
 from unifer_jax.models import llm as llm_lib
 from unifer_jax.models.llm import LLM
 from unifer_jax.models.qformer import QFormer
@@ -71,6 +71,11 @@ class UniFER(nnx.Module):
     self.llm_proj = layers.Dense(q.hidden, l.hidden, axes=('embed', 'mlp'), dtype=l.dtype,
                                  param_dtype=l.param_dtype, rngs=rngs)
     self.llm = LLM(l, rngs=rngs)
+    # Clips (``model.video``, models/video.py): only a clip model has the attribute, so an
+    # image model's graph is what it always was.
+    if cfg.get('video'):
+      self.video = video.ClipFusion(cfg.video, vision_width=v.width, query_width=q.hidden,
+                                    param_dtype=q.param_dtype, rngs=rngs)
     if cfg.get('lora') and cfg.lora.rank:
       lora.apply(self.llm, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, rngs=rngs)
 
@@ -88,21 +93,55 @@ class UniFER(nnx.Module):
                     qformer_attention_mask=None) -> jax.Array:
     """The Q-Former's learned queries after attending to the image (and, instruction-
     aware, to the prompt beside them): [B, Q, Dq]."""
+    return self.token_queries(self.image_tokens(images), qformer_input_ids,
+                              qformer_attention_mask)
+
+  def token_queries(self, tokens: jax.Array, qformer_input_ids=None,
+                    qformer_attention_mask=None) -> jax.Array:
+    """The Q-Former's queries after attending to ``tokens`` [B, N, Dv] (an image's, or a
+    clip's whole memory): [B, Q, Dq]."""
     if not self.instruction_aware:
-      return self.qformer.encode_queries(self.image_tokens(images))
+      return self.qformer.encode_queries(tokens)
     if qformer_input_ids is None:
       raise ValueError('this UniFER has an instruction-aware Q-Former (InstructBLIP): pass '
                        'qformer_input_ids (the prompt in the Q-Former tokenizer\'s vocabulary)')
     if qformer_attention_mask is None:
       qformer_attention_mask = jnp.ones(qformer_input_ids.shape, jnp.int32)
-    return self.qformer.encode_queries(self.image_tokens(images),
-                                       instruction_ids=qformer_input_ids,
+    return self.qformer.encode_queries(tokens, instruction_ids=qformer_input_ids,
                                        instruction_mask=qformer_attention_mask)
 
   def prefix(self, images: jax.Array, qformer_input_ids=None,
              qformer_attention_mask=None) -> jax.Array:
     """LLM input embeddings of the image: [B, Q, D_llm]."""
     return self.llm_proj(self.image_queries(images, qformer_input_ids, qformer_attention_mask))
+
+  # -- clips (models/video.py) --------------------------------------------------------
+
+  def clip_queries(self, frames: jax.Array, qformer_input_ids=None,
+                   qformer_attention_mask=None) -> jax.Array:
+    """A clip's queries [B, Q, Dq] from its frames [B, T, H, W, C]: the ViT over all
+    B * T frames in one call, then ``model.video.mode``'s fusion over time."""
+    if not hasattr(self, 'video'):
+      raise ValueError('this UniFER reads single images: a clip needs model.video '
+                       '(models/video.py; configs/video.py sets it)')
+    if frames.ndim != 5:
+      raise ValueError(f'frames: expected [B, T, H, W, C], got shape {frames.shape}')
+    b, t = frames.shape[:2]
+    tokens = self.image_tokens(frames.reshape(b * t, *frames.shape[2:]))
+    tokens = tokens.reshape(b, t, *tokens.shape[1:])                      # [B, T, N, Dv]
+    if self.video.mode == 'memory':
+      return self.token_queries(self.video.memory(tokens), qformer_input_ids,
+                                qformer_attention_mask)
+    q_ids, q_mask = interleave.per_image_instruction(qformer_input_ids, qformer_attention_mask, t)
+    queries = self.token_queries(tokens.reshape(b * t, *tokens.shape[2:]), q_ids, q_mask)
+    return self.video.pool_queries(queries.reshape(b, t, *queries.shape[1:]))
+
+  def clip_inputs(self, frames, input_ids, attention_mask=None, qformer_input_ids=None,
+                  qformer_attention_mask=None):
+    """(inputs_embeds, attention_mask) of [clip prefix; text]: the one-image layout with
+    the clip's queries as the prefix."""
+    prefix = self.llm_proj(self.clip_queries(frames, qformer_input_ids, qformer_attention_mask))
+    return self._prefix_then_text(prefix, input_ids, attention_mask)
 
   # -- generative path ---------------------------------------------------------------
 
@@ -118,6 +157,9 @@ class UniFER(nnx.Module):
       raise ValueError(f'image_mask is for several images per row (images [B, M, H, W, C]); '
                        f'got images of shape {images.shape}')
     prefix = self.prefix(images, qformer_input_ids, qformer_attention_mask)
+    return self._prefix_then_text(prefix, input_ids, attention_mask)
+
+  def _prefix_then_text(self, prefix, input_ids, attention_mask):
     text = self.llm.embed(input_ids)
     embeds = jnp.concatenate([prefix.astype(text.dtype), text], axis=1)
     if attention_mask is None:
@@ -202,12 +244,19 @@ class UniFER(nnx.Module):
 
 def generate(model: UniFER, images: jax.Array, input_ids: jax.Array,
              attention_mask: jax.Array | None = None, *, qformer_input_ids=None,
-             qformer_attention_mask=None, image_mask=None, **kw) -> jax.Array:
+             qformer_attention_mask=None, image_mask=None, clips: bool = False,
+             **kw) -> jax.Array:
   """Tokens generated after [image prefix; prompt] (``llm.generate``: ``max_new_tokens``,
   sampling, ``eos_id``...); prompts may be left- or right-padded. With images
-  [B, M, H, W, C] and ``image_mask``, after the prompt with its images in their slots."""
-  embeds, mask = model.prefixed_inputs(images, input_ids, attention_mask, qformer_input_ids,
-                                       qformer_attention_mask, image_mask)
+  [B, M, H, W, C] and ``image_mask``, after the prompt with its images in their slots;
+  with ``clips``, ``images`` are clips' frames [B, T, H, W, C] and the clip's queries
+  are the prefix (``UniFER.clip_inputs``)."""
+  if clips:
+    embeds, mask = model.clip_inputs(images, input_ids, attention_mask, qformer_input_ids,
+                                     qformer_attention_mask)
+  else:
+    embeds, mask = model.prefixed_inputs(images, input_ids, attention_mask, qformer_input_ids,
+                                         qformer_attention_mask, image_mask)
   return llm_lib.generate(model.llm, inputs_embeds=embeds, attention_mask=mask, **kw)
 
 

@@ -42,16 +42,21 @@ def token_nll(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> tuple[j
 
 
 def generate_loss(model, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
-  """BLIP-2 stage 2 (and instruction tuning): LM loss on text after the image prefix."""
+  """BLIP-2 stage 2 (and instruction tuning): LM loss on text after the image prefix --
+  or after a clip's prefix when the batch holds ``frames`` [B, T, H, W, C] (video)."""
   del rng
   tokens, mask = batch['tokens'], batch['loss_mask']
   attn = batch.get('attention_mask', jnp.ones_like(tokens))
   # An instruction-aware Q-Former (InstructBLIP) reads the prompt beside its queries.
   # Several images per row (image [B, M, H, W, C] + image_mask): they sit in their
   # placeholder slots inside the tokens (models/interleave.py), no prefix in front.
-  embeds, full_mask = model.prefixed_inputs(batch['image'], tokens, attn,
-                                            batch.get('qformer_ids'), batch.get('qformer_mask'),
-                                            batch.get('image_mask'))
+  if 'frames' in batch:   # a clip's queries are the prefix (the video stage)
+    embeds, full_mask = model.clip_inputs(batch['frames'], tokens, attn,
+                                          batch.get('qformer_ids'), batch.get('qformer_mask'))
+  else:
+    embeds, full_mask = model.prefixed_inputs(batch['image'], tokens, attn,
+                                              batch.get('qformer_ids'),
+                                              batch.get('qformer_mask'), batch.get('image_mask'))
   q = embeds.shape[1] - tokens.shape[1]
   hidden = model.llm.hidden_states(inputs_embeds=embeds, attention_mask=full_mask,
                                    **_packing(batch))
@@ -117,6 +122,8 @@ LOSSES: dict[str, Callable] = {
     'generate': generate_loss,
     # Instruction tuning is the generate loss with loss_mask on the answer tokens only.
     'instruct': generate_loss,
+    # Clips: instruct rows whose prefix is the clip's (batch['frames']; models/video.py).
+    'video': generate_loss,
     'distill': distill_losses.distill_loss,
 }
 
