@@ -16,12 +16,12 @@ def clip_corpus(root: Path, size: int = 30) -> Path:
 
 def video_config(instruct: dict, clips: Path, *extra: str):
   """configs/video.py:tiny warm-started from ``workdir_util.instruct_workdir(root,
-  lora_rank=0)``'s model (T = 4 frames, batch 4)."""
+  lora_rank=0)``'s model (T = 4 frames, batch 8: one row per fake device)."""
   from unifer_jax import config_lib
   return config_lib.load(str(REPO / 'configs/video.py:tiny'), [
       f'--config.init.checkpoint={instruct["workdir"]}', f'--config.input.data_dir={clips}',
       f'--config.input.tokenizer={instruct["root"] / "tok"}', '--config.input.seq_len=96',
       '--config.input.text_len=48', '--config.model.llm.vocab_size=512',
       '--config.model.qformer.vocab_size=512', '--config.model.llm.max_seq_len=320',
-      '--config.model.video.frames=4', '--config.input.batch_size=4',
+      '--config.model.video.frames=4', '--config.input.batch_size=8',
       '--config.checkpoint.async_save=False', '--config.log_every_steps=1', *extra])

@@ -32,11 +32,11 @@ TASKS = {'basic': ('expression', MAX_NEW_TOKENS), 'compound': ('compound', MAX_N
 
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'max_new', 'eos_id', 'temperature',
-                                             'samples'))
+                                             'samples', 'clips'))
 def _generate(params, images, prompt_ids, qformer, rng=None, *, graphdef, max_new: int,
-              eos_id: int, temperature: float = 0.0, samples: int = 1):
+              eos_id: int, temperature: float = 0.0, samples: int = 1, clips: bool = False):
   q_ids, q_mask = qformer if qformer is not None else (None, None)
-  out = unifer_lib.generate(nnx.merge(graphdef, params), images, prompt_ids,
+  out = unifer_lib.generate(nnx.merge(graphdef, params), images, prompt_ids, clips=clips,
                             qformer_input_ids=q_ids, qformer_attention_mask=q_mask,
                             max_new_tokens=max_new, eos_id=eos_id, pad_id=0,
                             temperature=temperature, rng=rng, num_samples=samples)
@@ -45,8 +45,9 @@ def _generate(params, images, prompt_ids, qformer, rng=None, *, graphdef, max_ne
 
 def answers(graphdef, params, images: np.ndarray, task: str, tok, batch_size: int = 64,
             qformer_text=None, *, temperature: float = 0.0, samples: int = 1,
-            seed: int = 0) -> list[str]:
-  """Greedy answers of the model to `task`'s prompt for each image; ``qformer_text``
+            seed: int = 0, clips: bool = False) -> list[str]:
+  """Greedy answers of the model to `task`'s prompt for each image (``clips``: each
+  clip's frames [N, T, H, W, C], a clip model's prefix, models/video.py); ``qformer_text``
   (``model_io.Model.qformer_text``) gives an instruction-aware Q-Former the prompt. The
   images are split over the processes of the mesh ``params`` live on (item_shards).
   With ``temperature`` > 0, ``samples`` sampled answers per image (image i's are
@@ -64,7 +65,7 @@ def answers(graphdef, params, images: np.ndarray, task: str, tok, batch_size: in
     chunk, ids, *q = batch.arrays
     rng = jax.random.fold_in(jax.random.key(seed), b) if temperature else None
     tokens = _generate(params, chunk, ids, tuple(q) or None, rng, graphdef=graphdef,
-                       max_new=TASKS[task][1], eos_id=tok.eos_id, **sampling)
+                       max_new=TASKS[task][1], eos_id=tok.eos_id, clips=clips, **sampling)
     out += [tok.decode(t) for r in batch.results(tokens)   # [rows, G, L] when G > 1
             for t in (r if temperature and samples > 1 else [r])]
   return out

@@ -26,7 +26,7 @@ import jax
 from unifer_jax import workdirs
 from unifer_jax.evaluators import alignment, classify, fewshot, generative, instruct
 from unifer_jax.evaluators import item_shards
-from unifer_jax.evaluators import label_likelihood
+from unifer_jax.evaluators import label_likelihood, video
 
 EVALUATORS = {
     'zero_shot': classify.ZeroShot,
@@ -37,6 +37,7 @@ EVALUATORS = {
     'fewshot': fewshot.FewShot,
     'retrieval': alignment.Retrieval,
     'itm': alignment.Matching,
+    'video': video.VideoClips,
 }
 DEFAULT_DATASET = {'type': 'tfds', 'split': 'test'}
 
