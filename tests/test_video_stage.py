@@ -36,6 +36,8 @@ def test_warm_start_and_exact_resume(trained, capsys):
   w = trained['workdir']
   reference = _losses(w)
   assert sorted(reference) == [1, 2, 3, 4] and all(np.isfinite(list(reference.values())))
+  last = json.loads((w / 'metrics.jsonl').read_text().splitlines()[-1])
+  assert last['img_per_s'] > 0   # frames count as images (B * T ViT passes a step)
   # A run cut after step 4's log but before its save: resume from step 2.
   resumed = trained['root'] / 'resumed'
   shutil.copytree(w, resumed)

@@ -120,7 +120,8 @@ def train(config, workdir: str | Path) -> dict:
   leaf_names = step_lib.trainable_leaf_names(setup)
   rng = jax.random.key(config.seed)
   # [B, H, W, C], or [B, M, H, W, C] with several image slots per row (all computed).
-  images_per_batch = int(np.prod(batch_spec['image'].shape[:-3])) if 'image' in batch_spec else 0
+  pixels = batch_spec.get('image', batch_spec.get('frames'))   # clips: B * T ViT passes
+  images_per_batch = int(np.prod(pixels.shape[:-3])) if pixels is not None else 0
   tokens_per_batch = int(np.prod(batch_spec['tokens'].shape)) if 'tokens' in batch_spec else 0
 
   # ------------------------------------------------------------------------------ #
