@@ -78,7 +78,7 @@ def test_stage_input_spec_and_checks(corpus):
   config.input.tokenizer = str(corpus['tok'])
   model_cfg = config.model
   spec = pipeline.global_batch_spec(config, model_cfg)
-  assert spec['frames'].shape == (4, 4, 32, 32, 3) and 'image' not in spec
+  assert spec['frames'].shape == (8, 4, 32, 32, 3) and 'image' not in spec
   cfg, fmt, size = pipeline.stage_input(config, model_cfg)
   assert (cfg.frames, fmt, size) == (4, 'instruct', 32)
   config.input.frames = 8

@@ -15,6 +15,10 @@ Several images per row (few-shot prompts, video frames, packed rows): pass image
 ``[B, M, H, W, C]`` with ``image_mask=[B, M]``; each used image's prefix then replaces its
 Q placeholder ids (``interleave.placeholder_id``) inside the text instead of going in front
 of it. The design and its reasons: ``models/interleave.py``.
+
+Clips (``model.video``): ``clip_queries(frames [B, T, H, W, C])`` runs the ViT over the
+B * T frames and fuses time into one set of queries (``models/video.py``), and
+``clip_inputs`` / ``generate(..., clips=True)`` put them where an image's prefix goes.
 """
 
 from __future__ import annotations
