@@ -59,7 +59,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image, ImageDraw, ImageFont
 
-from data_prep import facs, look_words, render, synthetic_faces, tfds_writer
+from data_prep import facs, render, synthetic_faces, tfds_writer
 from unifer_jax.data import faces, labels, schema
 
 NAME = 'synthetic_clips'
@@ -183,23 +183,16 @@ def make_record(index: int, *, seed: int, split: str, image_size: int = 112,
                      low_fraction=low_fraction, category=expression,
                      apex_intensity=apex_intensity)
   images, eyes = render_frames(plan, image_size, align)
-  expr, middle = plan.apex, plan.looks[frames // 2]
-  hidden = render.OCCLUDER_HIDES[middle.occluder]
-  valence, arousal = facs.valence_arousal(expr, rng)
-  nuisance = dict(
-      middle.__dict__, hidden_aus=[au for au in expr.aus if au in hidden],
-      eyes=np.round(eyes, 2).tolist(), aligned=bool(align), apex_frame=plan.apex_frame,
-      low_intensity=bool(expr.aus) and expr.intensity < LOW_INTENSITY,
-      envelope=np.round(plan.envelope, 3).tolist(), blink=plan.blink.tolist(),
-      yaw=[lk.yaw for lk in plan.looks], roll=[lk.roll for lk in plan.looks])
+  expr = plan.apex
   encoded = [synthetic_faces.png_bytes(x) for x in images]
   return schema.empty_record(
       image=encoded[frames // 2], frames=encoded, id=f'{split}/{index:07d}', source=NAME,
-      expression=expr.basic, compound=expr.compound, intensity=expr.intensity,
-      valence=valence, arousal=arousal, aus=expr.au_vector(), label_dist=expr.label_dist(),
-      caption=facs.caption(expr, rng, hidden, look=look_words.phrases(middle, rng, align)),
-      rationale=facs.rationale(expr, hidden, middle.occluder),
-      nuisance=json.dumps(nuisance, sort_keys=True, separators=(',', ':')))
+      **synthetic_faces.label_fields(
+          expr, plan.looks[frames // 2], rng, align, eyes=np.round(eyes, 2).tolist(),
+          apex_frame=plan.apex_frame,
+          low_intensity=bool(expr.aus) and expr.intensity < LOW_INTENSITY,
+          envelope=np.round(plan.envelope, 3).tolist(), blink=plan.blink.tolist(),
+          yaw=[lk.yaw for lk in plan.looks], roll=[lk.roll for lk in plan.looks]))
 
 
 # ---- the tfds builder ------------------------------------------------------------------
@@ -308,7 +301,7 @@ def prepare(out_dir, size: int = 1000, seed: int = 0, image_size: int = 112,
                            compound_fraction=compound_fraction, low_fraction=low_fraction,
                            align=align, workers=workers)
   path = dataset_dir(out_dir)
-  old = synthetic_faces._existing_metadata(path)  # pylint: disable=protected-access
+  old = synthetic_faces.existing_metadata(path)
   if old is not None and old.get('params') == builder.params:
     counts = dict(old['counts'])
   else:

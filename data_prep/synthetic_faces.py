@@ -81,16 +81,25 @@ def make_record(index: int, *, seed: int, split: str, image_size: int = 112,
   rng = np.random.default_rng([seed, _STREAMS[split], index])
   expr = facs.sample_expression(rng, compound_fraction, category=expression)
   look = render.sample_look(rng)
-  valence, arousal = facs.valence_arousal(expr, rng)
-  hidden = render.OCCLUDER_HIDES[look.occluder]
   image = render.render(expr.aus, look, unilateral=expr.unilateral, size=image_size)
   eyes = render.eye_centres(look, image_size)
   if align:
     image = faces.align(image, *eyes, size=image_size, eyes_at=render.ALIGNED_EYES)
-  nuisance = dict(look.__dict__, hidden_aus=[au for au in expr.aus if au in hidden],
-                  eyes=np.round(eyes, 2).tolist(), aligned=bool(align))
   return schema.empty_record(
       image=png_bytes(image), id=f'{split}/{index:07d}', source=NAME,
+      **label_fields(expr, look, rng, align, eyes=np.round(eyes, 2).tolist()))
+
+
+def label_fields(expr, look, rng: np.random.Generator, align: bool, **nuisance) -> dict:
+  """The record fields a rendered face's expression and look give: labels, valence /
+  arousal, caption, rationale, and `nuisance` (the look, the hidden AUs, `align`, plus
+  the given entries) as JSON. Draws from `rng` in a fixed order (valence/arousal, look
+  words, caption) -- the records of both corpora depend on it."""
+  valence, arousal = facs.valence_arousal(expr, rng)
+  hidden = render.OCCLUDER_HIDES[look.occluder]
+  nuisance = dict(look.__dict__, hidden_aus=[au for au in expr.aus if au in hidden],
+                  aligned=bool(align), **nuisance)
+  return dict(
       expression=expr.basic, compound=expr.compound, intensity=expr.intensity,
       valence=valence, arousal=arousal, aus=expr.au_vector(), label_dist=expr.label_dist(),
       caption=facs.caption(expr, rng, hidden, look=look_words.phrases(look, rng, align)),
@@ -182,7 +191,7 @@ def prepare(out_dir, size: int = 20000, seed: int = 0, image_size: int = 112,
                            image_size=image_size, compound_fraction=compound_fraction,
                            align=align, workers=workers)
   path = dataset_dir(out_dir)
-  old = _existing_metadata(path)
+  old = existing_metadata(path)
   if old is not None and old.get('params') == builder.params:
     counts = dict(old['counts'])
   else:
@@ -203,7 +212,7 @@ def prepare(out_dir, size: int = 20000, seed: int = 0, image_size: int = 112,
   return counts
 
 
-def _existing_metadata(path):
+def existing_metadata(path):
   try:
     with open(os.path.join(path, 'metadata.json')) as f:
       meta = json.load(f)

@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                  'the workdir `unifer demo` wrote')
   s.add_argument('--backend', default='auto', choices=('auto', 'student', 'full'),
                  help='auto: the exported student when DIR has one, else the full model')
-  s.add_argument('images', nargs='+', help='image files')
+  s.add_argument('images', nargs='+', help='image or video files (a video: per-frame labels, '
+                 'a clip label and a timeline PNG)')
   s.add_argument('--step', type=int, help='checkpoint step of a workdir (default: the newest)')
   s.add_argument('--out', help='write the JSON here instead of stdout')
   s.add_argument('--report', default='predict_report', help='folder for predict.html + the crops')

@@ -1,4 +1,6 @@
-"""`unifer predict --model DIR IMAGE...`: what each face in the user's images shows.
+"""`unifer predict --model DIR IMAGE...`: what each face in the user's images shows
+(a video file -- .mp4, .avi, .mkv, .mov, .webm, .y4m -- gets a per-frame timeline and a
+clip label instead: predict_video.py).
 
 Faces are found with data/faces.py (the same detector and square crop the dataset
 builders use), cropped, and each crop is asked every FER task. Per face (JSON):
@@ -86,6 +88,16 @@ class FullModel:
   def image_size(self) -> int:
     return self.model.image_size
 
+  label_source = ('likelihood of each basic label answer under the LLM, normalised over '
+                  'the 8 labels')
+
+  def label_probabilities(self, crops_uint8: np.ndarray) -> np.ndarray:
+    """[N, 8]: the LLM's own distribution over the label answers (the distillation
+    teacher's)."""
+    from unifer_jax.evaluators import label_likelihood  # pylint: disable=g-import-not-at-top
+    x = self.model.normalise(crops_uint8)
+    return np.exp(label_likelihood.log_probs(self.model, x, ('basic',))['basic'])
+
   def __call__(self, crops_uint8: np.ndarray) -> list[dict]:
     from unifer_jax.evaluators import label_likelihood  # pylint: disable=g-import-not-at-top
     m = self.model
@@ -94,8 +106,7 @@ class FullModel:
     z = logits / m.temperature()
     itc = np.exp(z - z.max(-1, keepdims=True))
     itc /= itc.sum(-1, keepdims=True)
-    # The LLM's own distribution over the label answers (the distillation teacher's).
-    probs = np.exp(label_likelihood.log_probs(m, x, ('basic',))['basic'])
+    probs = self.label_probabilities(crops_uint8)
     compound = np.exp(label_likelihood.log_probs(m, x, ('compound',))['compound'])
     # Every task of every face in one padded batch: one compiled generation, not six.
     n = len(x)
@@ -113,8 +124,7 @@ class FullModel:
       out.append({
           'label_probabilities': {n: float(v) for n, v in zip(labels.BASIC, p)},
           'label': labels.BASIC[int(top[0])],
-          'label_source': 'likelihood of each basic label answer under the LLM, normalised '
-                          'over the 8 labels',
+          'label_source': self.label_source,
           'zero_shot_probabilities': {n: float(v) for n, v in zip(labels.BASIC, itc[i])},
           'answer_label': {'value': None if parsed['basic'] is None else labels.BASIC[parsed['basic']],
                            'answer': a['basic']},
@@ -144,6 +154,7 @@ class ExportedStudent:
 
   kind = 'exported student'
   NO_DECODER = 'the exported student has no text decoder'
+  label_source = 'the exported student: softmax of its basic-expression head'
 
   def __init__(self, export_dir: str):
     from unifer_jax import export  # pylint: disable=g-import-not-at-top
@@ -157,7 +168,7 @@ class ExportedStudent:
       top = np.sort(p)[::-1]
       out.append({
           'label_probabilities': r['basic'], 'label': r['label'],
-          'label_source': 'the exported student: softmax of its basic-expression head',
+          'label_source': self.label_source,
           'zero_shot_probabilities': {'absent': 'the exported student has no text tower'},
           'answer_label': {'value': None, 'absent': self.NO_DECODER},
           'compound': {'value': r['compound'], 'probabilities': r['compound_probabilities']},
@@ -169,6 +180,10 @@ class ExportedStudent:
                           'stated': {'absent': self.NO_DECODER}},
       })
     return out
+
+  def label_probabilities(self, crops_uint8: np.ndarray) -> np.ndarray:
+    return np.asarray([[r['basic'][n] for n in labels.BASIC]
+                       for r in self.predictor(crops_uint8)])
 
 
 def load_model(path: str, step: int | None = None, backend: str = 'auto'):
@@ -185,8 +200,15 @@ def load_model(path: str, step: int | None = None, backend: str = 'auto'):
 
 def predict(model, image_paths, report_dir: Path | None = None) -> tuple[list, list]:
   """(one record per image with its faces, error lines)."""
+  from unifer_jax import predict_video  # pylint: disable=g-import-not-at-top
   records, errors = [], []
   for path in image_paths:
+    if predict_video.is_video(path):
+      try:
+        records.append(predict_video.predict_video(model, path, report_dir))
+      except PredictError as e:
+        errors.append(str(e))
+      continue
     try:
       image, boxes = find_faces(path)
     except PredictError as e:
@@ -223,6 +245,13 @@ def write_report(records: list, errors: list, out_dir: Path) -> Path:
   for e in errors:
     rows.append(f'<p><b>skipped</b>: {html.escape(e)}</p>')
   for rec in records:
+    if 'video' in rec:
+      top = sorted(rec['probabilities'].items(), key=lambda kv: -kv[1])[:3]
+      rows.append(f'<h2>{html.escape(rec["video"])} ({rec["model"]})</h2>'
+                  f'<p>clip label: <b>{html.escape(rec["label"])}</b> '
+                  f'({", ".join(f"{n} {p:.2f}" for n, p in top)}; {rec["frames"]} frames over '
+                  f'{rec["duration_s"]:.1f} s)</p><img src="{rec.get("timeline", "")}">')
+      continue
     rows.append(f'<h2>{html.escape(rec["image"])} ({rec["model"]})</h2>')
     for face in rec['faces']:
       probs = face.get('label_probabilities') or {}
