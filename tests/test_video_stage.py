@@ -77,6 +77,23 @@ def test_evaluator_on_real_clips(trained, tmp_path):
   assert 'no model.video' in bad['error']
 
 
+def test_the_demo_video_part(trained, tmp_path):
+  """`unifer demo --video` after instruct: clips, the stage, the report keys and table."""
+  from unifer_jax import video_demo
+  w = tmp_path / 'demo'
+  w.mkdir()
+  (w / 'instruct').symlink_to(trained['instruct']['workdir'])
+  (w / 'tokenizer').symlink_to(trained['instruct']['root'] / 'tok')
+  report = video_demo.run_video(w, [*video_util.TINY_OVERRIDES, '--config.total_steps=2'], 'tiny',
+                                size=30, image_size=32)
+  assert (w / 'video' / 'checkpoints' / '2').is_dir() and (w / 'clips').is_dir()
+  assert report['video_n'] == 3 and report['video_low_intensity_n'] <= 3
+  for k in ('video_clip_acc', 'video_frame_vote_acc'):
+    assert 0 <= report[k] <= 1 and report[k] * 3 == pytest.approx(round(report[k] * 3))
+  table = video_demo.markdown(report)
+  assert f'| clip model (configs/video.py) | {report["video_clip_acc"]:.3f} |' in table
+
+
 def test_majority_vote():
   assert video_eval.majority(['fear', 'unknown', 'anger', 'anger']) == 'anger'
   assert video_eval.majority(['fear', 'anger', 'anger', 'fear']) == 'fear'   # tie: first named

@@ -20,8 +20,12 @@ def video_config(instruct: dict, clips: Path, *extra: str):
   from unifer_jax import config_lib
   return config_lib.load(str(REPO / 'configs/video.py:tiny'), [
       f'--config.init.checkpoint={instruct["workdir"]}', f'--config.input.data_dir={clips}',
-      f'--config.input.tokenizer={instruct["root"] / "tok"}', '--config.input.seq_len=96',
-      '--config.input.text_len=48', '--config.model.llm.vocab_size=512',
-      '--config.model.qformer.vocab_size=512', '--config.model.llm.max_seq_len=320',
-      '--config.model.video.frames=4', '--config.input.batch_size=8',
-      '--config.checkpoint.async_save=False', '--config.log_every_steps=1', *extra])
+      f'--config.input.tokenizer={instruct["root"] / "tok"}', *TINY_OVERRIDES, *extra])
+
+
+# The tiny instruct workdir's vocabulary and lengths, T = 4 frames, batch 8.
+TINY_OVERRIDES = (
+    '--config.input.seq_len=96', '--config.input.text_len=48', '--config.model.llm.vocab_size=512',
+    '--config.model.qformer.vocab_size=512', '--config.model.llm.max_seq_len=320',
+    '--config.model.video.frames=4', '--config.input.batch_size=8',
+    '--config.checkpoint.async_save=False', '--config.log_every_steps=1')

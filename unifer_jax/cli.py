@@ -118,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
   s = sub.add_parser('demo', help='the whole pipeline on the built-in corpus (CPU)')
   s.add_argument('--workdir', default='workdir/demo')
   s.add_argument('--size', type=int, default=20000, help='faces in the corpus')
+  s.add_argument('--video', action='store_true', help='also the clip corpus, the video stage '
+                 'and clip accuracy vs the frame vote (~10 min more on 2 cores)')
   s = sub.add_parser('compile-check', help='compile the train step for a TPU/GPU topology '
                      'here; report memory, FLOPs, collectives, roofline; exit 1 if it does not fit')
   s.add_argument('--config', required=True, help='configs/X.py[:arg]; then --config.key=value ...')
@@ -156,7 +158,7 @@ def main(argv=None) -> int:
     from unifer_jax import demo
     from unifer_jax.train import loop
     try:
-      demo.run(args.workdir, size=args.size)
+      demo.run(args.workdir, size=args.size, video=args.video)
     except loop.Preempted as e:
       # The stages after the stopped one did not run: no report, and a non-zero code
       # (128 + SIGTERM, as if the signal had ended the process) so `make demo` says so.

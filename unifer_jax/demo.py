@@ -16,7 +16,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from unifer_jax import config_lib, sharding
+from unifer_jax import config_lib, sharding, video_demo
 from unifer_jax.data import instructions, labels
 from unifer_jax.data import tokenizer as tokenizer_lib
 from unifer_jax.evaluators import alignment, data as eval_data, instruct as instruct_eval, plots
@@ -157,11 +157,13 @@ def evaluate_instruct(config, workdir: Path, test: dict, tok, out: Path, max_per
 
 def run(workdir: str | Path, size: int = 20000, overrides: dict | None = None,
         eval_limit: int = 1000, max_per_task: int = 400, *, preset: str = 'demo',
-        stages: tuple = STAGES) -> dict:
+        stages: tuple = STAGES, video: bool = False, video_clips: int | None = None) -> dict:
   """Runs the demo; ``overrides``: {stage: ['--config.key=value', ...]} (tests shrink it).
   ``preset`` is the stage configs' argument; ``stages`` a subset of STAGES, in order,
   each warm-started from the one before it (without ``instruct`` the instructed answers,
-  distillation and export are skipped: benchmarks/seeds.py at tiny dims)."""
+  distillation and export are skipped: benchmarks/seeds.py at tiny dims). ``video``
+  adds the clip corpus, stage and evaluation after instruct (video_demo.py;
+  ``video_clips`` clips, default video_demo.CLIPS)."""
   unknown = [s for s in stages if s not in STAGES]
   if unknown:
     raise ValueError(f'demo stages {unknown}: expected a subset of {STAGES}')
@@ -225,12 +227,17 @@ def run(workdir: str | Path, size: int = 20000, overrides: dict | None = None,
     _banner('distill -> ONNX export -> student vs teacher on the held-out split')
     report.update(distill_demo.run_distill_and_export(workdir, overrides.get('distill', ()),
                                                       test))
+  if video and 'instruct' in stages:
+    _banner('video: synthetic clips -> clip stage from instruct -> clips vs the frame vote')
+    report.update(video_demo.run_video(workdir, overrides.get('video', ()), preset,
+                                       video_clips or video_demo.CLIPS))
   plots.loss_curves({s: workdir / s for s in stages}, workdir / 'loss_curves.png')
   report['timings'] = timings
   report['wall_s'] = time.monotonic() - t0
   (workdir / 'report.json').write_text(json.dumps(report, indent=2, sort_keys=True))
   (workdir / 'report.md').write_text(markdown(report) + (
-      distill_demo.markdown(report) if 'instruct' in stages else ''))
+      distill_demo.markdown(report) if 'instruct' in stages else '') + (
+      video_demo.markdown(report)))
   _banner(f'done in {report["wall_s"]:.0f} s: {workdir / "report.md"}')
   print(f'Analyse your own photos or webcam with the result (a page on http://127.0.0.1:8000/):\n'
         f'  unifer serve --model {given}        # the student; --backend full adds the rationale',
