@@ -30,6 +30,9 @@ def add_parser(sub) -> None:
                  help=f'{SYNTHETIC}/{SYNTHETIC_CLIPS}: pixels')
   s.add_argument('--frames', type=int, default=schema.CLIP_FRAMES,
                  help=f'{SYNTHETIC_CLIPS}: frames per clip')
+  s.add_argument('--compound_fraction', type=float, default=0.3,
+                 help=f'{SYNTHETIC}/{SYNTHETIC_CLIPS}: share of compound expressions (0: basic '
+                 'only, as configs/video.py was measured)')
   s.add_argument('--no_align', dest='align', action='store_false',
                  help=f'{SYNTHETIC}/{SYNTHETIC_CLIPS}: keep the raw frames (default: eye-line '
                  'aligned faces)')
@@ -40,14 +43,15 @@ def run(args, beam_args=()) -> int:
     from data_prep import synthetic_faces
     counts = synthetic_faces.prepare(args.out, size=args.size or 20000, seed=args.seed,
                                      image_size=args.image_size, workers=args.workers,
-                                     align=args.align)
+                                     compound_fraction=args.compound_fraction, align=args.align)
     print(f'{SYNTHETIC}: wrote {counts} under {args.out} (+ samples.png)')
     return 0
   if args.dataset == SYNTHETIC_CLIPS:
     from data_prep import synthetic_clips
     counts = synthetic_clips.prepare(args.out, size=args.size or 1000, seed=args.seed,
                                      image_size=args.image_size, frames=args.frames,
-                                     workers=args.workers, align=args.align)
+                                     workers=args.workers, align=args.align,
+                                     compound_fraction=args.compound_fraction)
     print(f'{SYNTHETIC_CLIPS}: wrote {counts} under {args.out} (+ clip_samples.png)')
     return 0
   from data_prep import registry

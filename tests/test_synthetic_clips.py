@@ -155,9 +155,12 @@ def test_cli_prep(tmp_path, capsys):
   parser = argparse.ArgumentParser()
   commands.add_parser(parser.add_subparsers(dest='command'))
   args = parser.parse_args(['prep', 'synthetic_clips', '--out', str(tmp_path), '--size', '3',
-                            '--image_size', '32', '--frames', '8', '--workers', '1'])
+                            '--image_size', '32', '--frames', '8', '--workers', '1',
+                            '--compound_fraction', '0'])
   assert commands.run(args) == 0
   assert "'train': 1" in capsys.readouterr().out
+  params = json.load(open(os.path.join(sc.dataset_dir(tmp_path), 'metadata.json')))['params']
+  assert params['compound_fraction'] == 0
   assert sources.splits('synthetic_clips', str(tmp_path)) == {'train': 1, 'validation': 1,
                                                              'test': 1}
   with pytest.raises(ValueError, match='low_fraction'):
