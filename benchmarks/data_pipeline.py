@@ -70,7 +70,7 @@ import numpy as np  # noqa: E402
 
 from data_prep import synthetic_faces as sf  # noqa: E402
 from unifer_jax import config_lib, sharding  # noqa: E402
-from unifer_jax.data import inputs, pipeline, tokenizer as tok_lib  # noqa: E402
+from unifer_jax.data import inputs, pipeline, tfds_input, tokenizer as tok_lib  # noqa: E402
 from unifer_jax.models import interleave  # noqa: E402
 from unifer_jax.train import losses, state as state_lib, step as step_lib  # noqa: E402
 
@@ -179,7 +179,7 @@ def packing_rates(stage: str, data_dir: str, tok_dir: str, batches: int, iters: 
   runs = {}
   for pack in (False, True):
     config = packed_config(stage, data_dir, tok_dir, pack)
-    data = pipeline.TfdsInput(config, config.model)
+    data = tfds_input.TfdsInput(config, config.model)
     slot = interleave.placeholder_id(config.model)
     q = config.model.qformer.num_queries if stage != 'lm' else 0
     rows = [data.next_local_batch() for _ in range(batches)]

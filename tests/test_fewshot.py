@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from data_prep import synthetic_faces as sf
-from unifer_jax.data import augment, examples, fewshot, labels, pipeline
+from unifer_jax.data import augment, examples, fewshot, labels, pipeline, tfds_input
 from unifer_jax.data import tokenizer as tok_lib
 from unifer_jax.evaluators import fewshot as fs_eval, model_io, registry
 from unifer_jax.models import interleave, presets
@@ -119,7 +119,7 @@ def test_spec_and_the_model_reads_a_batch(corpus):
   model_cfg.llm.update(vocab_size=TOKEN, max_seq_len=256)
   config = pipeline.ml_collections.ConfigDict(dict(stage='instruct', input=_cfg(corpus)))
   config.input.batch_size = 4
-  spec = pipeline.global_batch_spec(config, model_cfg)
+  spec = tfds_input.global_batch_spec(config, model_cfg)
   b = next(_pipe(corpus, batch=4, fraction=1.0))
   assert {k for k in b if not k.startswith('_')} == set(spec)
   for k, s in spec.items():
@@ -211,4 +211,4 @@ def test_kshot_rows_are_for_the_instruct_stage_only(corpus):
     config = pipeline.ml_collections.ConfigDict(dict(stage=stage, input=_cfg(corpus)))
     with pytest.raises(ValueError, match=f"k-shot rows are rows of the instruct stage; stage "
                                          f"'{stage}'"):
-      pipeline.global_batch_spec(config, model_cfg)
+      tfds_input.global_batch_spec(config, model_cfg)

@@ -13,7 +13,7 @@ from flax import nnx
 
 from data_prep import synthetic_faces as sf
 from unifer_jax import config_lib
-from unifer_jax.data import pipeline
+from unifer_jax.data import pipeline, tfds_input
 from unifer_jax.data import tokenizer as tok_lib
 from unifer_jax.models import interleave, layers, presets
 from unifer_jax.models.unifer import UniFER
@@ -239,9 +239,9 @@ def test_trainer_spec_and_errors(corpus, tok, model):
       pipeline.default_input_config().to_dict(), data_dir=corpus['a'], tokenizer=corpus['tok'],
       seq_len=64, pack=True, batch_size=4, images_per_row=3)))
   mcfg = model.cfg
-  data = pipeline.TfdsInput(config, ml_collections.ConfigDict(mcfg.to_dict()))
+  data = tfds_input.TfdsInput(config, ml_collections.ConfigDict(mcfg.to_dict()))
   batch = data.next_local_batch()
-  spec = pipeline.global_batch_spec(config, ml_collections.ConfigDict(mcfg.to_dict()))
+  spec = tfds_input.global_batch_spec(config, ml_collections.ConfigDict(mcfg.to_dict()))
   assert {k: (v.shape, v.dtype) for k, v in spec.items()} == {
       k: (v.shape, v.dtype) for k, v in batch.items()}
   assert batch['tokens'].shape == (4, 2 * (64 + mcfg.qformer.num_queries))
@@ -255,11 +255,11 @@ def test_trainer_spec_and_errors(corpus, tok, model):
     make(corpus, tok, model, 'instruct', pack=True, fewshot=dict(
         pipeline.default_input_config().fewshot.to_dict(), max_shots=2))
   with pytest.raises(ValueError, match='GRPO reads one prompt per row'):
-    pipeline.global_batch_spec(ml_collections.ConfigDict(dict(config.to_dict(), stage='grpo')),
+    tfds_input.global_batch_spec(ml_collections.ConfigDict(dict(config.to_dict(), stage='grpo')),
                                ml_collections.ConfigDict(mcfg.to_dict()))
   config.input.pack_len = 1024
   with pytest.raises(ValueError, match='exceed model.llm.max_seq_len=512'):
-    pipeline.TfdsInput(config, ml_collections.ConfigDict(mcfg.to_dict()))
+    tfds_input.TfdsInput(config, ml_collections.ConfigDict(mcfg.to_dict()))
 
 
 def test_a_worker_process_packs_the_same_rows_and_resumes(corpus, tok, model):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import video_util
-from unifer_jax.data import augment, clips, pipeline, schema, sources
+from unifer_jax.data import augment, clips, pipeline, schema, sources, tfds_input
 from unifer_jax.data import tokenizer as tok_lib
 
 
@@ -77,19 +77,19 @@ def test_stage_input_spec_and_checks(corpus):
   config = video_util.video_config({**instruct, 'config': None}, corpus['clips'])
   config.input.tokenizer = str(corpus['tok'])
   model_cfg = config.model
-  spec = pipeline.global_batch_spec(config, model_cfg)
+  spec = tfds_input.global_batch_spec(config, model_cfg)
   assert spec['frames'].shape == (8, 4, 32, 32, 3) and 'image' not in spec
-  cfg, fmt, size = pipeline.stage_input(config, model_cfg)
+  cfg, fmt, size = tfds_input.stage_input(config, model_cfg)
   assert (cfg.frames, fmt, size) == (4, 'instruct', 32)
   config.input.frames = 8
   with pytest.raises(ValueError, match='config.input.frames=8 but model.video.frames=4'):
-    pipeline.stage_input(config, model_cfg)
+    tfds_input.stage_input(config, model_cfg)
   config.input.frames = 0
   config.input.cache = True
   with pytest.raises(ValueError, match='config.input.cache is set, but clip rows'):
-    pipeline.stage_input(config, model_cfg)
+    tfds_input.stage_input(config, model_cfg)
   config.input.cache = False
   del model_cfg['video']
   config.input.frames = 4
   with pytest.raises(ValueError, match='config.input.frames=4 but the model has no model.video'):
-    pipeline.stage_input(config, model_cfg)
+    tfds_input.stage_input(config, model_cfg)

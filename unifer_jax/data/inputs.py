@@ -57,8 +57,8 @@ class RandomInput:
 
 
 def _tfds_input(config, model_cfg):
-  from unifer_jax.data import pipeline  # pylint: disable=g-import-not-at-top  (grain, tfds)
-  return pipeline.TfdsInput(config, model_cfg)
+  from unifer_jax.data import tfds_input  # pylint: disable=g-import-not-at-top  (grain, tfds)
+  return tfds_input.TfdsInput(config, model_cfg)
 
 
 INPUTS = {'synthetic_random': RandomInput, 'tfds': _tfds_input}
@@ -67,8 +67,8 @@ INPUTS = {'synthetic_random': RandomInput, 'tfds': _tfds_input}
 def batch_spec(config, model_cfg) -> dict[str, jax.ShapeDtypeStruct]:
   """The global batch's keys, shapes and dtypes without reading any data (compile-check)."""
   if config.input.type == 'tfds':
-    from unifer_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-    return pipeline.global_batch_spec(config, model_cfg)
+    from unifer_jax.data import tfds_input  # pylint: disable=g-import-not-at-top
+    return tfds_input.global_batch_spec(config, model_cfg)
   return make_input(config, model_cfg).batch_spec()
 
 
