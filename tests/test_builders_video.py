@@ -12,7 +12,7 @@ from PIL import Image
 import builders_util as u
 from data_prep import registry
 from data_prep.builders import clips, common
-from unifer_jax.data import labels, schema, sources
+from unifer_jax.data import clips as clip_rows, labels, schema, sources
 
 T = schema.CLIP_FRAMES
 SIZE = 32
@@ -169,7 +169,8 @@ def test_mafw_other_classes_and_ferv39k(tmp_path):
   assert labels.BASIC[test['2_ClipsforFaceCrop/Talk/Angry/0001']['expression']] == 'sadness'
   # The training pipeline's reader takes clip datasets as they are: image bytes + frames.
   rec = sources.open_split('ferv39k', 'train', str(out))[0]
-  assert isinstance(rec['image'], bytes) and np.stack(rec['frames']).shape == (T, SIZE, SIZE, 3)
+  assert isinstance(rec['image'], bytes) and all(isinstance(f, bytes) for f in rec['frames'])
+  assert np.stack([clip_rows.decoded_frame(f) for f in rec['frames']]).shape == (T, SIZE, SIZE, 3)
 
 
 def test_missing_annotation_is_a_clear_error(tmp_path):

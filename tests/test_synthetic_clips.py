@@ -13,7 +13,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from data_prep import commands, render, synthetic_clips as sc
-from unifer_jax.data import labels, schema, sources
+from unifer_jax.data import clips, labels, schema, sources
 
 T = schema.CLIP_FRAMES
 
@@ -132,12 +132,15 @@ def test_prepare_read_back(tmp_path):
   rec = tfds.data_source('synthetic_clips', data_dir=str(out), split='train')[0]
   assert np.stack(rec['frames']).shape == (8, 40, 40, 3)
   np.testing.assert_array_equal(rec['frames'][5], _decode(want['frames'][5]))
-  # The training readers: image as its encoded bytes, frames decoded.
+  # The training readers: image and frames as their encoded bytes (a reader decodes the
+  # frames it uses), the pixels tfds' decode gives.
   src = sources.open_split('synthetic_clips', 'train', str(out))
   assert len(src) == 8 and sources.splits('synthetic_clips', str(out))['test'] == 1
   r = src[0]
   assert r['image'] == want['image'] and r['id'] == b'train/0000000'
-  np.testing.assert_array_equal(_decode(r['image']), r['frames'][4])
+  assert r['frames'] == want['frames']
+  np.testing.assert_array_equal(_decode(r['image']), clips.decoded_frame(r['frames'][4]))
+  np.testing.assert_array_equal(clips.decoded_frame(r['frames'][5]), rec['frames'][5])
   np.testing.assert_allclose(r['aus'], want['aus'])
   assert json.loads(r['nuisance']) == json.loads(want['nuisance'])
   # Same parameters: reused, not rebuilt; others: rebuilt.

@@ -39,9 +39,44 @@ def test_instruct_rows_of_clips(corpus):
   assert len(rec['frames']) == schema.CLIP_FRAMES
   picks = schema.clip_indices(schema.CLIP_FRAMES, 4)
   assert picks == [2, 6, 10, 14]
-  want = np.stack([augment.model_image(rec['frames'][i], 32) for i in picks])
+  want = np.stack([augment.model_image(clips.decoded_frame(rec['frames'][i]), 32) for i in picks])
   np.testing.assert_array_equal(batch['frames'][0], want)
   assert (batch['loss_mask'].sum(1) > 0).all()   # answer tokens are targets
+
+
+class _Reads(list):
+  """A record's frames that note which ones a reader took (to decode)."""
+
+  def __init__(self, frames):
+    super().__init__(frames)
+    self.read = []
+
+  def __getitem__(self, i):
+    self.read.append(i)
+    return super().__getitem__(i)
+
+
+def test_clip_records_decode_only_the_frames_read(corpus):
+  # open_split leaves frames encoded; the pixels equal tfds' full decode of every frame.
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  path = sources.dataset_dir('synthetic_clips', str(corpus['clips']))
+  full = tfds.builder_from_directory(path).as_data_source(
+      split='train', decoders={'image': tfds.decode.SkipDecoding()})   # the old reader
+  src = sources.open_split('synthetic_clips', 'train', str(corpus['clips']))
+  rec, old = src[3], full[3]
+  assert all(isinstance(f, bytes) for f in rec['frames']) and len(rec['frames']) == 16
+  assert rec.keys() == old.keys() and rec['image'] == old['image'] and rec['id'] == old['id']
+  for f, g in zip(rec['frames'], old['frames']):
+    assert clips.decoded_frame(f).dtype == np.uint8
+    np.testing.assert_array_equal(clips.decoded_frame(f), g)
+  aug = augment.settings(dict(crop_scale=(0.5, 0.9), flip=0.5, occlusion=0.5))
+  for kw, rng in ((dict(), None), (dict(raw_pixels=True), None), (dict(augment=aug), 7)):
+    maker = clips.ClipMaker(fmt='eval', image_size=32, frames=4, **kw)
+    frames = _Reads(rec['frames'])
+    got = maker(0, 3, dict(rec, frames=frames), rng and np.random.default_rng(rng))['frames']
+    want = maker(0, 3, old, rng and np.random.default_rng(rng))['frames']
+    np.testing.assert_array_equal(got, want)
+    assert frames.read == [2, 6, 10, 14]   # 4 of the 16 stored frames were decoded
 
 
 def test_one_augmentation_draw_per_clip(corpus):

@@ -17,8 +17,10 @@ the dataset, the record and the key.
 from __future__ import annotations
 
 import dataclasses
+import io
 
 import numpy as np
+from PIL import Image
 
 from unifer_jax.data import augment, examples, schema
 
@@ -39,7 +41,8 @@ class ClipMaker(examples.ExampleMaker):
     stored = record['frames']
     picks = schema.clip_indices(len(stored), self.frames)
     if self.raw_pixels:
-      return np.stack([augment.stored_pixels(stored[i], self.image_size) for i in picks])
+      return np.stack([augment.stored_pixels(decoded_frame(stored[i]), self.image_size)
+                       for i in picks])
     augmenting = rng is not None and self.augment is not None
     seed = int(rng.integers(2 ** 63)) if augmenting else None
 
@@ -48,7 +51,7 @@ class ClipMaker(examples.ExampleMaker):
       r = np.random.default_rng(seed) if augmenting else None
       return augment.model_image(frame, self.image_size, self.mean, self.std, rng=r,
                                  augment=self.augment if augmenting else None)
-    return np.stack([one(stored[i]) for i in picks])
+    return np.stack([one(decoded_frame(stored[i])) for i in picks])
 
   def __call__(self, source: int, index: int, record, rng):
     if 'frames' not in record:
@@ -62,6 +65,16 @@ class ClipMaker(examples.ExampleMaker):
     ex = super().__call__(source, index, record, rng)
     ex['frames'] = ex.pop('image')
     return ex
+
+
+def decoded_frame(data) -> np.ndarray:
+  """uint8 [H, W, 3] of one stored frame (sources.open_split gives them encoded, so a
+  reader decodes only the T it samples). Decoded in full as tfds' own decode does (PIL,
+  no JPEG draft downscaling): the pixels are the ones a fully decoded record held."""
+  if not isinstance(data, (bytes, np.bytes_)):
+    return np.asarray(data)   # a record decoded by tfds itself, or built in memory
+  with Image.open(io.BytesIO(data)) as img:
+    return np.asarray(img)
 
 
 def example_spec(fmt: str, image_size: int, frames: int, seq_len: int, text_len: int,

@@ -32,8 +32,10 @@ a fixed T keeps the video step one compiled program; uniform over the whole clip
 onset, apex and offset whatever the clip's length; and storing T frames instead of every
 frame makes a clip dataset ~T/length of the decoded clips (DFEW clips run 50-150+
 frames). T = 16 (`CLIP_FRAMES`) is what DFER-CLIP / Exp-CLIP sample. A reader gets
-`frames` back as a list of T HxWx3 uint8 arrays (tfds' Sequence of Image; `np.stack`
-them); a builder makes every frame the same size, so they stack.
+`frames` back from tfds as a list of T HxWx3 uint8 arrays (tfds' Sequence of Image;
+`np.stack` them), and from the training reader (sources.open_split) as the T encoded
+frames, decoded only when read (clips.decoded_frame); a builder makes every frame the
+same size, so they stack.
 """
 
 import math
