@@ -194,12 +194,17 @@ def test_a_preempted_demo_exits_nonzero_and_says_how_to_resume(monkeypatch, tmp_
   # The stages are the real loop's business (above); this is the CLI's exit contract.
   from unifer_jax import cli, demo
 
-  def stopped_in_align(workdir, size):
+  asked = []
+
+  def stopped_in_align(workdir, size, video):
+    asked.append(video)
     raise loop.Preempted(Path(workdir) / 'align', 40)
 
   monkeypatch.setattr(demo, 'run', stopped_in_align)
   assert cli.main(['demo', '--workdir', str(tmp_path)]) == 143
   assert 'align: preempted, checkpoint saved at step 40; rerun to resume' in capsys.readouterr().err
+  assert cli.main(['demo', '--workdir', str(tmp_path), '--video']) == 143
+  assert asked == [False, True]
 
 
 @pytest.mark.multiprocess
