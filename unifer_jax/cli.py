@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument('--workdir', default='workdir/demo')
   s.add_argument('--size', type=int, default=20000, help='faces in the corpus')
   s.add_argument('--video', action='store_true', help='also the clip corpus, the video stage '
-                 'and clip accuracy vs the frame vote (~10 min more on 2 cores)')
+                 'and clip accuracy vs the frame vote (~5 min more on 2 cores)')
   s = sub.add_parser('compile-check', help='compile the train step for a TPU/GPU topology '
                      'here; report memory, FLOPs, collectives, roofline; exit 1 if it does not fit')
   s.add_argument('--config', required=True, help='configs/X.py[:arg]; then --config.key=value ...')
