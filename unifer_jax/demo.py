@@ -157,13 +157,12 @@ def evaluate_instruct(config, workdir: Path, test: dict, tok, out: Path, max_per
 
 def run(workdir: str | Path, size: int = 20000, overrides: dict | None = None,
         eval_limit: int = 1000, max_per_task: int = 400, *, preset: str = 'demo',
-        stages: tuple = STAGES, video: bool = False, video_clips: int | None = None) -> dict:
+        stages: tuple = STAGES, video: bool = False) -> dict:
   """Runs the demo; ``overrides``: {stage: ['--config.key=value', ...]} (tests shrink it).
   ``preset`` is the stage configs' argument; ``stages`` a subset of STAGES, in order,
   each warm-started from the one before it (without ``instruct`` the instructed answers,
   distillation and export are skipped: benchmarks/seeds.py at tiny dims). ``video``
-  adds the clip corpus, stage and evaluation after instruct (video_demo.py;
-  ``video_clips`` clips, default video_demo.CLIPS)."""
+  adds the clip corpus, stage and evaluation after instruct (video_demo.py)."""
   unknown = [s for s in stages if s not in STAGES]
   if unknown:
     raise ValueError(f'demo stages {unknown}: expected a subset of {STAGES}')
@@ -229,8 +228,7 @@ def run(workdir: str | Path, size: int = 20000, overrides: dict | None = None,
                                                       test))
   if video and 'instruct' in stages:
     _banner('video: synthetic clips -> clip stage from instruct -> clips vs the frame vote')
-    report.update(video_demo.run_video(workdir, overrides.get('video', ()), preset,
-                                       video_clips or video_demo.CLIPS))
+    report.update(video_demo.run_video(workdir, overrides.get('video', ()), preset))
   plots.loss_curves({s: workdir / s for s in stages}, workdir / 'loss_curves.png')
   report['timings'] = timings
   report['wall_s'] = time.monotonic() - t0
